@@ -1,0 +1,30 @@
+"""kft: fine-tune pretrained Keras models with plain `model.fit`."""
+
+import os
+
+# Keep TensorFlow's C++ start-up chatter out of user output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from kft import backbones  # noqa: E402
+from kft import data  # noqa: E402
+from kft import heads  # noqa: E402
+from kft.backbones import backbone_blocks  # noqa: E402
+from kft.backbones import list_backbones  # noqa: E402
+from kft.backbones import register_backbone  # noqa: E402
+from kft.freezing import freeze  # noqa: E402
+from kft.freezing import unfreeze  # noqa: E402
+from kft.models import build_classifier  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backbone_blocks",
+    "backbones",
+    "build_classifier",
+    "data",
+    "freeze",
+    "heads",
+    "list_backbones",
+    "register_backbone",
+    "unfreeze",
+]

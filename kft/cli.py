@@ -1,0 +1,116 @@
+"""The `kft` command line: list, show, validate and run recipes.
+
+Exit codes: 0 success; 2 bad usage or an invalid recipe (one message that
+names the key, no traceback); 1 a failure while running (message first,
+traceback only with --debug).
+"""
+
+import argparse
+import os
+import sys
+import traceback
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"kft: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser():
+    parser = _Parser(
+        prog="kft",
+        description="Fine-tune pretrained Keras models with packaged YAML recipes.",
+    )
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of failures")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("list", help="packaged recipes, one per line")
+    show = sub.add_parser("show", help="print a packaged recipe's YAML")
+    show.add_argument("recipe", help="packaged recipe name or path")
+    validate = sub.add_parser("validate", help="check a recipe without training")
+    validate.add_argument("recipe", help="packaged recipe name or path")
+    validate.add_argument("--set", dest="overrides", action="append", default=[],
+                          metavar="KEY.PATH=VALUE")
+    run = sub.add_parser("run", help="run a recipe")
+    run.add_argument("recipe", help="packaged recipe name or path")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY.PATH=VALUE",
+                     help="override a recipe value, e.g. stages.0.epochs=2")
+    run.add_argument("--output-dir", default=None,
+                     help="run directory (default: runs/<name>-<time>)")
+    run.add_argument("--quiet", action="store_true", help="no per-epoch output")
+    return parser
+
+
+def _cmd_list(args):
+    from kft.recipes.loader import list_recipes
+    from kft.recipes.loader import recipe_description
+
+    for name in list_recipes():
+        print(f"{name}  {recipe_description(name)}".rstrip())
+
+
+def _cmd_show(args):
+    from kft.recipes.loader import resolve_recipe_path
+
+    with open(resolve_recipe_path(args.recipe), encoding="utf-8") as f:
+        sys.stdout.write(f.read())
+
+
+def _cmd_validate(args):
+    from kft.recipes.loader import load_recipe
+
+    config = load_recipe(args.recipe, args.overrides)
+    print(f"{config.name}: valid ({len(config.stages)} stage(s), backbone "
+          f"{config.model.backbone}, data {config.data.source})")
+
+
+def _cmd_run(args):
+    from kft.recipes.loader import load_recipe
+    from kft.recipes.runner import run_recipe
+
+    config = load_recipe(args.recipe, args.overrides)
+    output_dir, metrics = run_recipe(
+        config, args.output_dir, verbose=0 if args.quiet else 2
+    )
+    evaluation = next(v for k, v in metrics["final"].items() if k != "train")
+    shown = {k: round(v, 4) for k, v in evaluation.items()
+             if isinstance(v, float)}
+    print(f"Done in {metrics['timings']['total_seconds']:.0f} s: {shown}")
+    print(f"Run directory: {output_dir} (model.keras, metrics.json, "
+          "history.csv, plots/)")
+
+
+def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = _parser().parse_args(argv)
+    commands = {"list": _cmd_list, "show": _cmd_show,
+                "validate": _cmd_validate, "run": _cmd_run}
+    from kft.recipes.errors import RecipeError
+
+    try:
+        commands[args.command](args)
+    except RecipeError as error:
+        print(f"kft: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kft: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        print(f"kft: {args.command} failed: {type(error).__name__}: {error}",
+              file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print("(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""Data sets for fine-tuning, as batched `tf.data` pipelines.
+
+Every loader checks the data before training starts (labels in range, at
+least two classes, no empty folder) and returns `(train, val)` datasets
+of `(images, labels)` batches, with images as float32 raw pixels in
+[0, 255], which is what a kft model takes.
+"""
+
+import gzip
+import os
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "DataBundle",
+    "FASHION_MNIST_CLASSES",
+    "check_labels",
+    "from_image_folder",
+    "from_numpy",
+    "from_tfds",
+    "load_builtin",
+    "load_fashion_mnist",
+    "subset_per_class",
+]
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+_ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+BUILTIN_DATASETS = {
+    "fashion_mnist_holdout": os.path.join(_ASSETS, "fashion_mnist_holdout.npz"),
+}
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+class DataBundle:
+    """Train and validation datasets with what a model needs to know.
+
+    Attributes:
+        train: batched `tf.data.Dataset` of `(images, labels)`.
+        val: the same for validation, or `None`.
+        class_names: list of class names, index = label.
+        input_shape: `(height, width, channels)` of the images.
+    """
+
+    def __init__(self, train, val, class_names, input_shape):
+        self.train = train
+        self.val = val
+        self.class_names = list(class_names)
+        self.input_shape = tuple(input_shape)
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def __iter__(self):
+        # `train, val = bundle` reads naturally.
+        return iter((self.train, self.val))
+
+
+def check_labels(y, num_classes=None, where="labels"):
+    """Checks integer class labels before training; returns num_classes.
+
+    Raises:
+        ValueError: non-integer labels, labels out of range, or fewer
+            than two classes.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(
+            f"{where} must be a 1D array of integer class indices. Received "
+            f"shape {y.shape}."
+        )
+    if y.size == 0:
+        raise ValueError(f"{where} is empty: there is nothing to train on.")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.equal(np.mod(y, 1), 0)):
+            raise ValueError(
+                f"{where} must be integer class indices. Received values "
+                f"such as {y[:3].tolist()}."
+            )
+    low, high = int(y.min()), int(y.max())
+    if num_classes is None:
+        num_classes = high + 1
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{where} out of range: found label {bad}, but labels must be in "
+            f"[0, {num_classes - 1}] for num_classes={num_classes}."
+        )
+    present = np.unique(y).size
+    if present < 2:
+        raise ValueError(
+            f"{where} hold a single class ({low}); a classifier needs at "
+            "least two."
+        )
+    return num_classes
+
+
+def subset_per_class(x, y, per_class, seed=0):
+    """Keeps at most `per_class` random examples of each class."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1. Received: {per_class}")
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)
+        keep.extend(rng.permutation(idx)[:per_class])
+    keep = np.sort(np.asarray(keep))
+    return x[keep], y[keep]
+
+
+def _image_transform(image_size, channels):
+    """Batched map: to float32, grayscale/RGB conversion, resize."""
+
+    def transform(images, labels):
+        images = tf.cast(images, tf.float32)
+        if images.shape.rank == 3:
+            images = images[..., tf.newaxis]
+        have = images.shape[-1]
+        if channels is not None and have != channels:
+            if have == 1:
+                images = tf.repeat(images, channels, axis=-1)
+            elif have == 3 and channels == 1:
+                images = tf.image.rgb_to_grayscale(images)
+            else:
+                raise ValueError(
+                    f"Cannot convert images with {have} channels to "
+                    f"{channels} channels."
+                )
+        if image_size is not None and tuple(images.shape[1:3]) != tuple(
+            image_size
+        ):
+            images = tf.image.resize(images, image_size)
+        return images, labels
+
+    return transform
+
+
+def _pipeline(x, y, batch_size, shuffle, seed, image_size, channels):
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    ds = ds.map(
+        _image_transform(image_size, channels), num_parallel_calls=_AUTOTUNE
+    )
+    return ds.prefetch(_AUTOTUNE)
+
+
+def _split(x, y, validation_split, seed):
+    if not 0.0 <= validation_split < 1.0:
+        raise ValueError(
+            "validation_split must be in [0, 1). Received: "
+            f"validation_split={validation_split}"
+        )
+    if validation_split == 0.0:
+        return (x, y), None
+    rng = np.random.default_rng(seed)
+    # Stratified: the same share of every class goes to validation.
+    val_idx = []
+    for label in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == label))
+        val_idx.extend(idx[: max(1, int(round(len(idx) * validation_split)))])
+    mask = np.zeros(len(y), dtype=bool)
+    mask[val_idx] = True
+    return (x[~mask], y[~mask]), (x[mask], y[mask])
+
+
+def from_numpy(
+    x,
+    y,
+    *,
+    x_val=None,
+    y_val=None,
+    batch_size=32,
+    validation_split=0.0,
+    shuffle=True,
+    seed=0,
+    image_size=None,
+    channels=None,
+    num_classes=None,
+    per_class=None,
+    class_names=None,
+):
+    """Builds train/validation pipelines from NumPy image arrays.
+
+    Args:
+        x: images, `(N, H, W)` or `(N, H, W, C)`, any numeric dtype, raw
+            pixel values in [0, 255].
+        y: integer class labels, `(N,)`.
+        x_val, y_val: a separate validation set (else `validation_split`).
+        batch_size: batch size.
+        validation_split: share of each class held out for validation.
+        shuffle: shuffle the training set every epoch.
+        seed: seed for the split, the subset and the shuffling.
+        image_size: `(height, width)` to resize to, or `None` to keep.
+        channels: convert to this many channels (1 <-> 3), or `None`.
+        num_classes: the number of classes (default: max label + 1).
+        per_class: keep at most this many training examples per class.
+        class_names: names of the classes (default: `"0"`, `"1"`, ...).
+
+    Returns:
+        A `DataBundle`; `train, val = from_numpy(...)` also works.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y):
+        raise ValueError(
+            f"x and y differ in length: {len(x)} images, {len(y)} labels."
+        )
+    num_classes = check_labels(y, num_classes, where="y")
+    y = y.astype("int32")
+    if x_val is not None:
+        x_val, y_val = np.asarray(x_val), np.asarray(y_val).astype("int32")
+        check_labels(y_val, num_classes, where="y_val")
+        train_xy, val_xy = (x, y), (x_val, y_val)
+    else:
+        train_xy, val_xy = _split(x, y, validation_split, seed)
+    if per_class:
+        train_xy = subset_per_class(*train_xy, per_class, seed=seed)
+    train = _pipeline(*train_xy, batch_size, shuffle, seed, image_size, channels)
+    val = None
+    if val_xy is not None:
+        val = _pipeline(*val_xy, batch_size, False, seed, image_size, channels)
+    shape = train.element_spec[0].shape[1:]
+    if class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(
+            f"class_names has {len(class_names)} names for {num_classes} "
+            "classes."
+        )
+    return DataBundle(train, val, class_names, shape)
+
+
+def _list_class_folders(directory):
+    if not os.path.isdir(directory):
+        raise ValueError(f"Image folder not found: {directory!r}")
+    classes = sorted(
+        d for d in os.listdir(directory)
+        if os.path.isdir(os.path.join(directory, d)) and not d.startswith(".")
+    )
+    if not classes:
+        raise ValueError(
+            f"Image folder {directory!r} has no class sub-folders. Expected "
+            "one sub-folder of images per class."
+        )
+    empty = [
+        c for c in classes if not any(
+            f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".gif"))
+            for f in os.listdir(os.path.join(directory, c))
+        )
+    ]
+    if empty:
+        raise ValueError(
+            f"Image folder {directory!r}: class folder(s) {empty} hold no "
+            "images (.png, .jpg, .jpeg, .bmp, .gif)."
+        )
+    if len(classes) < 2:
+        raise ValueError(
+            f"Image folder {directory!r} holds a single class {classes}; a "
+            "classifier needs at least two."
+        )
+    return classes
+
+
+def from_image_folder(
+    directory,
+    *,
+    image_size=(224, 224),
+    batch_size=32,
+    validation_split=0.2,
+    seed=0,
+    channels=3,
+):
+    """Loads `directory/<class_name>/*.jpg|png` with a validation split.
+
+    Classes are the sub-folder names in alphabetical order. Built on
+    `keras.utils.image_dataset_from_directory`.
+
+    Returns:
+        A `DataBundle`.
+    """
+    import keras
+
+    classes = _list_class_folders(directory)
+    color_mode = {1: "grayscale", 3: "rgb", 4: "rgba"}[channels]
+    kwargs = dict(
+        labels="inferred",
+        label_mode="int",
+        class_names=classes,
+        color_mode=color_mode,
+        image_size=tuple(image_size),
+        batch_size=batch_size,
+        seed=seed,
+        verbose=False,
+    )
+    if validation_split:
+        train, val = keras.utils.image_dataset_from_directory(
+            directory, validation_split=validation_split, subset="both",
+            shuffle=True, **kwargs,
+        )
+        val = val.prefetch(_AUTOTUNE)
+    else:
+        train = keras.utils.image_dataset_from_directory(
+            directory, shuffle=True, **kwargs
+        )
+        val = None
+    train = train.prefetch(_AUTOTUNE)
+    return DataBundle(train, val, classes, (*image_size, channels))
+
+
+def from_tfds(
+    name,
+    *,
+    data_dir=None,
+    train_split="train",
+    val_split="test",
+    batch_size=32,
+    image_size=None,
+    channels=None,
+    download=False,
+):
+    """Loads a TensorFlow Datasets image classification set.
+
+    Args:
+        name: the tfds name, e.g. `"tf_flowers"`.
+        data_dir: where the prepared data lives (tfds' `data_dir`).
+        train_split, val_split: tfds split strings (`val_split=None` for
+            no validation).
+        download: allow tfds to download and prepare the data.
+
+    Returns:
+        A `DataBundle`.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as error:
+        raise ValueError(
+            f"Unknown tfds dataset {name!r}: {str(error).splitlines()[0]}"
+        ) from None
+    if download:
+        try:
+            builder.download_and_prepare()
+        except Exception as error:
+            raise RuntimeError(
+                f"Could not download tfds dataset {name!r} (no network?). "
+                f"Prepare it where there is a network and pass data_dir. "
+                f"Cause: {str(error).splitlines()[0]}"
+            ) from None
+    elif not builder.is_prepared():
+        raise RuntimeError(
+            f"tfds dataset {name!r} is not prepared in "
+            f"{builder.data_dir!r} and download=False. Prepare it where "
+            "there is a network (tfds.load(name, data_dir=...)) and pass "
+            "that data_dir, or set download=True."
+        )
+    info = builder.info
+    class_names = info.features["label"].names
+    transform = _image_transform(image_size, channels)
+
+    def load(split, shuffle):
+        ds = builder.as_dataset(split=split, as_supervised=True,
+                                shuffle_files=shuffle)
+        if shuffle:
+            ds = ds.shuffle(1000)
+        if image_size is not None:
+            ds = ds.map(lambda x, y: (tf.image.resize(x, image_size), y))
+        ds = ds.batch(batch_size).map(transform, num_parallel_calls=_AUTOTUNE)
+        return ds.prefetch(_AUTOTUNE)
+
+    train = load(train_split, True)
+    val = load(val_split, False) if val_split else None
+    return DataBundle(train, val, class_names, train.element_spec[0].shape[1:])
+
+
+def _read_idx(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def load_fashion_mnist(data_dir=None):
+    """Returns Fashion-MNIST as `((x_train, y_train), (x_test, y_test))`.
+
+    Reads the original IDX files from `data_dir`, from the Debian package
+    `dataset-fashion-mnist`, or falls back to `keras.datasets` (network).
+    """
+    candidates = [data_dir] if data_dir else list(FASHION_MNIST_DIRS)
+    for folder in candidates:
+        files = {
+            key: os.path.join(folder, f"{key}-idx{3 if 'images' in key else 1}-ubyte.gz")
+            for key in ("train-images", "train-labels", "t10k-images", "t10k-labels")
+        }
+        if all(os.path.exists(p) for p in files.values()):
+            return (
+                (_read_idx(files["train-images"]), _read_idx(files["train-labels"])),
+                (_read_idx(files["t10k-images"]), _read_idx(files["t10k-labels"])),
+            )
+    if data_dir:
+        raise ValueError(f"No Fashion-MNIST IDX files in {data_dir!r}.")
+    import keras
+
+    try:
+        return keras.datasets.fashion_mnist.load_data()
+    except Exception:
+        raise RuntimeError(
+            "Fashion-MNIST is not installed and cannot be downloaded. "
+            "Install it with `apt-get install dataset-fashion-mnist` or pass "
+            "data_dir=<folder with the IDX files>."
+        ) from None
+
+
+def load_builtin(name):
+    """Loads a data set that ships inside kft.
+
+    Returns:
+        `((x_train, y_train), (x_val, y_val), class_names)`.
+    """
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(
+            f"Unknown built-in dataset {name!r}. Known: "
+            f"{sorted(BUILTIN_DATASETS)}."
+        )
+    with np.load(BUILTIN_DATASETS[name]) as data:
+        return (
+            (data["x_train"], data["y_train"]),
+            (data["x_val"], data["y_val"]),
+            [str(c) for c in data["class_names"]],
+        )

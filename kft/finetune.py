@@ -1,0 +1,324 @@
+"""`fine_tune`: run training stages (head, then unfrozen blocks, ...).
+
+Each stage says what trains, with which optimizer and learning rate, for
+how many epochs. Between stages kft sets the trainable flags and compiles
+again (Keras fixes the trainable variables when `fit` builds its train
+function), continuing the epoch count so that the histories line up.
+"""
+
+import math
+import time
+from typing import Any
+from typing import Literal
+
+import keras
+import pydantic
+from pydantic import ConfigDict
+from pydantic import Field
+
+from kft.freezing import set_trainable
+from kft.heads import head_kind
+from kft.heads import loss_and_metrics
+
+__all__ = ["OPTIMIZERS", "Stage", "fine_tune", "make_optimizer"]
+
+OPTIMIZERS = {
+    "adam": keras.optimizers.Adam,
+    "adamw": keras.optimizers.AdamW,
+    "sgd": keras.optimizers.SGD,
+    "rmsprop": keras.optimizers.RMSprop,
+    "nadam": keras.optimizers.Nadam,
+    "adamax": keras.optimizers.Adamax,
+    "adagrad": keras.optimizers.Adagrad,
+    "lion": keras.optimizers.Lion,
+    "lamb": keras.optimizers.Lamb,
+}
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+TRAINABLE_CHOICES = (
+    "'head', 'all', 'none', {last_n_blocks: k (int >= 0 or 'all')} or "
+    "{layers: regex}"
+)
+
+
+def _check_trainable(value):
+    if value in ("head", "all", "none"):
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        (key, arg), = value.items()
+        if key == "last_n_blocks" and (
+            arg == "all" or (isinstance(arg, int) and not isinstance(arg, bool)
+                             and arg >= 0)
+        ):
+            return {key: arg}
+        if key == "layers" and isinstance(arg, str) and arg:
+            return {key: arg}
+    raise ValueError(f"must be {TRAINABLE_CHOICES}")
+
+
+class EarlyStoppingConfig(_Strict):
+    """`keras.callbacks.EarlyStopping` settings for one stage."""
+
+    monitor: str = "val_loss"
+    patience: int = Field(default=3, ge=0)
+    min_delta: float = Field(default=0.0, ge=0)
+    restore_best_weights: bool = True
+
+
+class Stage(_Strict):
+    """One training stage.
+
+    Args:
+        name: shown in logs and the run report.
+        epochs: epochs in this stage.
+        trainable: `"head"` (backbone frozen), `"all"`, `"none"`,
+            `{"last_n_blocks": k}` or `{"layers": regex}` (head + those).
+        learning_rate: peak learning rate.
+        optimizer: a name from `kft.finetune.OPTIMIZERS` or a Keras
+            optimizer instance (a fresh one per stage: Keras optimizers
+            refuse variables they were not built with).
+        weight_decay: weight decay for the named optimizer.
+        schedule: `"constant"` or `"cosine"` (decays to
+            `min_learning_rate` by the end of the stage).
+        warmup_epochs: linear warmup from 0 to `learning_rate` (may be
+            fractional).
+        early_stopping: `True` or an `EarlyStoppingConfig` dict.
+        steps_per_epoch: steps per epoch when the data has no length.
+        callbacks: extra Keras callbacks for this stage.
+        loss, metrics: override what the head kind implies.
+    """
+
+    name: str = "stage"
+    epochs: int = Field(ge=1)
+    trainable: Any = "head"
+    learning_rate: float = Field(default=1e-3, gt=0)
+    optimizer: str | keras.optimizers.Optimizer = "adam"
+    weight_decay: float | None = Field(default=None, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    min_learning_rate: float = Field(default=0.0, ge=0)
+    early_stopping: bool | EarlyStoppingConfig = False
+    steps_per_epoch: int | None = Field(default=None, ge=1)
+    callbacks: list[Any] = []
+    loss: Any = None
+    metrics: Any = None
+
+    _trainable = pydantic.field_validator("trainable")(
+        classmethod(lambda cls, value: _check_trainable(value))
+    )
+
+    @pydantic.field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value):
+        if isinstance(value, str) and value.lower() not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {value!r}; allowed: {sorted(OPTIMIZERS)}"
+            )
+        return value.lower() if isinstance(value, str) else value
+
+
+def _steps_per_epoch(data, stage):
+    if stage.steps_per_epoch:
+        return stage.steps_per_epoch
+    cardinality = getattr(data, "cardinality", None)
+    if cardinality is not None:
+        n = int(cardinality())
+        if n > 0:
+            return n
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return math.ceil(len(data[0]) / 32)
+    return None
+
+
+def make_optimizer(stage, steps_per_epoch=None):
+    """Builds the optimizer (with its LR schedule) for a `Stage`."""
+    if isinstance(stage.optimizer, keras.optimizers.Optimizer):
+        return stage.optimizer
+    learning_rate = stage.learning_rate
+    if stage.schedule == "cosine" or stage.warmup_epochs:
+        if not steps_per_epoch:
+            raise ValueError(
+                f"Stage {stage.name!r}: a learning-rate schedule needs the "
+                "number of steps per epoch, and the data has no known "
+                "length. Set steps_per_epoch in the stage."
+            )
+        total = steps_per_epoch * stage.epochs
+        warmup = min(int(round(stage.warmup_epochs * steps_per_epoch)), total - 1)
+        if stage.schedule == "cosine":
+            learning_rate = keras.optimizers.schedules.CosineDecay(
+                initial_learning_rate=0.0 if warmup else stage.learning_rate,
+                decay_steps=max(total - warmup, 1),
+                alpha=stage.min_learning_rate / stage.learning_rate,
+                warmup_target=stage.learning_rate if warmup else None,
+                warmup_steps=warmup,
+            )
+        else:
+            # alpha=1: after the warmup the rate stays at warmup_target.
+            learning_rate = keras.optimizers.schedules.CosineDecay(
+                initial_learning_rate=0.0,
+                decay_steps=1,
+                alpha=1.0,
+                warmup_target=stage.learning_rate,
+                warmup_steps=warmup,
+            )
+    kwargs = {"learning_rate": learning_rate}
+    if stage.weight_decay is not None:
+        kwargs["weight_decay"] = stage.weight_decay
+    return OPTIMIZERS[stage.optimizer](**kwargs)
+
+
+def _labels_one_hot(data):
+    spec = getattr(data, "element_spec", None)
+    if spec is not None and isinstance(spec, tuple) and len(spec) >= 2:
+        shape = spec[1].shape
+        return shape.rank == 2 and (shape[-1] or 0) > 1
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        y = data[1]
+        return getattr(y, "ndim", 1) == 2 and y.shape[-1] > 1
+    return False
+
+
+def _as_stage(value, index):
+    if isinstance(value, Stage):
+        return value
+    try:
+        return Stage.model_validate(value)
+    except pydantic.ValidationError as error:
+        from kft.recipes.errors import format_validation_error
+
+        raise ValueError(
+            format_validation_error(error, prefix=f"stages.{index}")
+        ) from None
+
+
+def _trainable_counts(model):
+    def count(weights):
+        return int(sum(math.prod(w.shape) for w in weights))
+
+    return count(model.trainable_weights), count(model.weights)
+
+
+def fine_tune(
+    model,
+    train_data,
+    val_data=None,
+    *,
+    stages,
+    callbacks=None,
+    verbose="auto",
+):
+    """Trains a model in stages, recompiling between them.
+
+    Args:
+        model: a model from `kft.build_classifier` (any Keras model works
+            when each stage gives `loss` and uses `"all"`/`"none"` or
+            `{"layers": ...}`).
+        train_data: a batched `tf.data.Dataset` of `(x, y)`, or a tuple
+            `(x, y)` of arrays.
+        val_data: the same for validation, or `None`.
+        stages: a list of `Stage`s or dicts of their fields, e.g.
+            `{"name": "head", "epochs": 5, "trainable": "head",
+            "learning_rate": 1e-3}`.
+        callbacks: Keras callbacks for every stage.
+        verbose: passed to `fit`; `0` also silences kft's stage lines.
+
+    Returns:
+        A list with the `keras.callbacks.History` of each stage; each has
+        `.stage` (its name) and `.seconds` (wall time of its `fit`).
+
+    Example:
+
+    ```python
+    model = kft.build_classifier("mobilenet_v2", 5, weights="imagenet")
+    kft.fine_tune(model, train, val, stages=[
+        {"name": "head", "epochs": 5, "trainable": "head",
+         "learning_rate": 1e-3},
+        {"name": "top", "epochs": 5, "trainable": {"last_n_blocks": 3},
+         "learning_rate": 1e-5},
+    ])
+    ```
+    """
+    if not stages:
+        raise ValueError("stages is empty: give at least one stage.")
+    stages = [_as_stage(s, i) for i, s in enumerate(stages)]
+    x, y = train_data, None
+    if isinstance(train_data, (tuple, list)) and len(train_data) == 2:
+        x, y = train_data
+    one_hot = _labels_one_hot(train_data)
+    say = print if verbose != 0 else (lambda *a, **k: None)
+
+    histories = []
+    epochs_done = 0
+    for number, stage in enumerate(stages, start=1):
+        set_trainable(model, stage.trainable)
+        trainable, total = _trainable_counts(model)
+        loss, metrics = stage.loss, stage.metrics
+        if loss is None:
+            kind_loss, kind_metrics = loss_and_metrics(head_kind(model), one_hot)
+            loss = kind_loss
+            metrics = kind_metrics if metrics is None else metrics
+        steps = _steps_per_epoch(train_data, stage)
+        model.compile(
+            optimizer=make_optimizer(stage, steps),
+            loss=loss,
+            metrics=metrics,
+        )
+        stage_callbacks = list(callbacks or []) + list(stage.callbacks)
+        if stage.early_stopping:
+            config = stage.early_stopping
+            if config is True:
+                config = EarlyStoppingConfig()
+            monitor = config.monitor
+            if val_data is None and monitor.startswith("val_"):
+                monitor = monitor[len("val_"):]
+            stage_callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    monitor=monitor,
+                    patience=config.patience,
+                    min_delta=config.min_delta,
+                    restore_best_weights=config.restore_best_weights,
+                    verbose=1 if verbose != 0 else 0,
+                )
+            )
+        say(
+            f"Stage {number}/{len(stages)} '{stage.name}': {stage.epochs} "
+            f"epoch(s), {stage.optimizer if isinstance(stage.optimizer, str) else type(stage.optimizer).__name__} "
+            f"lr={stage.learning_rate:g} ({stage.schedule}), trainable "
+            f"{trainable:,} of {total:,} parameters "
+            f"({100.0 * trainable / max(total, 1):.1f}%)"
+        )
+        start = time.perf_counter()
+        history = model.fit(
+            x,
+            y,
+            validation_data=val_data,
+            epochs=epochs_done + stage.epochs,
+            initial_epoch=epochs_done,
+            steps_per_epoch=stage.steps_per_epoch,
+            # A tf.data pipeline shuffles itself; arrays are shuffled by fit.
+            shuffle=y is not None,
+            callbacks=stage_callbacks,
+            verbose=verbose,
+        )
+        history.stage = stage.name
+        history.seconds = time.perf_counter() - start
+        history.trainable_params = trainable
+        histories.append(history)
+        epochs_done += len(history.epoch)
+        say(_stage_result(stage, history))
+    return histories
+
+
+def _stage_result(stage, history):
+    parts = [f"Stage '{stage.name}' done in {history.seconds:.1f} s"]
+    for key in ("val_accuracy", "val_loss", "accuracy", "loss"):
+        values = history.history.get(key)
+        if values:
+            best = max(values) if "accuracy" in key else min(values)
+            parts.append(f"{key} {values[-1]:.4f} (best {best:.4f})")
+            break
+    return ": ".join(parts[:1]) + (": " + parts[1] if len(parts) > 1 else "")

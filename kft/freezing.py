@@ -1,0 +1,284 @@
+"""Freeze and unfreeze by blocks, layers or regex, and say what trains.
+
+Keras computes a model's trainable weights from the `trainable` flags of
+the model and every layer inside it: a layer only trains when it and all
+its parents are trainable. These helpers keep that straight, so that
+`unfreeze(model, last_n_blocks=2)` on a frozen model trains exactly the
+two top backbone blocks (and whatever was trainable before).
+
+Changing `trainable` takes effect at the next `compile()`; inside a
+running `fit`, use `kft.callbacks.GradualUnfreezing` instead.
+"""
+
+import re
+
+import keras
+import numpy as np
+
+from kft.backbones import named_backbone_blocks
+
+__all__ = [
+    "format_trainable_summary",
+    "freeze",
+    "set_trainable",
+    "set_trainable_flag",
+    "trainable_summary",
+    "unfreeze",
+]
+
+BACKBONE = "backbone"
+
+
+# The TensorFlow backend skips `layer.trainable = value` when the flag
+# already equals `value`, even if sublayers differ (a frozen backbone
+# inside a model whose own flag is True stays frozen). Calling the Layer
+# property setter directly always recurses.
+_set_flag = keras.layers.Layer.trainable.fset
+
+
+def set_trainable_flag(layer, value):
+    """`layer.trainable = value` that always reaches every sublayer."""
+    _set_flag(layer, bool(value))
+    return layer
+
+
+def _sublayers(layer):
+    return layer._flatten_layers(include_self=False, recursive=False)
+
+
+def _leaves(layer):
+    """All layers under `layer` (itself included) that hold no sublayers."""
+    children = list(_sublayers(layer))
+    if not children:
+        return [layer]
+    leaves = []
+    for child in children:
+        leaves.extend(_leaves(child))
+    return leaves
+
+
+def _count(weights):
+    return int(sum(np.prod(w.shape) for w in weights))
+
+
+def freeze(model_or_layer):
+    """Makes a model or layer, and everything inside it, untrainable."""
+    return set_trainable_flag(model_or_layer, False)
+
+
+def _get_backbone(model, backbone):
+    try:
+        return model.get_layer(backbone)
+    except ValueError:
+        raise ValueError(
+            f"Model {model.name!r} has no layer named {backbone!r}. Build it "
+            "with kft.build_classifier, or pass backbone=<name of the nested "
+            "backbone model>."
+        ) from None
+
+
+def _trainable_after(model, changes):
+    """Sets flags so that leaf layers in `changes` get the given state and
+    every other leaf keeps its current state."""
+    leaves = _leaves(model)
+    state = {id(leaf): leaf.trainable for leaf in leaves}
+    state.update(changes)
+    # A layer only trains if all its parents do: open every container,
+    # then set each leaf. Containers with no trainable leaf are closed
+    # again so that summaries read naturally.
+    set_trainable_flag(model, True)
+    for leaf in leaves:
+        set_trainable_flag(leaf, state[id(leaf)])
+    _close_empty_containers(model)
+
+
+def _close_empty_containers(layer):
+    children = list(_sublayers(layer))
+    if not children:
+        return layer.trainable
+    any_trainable = False
+    for child in children:
+        any_trainable |= _close_empty_containers(child)
+    if not any_trainable and layer.trainable:
+        # Setting a container's flag resets its children: only do it when
+        # all of them are already off.
+        set_trainable_flag(layer, False)
+    return any_trainable
+
+
+def unfreeze(
+    model,
+    *,
+    last_n_blocks=None,
+    layers=None,
+    batch_norm=True,
+    backbone=BACKBONE,
+):
+    """Makes parts of a model trainable, leaving the rest as it was.
+
+    With no arguments, everything becomes trainable.
+
+    Args:
+        model: a model built by `kft.build_classifier`, or any model (for
+            `layers=`).
+        last_n_blocks: number of top backbone blocks to unfreeze (see
+            `kft.backbone_blocks`), or `"all"`.
+        layers: a regex searched in layer names; matching layers (and the
+            layers inside them) become trainable.
+        batch_norm: if False, BatchNormalization layers stay frozen, gamma
+            and beta included.
+        backbone: name of the nested backbone model.
+
+    Returns:
+        The number of layers made trainable.
+
+    Example:
+
+    >>> model = build_classifier("vgg16", 2, input_shape=(32, 32, 3))
+    >>> unfreeze(model, last_n_blocks=1)
+    5
+    """
+    targets = []
+    if last_n_blocks is None and layers is None:
+        targets = _leaves(model)
+    if last_n_blocks is not None:
+        blocks = named_backbone_blocks(_get_backbone(model, backbone))
+        if last_n_blocks == "all":
+            last_n_blocks = len(blocks)
+        if not isinstance(last_n_blocks, int) or last_n_blocks < 0:
+            raise ValueError(
+                "last_n_blocks must be an integer >= 0 or 'all'. Received: "
+                f"last_n_blocks={last_n_blocks!r}"
+            )
+        if last_n_blocks > len(blocks):
+            raise ValueError(
+                f"last_n_blocks={last_n_blocks} but the backbone has only "
+                f"{len(blocks)} blocks."
+            )
+        for _, block in blocks[len(blocks) - last_n_blocks:]:
+            for layer in block:
+                targets.extend(_leaves(layer))
+    if layers is not None:
+        try:
+            pattern = re.compile(layers)
+        except re.error as error:
+            raise ValueError(
+                f"layers={layers!r} is not a valid regex: {error}"
+            ) from None
+        matched = [
+            layer
+            for layer in model._flatten_layers(include_self=False)
+            if pattern.search(layer.name)
+        ]
+        if not matched:
+            raise ValueError(
+                f"layers={layers!r} matches no layer of model {model.name!r}."
+            )
+        for layer in matched:
+            targets.extend(_leaves(layer))
+    if not batch_norm:
+        targets = [
+            t for t in targets
+            if not isinstance(t, keras.layers.BatchNormalization)
+        ]
+    _trainable_after(model, {id(t): True for t in targets})
+    return len({id(t) for t in targets})
+
+
+def set_trainable(model, spec, backbone=BACKBONE):
+    """Applies a stage's trainable spec to a kft model.
+
+    Args:
+        spec: `"head"` (backbone frozen, rest trainable), `"all"`,
+            `"none"`, `{"last_n_blocks": k}` (head + top k blocks) or
+            `{"layers": regex}` (head + matching layers).
+    """
+    if hasattr(spec, "model_dump"):
+        spec = spec.model_dump()
+    if spec == "all":
+        set_trainable_flag(model, True)
+        return
+    if spec == "none":
+        set_trainable_flag(model, False)
+        return
+    set_trainable_flag(model, True)
+    set_trainable_flag(_get_backbone(model, backbone), False)
+    if spec == "head":
+        return
+    if isinstance(spec, dict) and spec.get("last_n_blocks") is not None:
+        unfreeze(model, last_n_blocks=spec["last_n_blocks"], backbone=backbone)
+        return
+    if isinstance(spec, dict) and spec.get("layers") is not None:
+        unfreeze(model, layers=spec["layers"], backbone=backbone)
+        return
+    raise ValueError(
+        "trainable must be 'head', 'all', 'none', {'last_n_blocks': k} or "
+        f"{{'layers': regex}}. Received: trainable={spec!r}"
+    )
+
+
+def trainable_summary(model, backbone=BACKBONE):
+    """Per block (and the head): layers, parameters, what trains.
+
+    Returns:
+        A list of dicts with keys `block`, `layers`, `params`,
+        `trainable_params`, `state` (`"trainable"`, `"partial"` or
+        `"frozen"`).
+    """
+    rows = []
+
+    def row(name, layer_list):
+        params = _count(w for layer in layer_list for w in layer.weights)
+        if params == 0:
+            return
+        train = _count(w for layer in layer_list for w in layer.trainable_weights)
+        weighted = [
+            leaf for layer in layer_list for leaf in _leaves(layer) if leaf.weights
+        ]
+        if train == 0:
+            state = "frozen"
+        elif all(leaf.trainable for leaf in weighted):
+            state = "trainable"
+        else:
+            state = "partial"
+        rows.append(
+            {"block": name, "layers": len(layer_list), "params": params,
+             "trainable_params": train, "state": state}
+        )
+
+    base = None
+    try:
+        base = model.get_layer(backbone)
+    except ValueError:
+        pass
+    others = [layer for layer in model.layers if layer is not base
+              and not isinstance(layer, keras.layers.InputLayer)]
+    if base is not None:
+        base_on = base.trainable
+        for name, block in named_backbone_blocks(base):
+            if not base_on:
+                params = _count(w for layer in block for w in layer.weights)
+                if params:
+                    rows.append({"block": name, "layers": len(block),
+                                 "params": params, "trainable_params": 0,
+                                 "state": "frozen"})
+                continue
+            row(name, block)
+    row("head", others)
+    return rows
+
+
+def format_trainable_summary(model, backbone=BACKBONE):
+    """Returns `trainable_summary` as a text table with a total line."""
+    rows = trainable_summary(model, backbone)
+    lines = [f"{'block':<28}{'layers':>7}{'params':>12}{'trainable':>12}  state"]
+    for r in rows:
+        lines.append(
+            f"{r['block']:<28}{r['layers']:>7}{r['params']:>12,}"
+            f"{r['trainable_params']:>12,}  {r['state']}"
+        )
+    total = _count(model.weights)
+    train = _count(model.trainable_weights)
+    share = 100.0 * train / total if total else 0.0
+    lines.append(f"trainable: {train:,} of {total:,} parameters ({share:.1f}%)")
+    return "\n".join(lines)

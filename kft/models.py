@@ -1,0 +1,98 @@
+"""`build_classifier`: raw pixels -> preprocessing -> backbone -> head."""
+
+import keras
+
+from kft import backbones
+from kft.freezing import freeze
+from kft.heads import build_head
+from kft.preprocessing import ImagePreprocessing
+
+__all__ = ["build_classifier", "BN_MODES"]
+
+BN_MODES = ("frozen", "train")
+
+
+def build_classifier(
+    backbone,
+    num_classes,
+    *,
+    weights=None,
+    input_shape=None,
+    head=None,
+    bn="frozen",
+    name=None,
+    **backbone_kwargs,
+):
+    """Builds a fine-tunable classifier around a pretrained backbone.
+
+    The model takes raw pixels in [0, 255] (the backbone family's
+    preprocessing is a layer inside it), runs the backbone as a nested
+    model named `"backbone"`, and ends in a head whose layers are named
+    `head_*`. The backbone starts frozen; train the head first, then
+    unfreeze (`kft.unfreeze`, `kft.fine_tune` stages).
+
+    Args:
+        backbone: a family name from `kft.list_backbones()`.
+        num_classes: number of classes (1 for a binary head, the number
+            of targets for regression).
+        weights: `"imagenet"`, `None` (random), the name of weights that
+            ship with kft (`kft.backbones.list_packaged_weights()`), or a
+            path to a weights file of the same backbone without top.
+        input_shape: `(height, width, channels)`; defaults to the family's
+            size (or the packaged weights' size) with 3 channels.
+        head: a `kft.heads.HeadConfig` or a dict such as
+            `{"hidden": [128], "dropout": 0.5, "kind": "multiclass"}`.
+        bn: `"frozen"` (default) calls the backbone with `training=False`,
+            so BatchNorm statistics never move, even after unfreezing (the
+            Keras transfer-learning advice); `"train"` lets BatchNorm layers
+            that are trainable update their statistics, as fastai does.
+        name: model name; defaults to `"<backbone>_classifier"`.
+        **backbone_kwargs: passed to the family constructor, e.g.
+            `alpha=0.35` for MobileNet.
+
+    Returns:
+        A functional `keras.Model` with its backbone frozen.
+
+    Example:
+
+    >>> model = build_classifier("mobilenet_v2", 3, input_shape=(32, 32, 3),
+    ...                          alpha=0.35)
+    >>> model.get_layer("backbone").trainable
+    False
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+        raise ValueError(
+            f"num_classes must be an integer >= 1. Received: "
+            f"num_classes={num_classes!r}"
+        )
+    if num_classes < 1:
+        raise ValueError(
+            f"num_classes must be >= 1. Received: num_classes={num_classes}"
+        )
+    if bn not in BN_MODES:
+        raise ValueError(
+            f"bn must be one of {BN_MODES}. Received: bn={bn!r}"
+        )
+    family = backbones.get_backbone(backbone)
+    packaged = backbones.get_packaged_weights(weights)
+    if input_shape is None and packaged is not None:
+        input_shape = packaged.input_shape
+
+    # === Layers ===
+    base = backbones.build_backbone(
+        family.name, weights=weights, input_shape=input_shape, **backbone_kwargs
+    )
+    freeze(base)
+    preprocessing = ImagePreprocessing(family.preprocessing, name="preprocessing")
+
+    # === Functional Model ===
+    inputs = keras.Input(shape=base.input_shape[1:], name="image")
+    x = preprocessing(inputs)
+    if bn == "frozen":
+        x = base(x, training=False)
+    else:
+        x = base(x)
+    outputs = build_head(x, num_classes, head)
+    return keras.Model(
+        inputs, outputs, name=name or f"{family.name}_classifier"
+    )

@@ -1,0 +1,127 @@
+"""Finding, reading and overriding recipes."""
+
+import copy
+import os
+
+import pydantic
+import yaml
+
+from kft.recipes.errors import RecipeError
+from kft.recipes.errors import format_validation_error
+from kft.recipes.schema import RecipeConfig
+
+__all__ = [
+    "PACKAGED_DIR",
+    "apply_overrides",
+    "list_recipes",
+    "load_recipe",
+    "recipe_description",
+    "resolve_recipe_path",
+]
+
+PACKAGED_DIR = os.path.join(os.path.dirname(__file__), "packaged")
+
+
+def list_recipes():
+    """Names of the packaged recipes, sorted."""
+    return sorted(
+        f[: -len(".yaml")] for f in os.listdir(PACKAGED_DIR) if f.endswith(".yaml")
+    )
+
+
+def resolve_recipe_path(name_or_path):
+    """A packaged recipe name or a path -> the YAML file's path."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    packaged = os.path.join(PACKAGED_DIR, f"{name_or_path}.yaml")
+    if os.path.isfile(packaged):
+        return packaged
+    raise RecipeError(
+        f"No recipe {name_or_path!r}: not a file, and not a packaged recipe "
+        f"({', '.join(list_recipes())})."
+    )
+
+
+def _read_yaml(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{path}: a recipe is a YAML mapping (model:, data:, stages:). "
+            f"Received: {type(raw).__name__}"
+        )
+    return raw
+
+
+def recipe_description(name):
+    """The `description` of a packaged recipe (one line)."""
+    raw = _read_yaml(resolve_recipe_path(name))
+    return " ".join(str(raw.get("description", "")).split())
+
+
+def apply_overrides(raw, overrides):
+    """Applies `key.path=value` overrides (values parsed as YAML scalars).
+
+    List items are addressed by index: `stages.1.epochs=3`.
+    """
+    raw = copy.deepcopy(raw)
+    for override in overrides or ():
+        if "=" not in override:
+            raise RecipeError(
+                f"--set {override!r}: expected key.path=value, e.g. "
+                "stages.0.epochs=2"
+            )
+        key, value = override.split("=", 1)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise RecipeError(f"--set {override!r}: value is not valid YAML") from None
+        parts = key.strip().split(".")
+        node = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(
+                        f"--set {override!r}: {where} is not an index of a list "
+                        f"of {len(node)} item(s)"
+                    )
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise RecipeError(
+                    f"--set {override!r}: {'.'.join(parts[:depth])} is not a mapping"
+                )
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and part not in node:
+                    node[part] = {}
+                node = node[part]
+    return raw
+
+
+def load_recipe(name_or_path, overrides=None):
+    """Reads, overrides and validates a recipe.
+
+    Args:
+        name_or_path: a packaged recipe name (`kft list`) or a YAML path.
+        overrides: `["key.path=value", ...]`.
+
+    Returns:
+        A validated `RecipeConfig`.
+
+    Raises:
+        RecipeError: with one line per problem, naming the key.
+    """
+    path = resolve_recipe_path(name_or_path)
+    raw = apply_overrides(_read_yaml(path), overrides)
+    try:
+        return RecipeConfig.model_validate(raw)
+    except pydantic.ValidationError as error:
+        raise RecipeError(
+            f"{path}: " + format_validation_error(error)
+        ) from None

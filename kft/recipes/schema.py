@@ -1,0 +1,103 @@
+"""The recipe schema: what a YAML recipe may say, validated by pydantic.
+
+A recipe is data. It names registered components only (backbone
+families, optimizers, data sources); it can never import code.
+"""
+
+from typing import Literal
+
+import pydantic
+from pydantic import ConfigDict
+from pydantic import Field
+
+from kft import backbones
+from kft.finetune import EarlyStoppingConfig
+from kft.finetune import Stage
+from kft.heads import HeadConfig
+from kft.recipes.errors import known_keys
+
+__all__ = ["DataConfig", "ModelConfig", "RecipeConfig"]
+
+DATA_SOURCES = ("builtin", "numpy", "image_folder", "tfds")
+_PYTHON_ONLY_STAGE_KEYS = ("callbacks", "loss", "metrics")
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """`model:` the backbone, its weights and the head."""
+
+    backbone: str
+    weights: str | None = None
+    input_shape: tuple[int, int, int] | None = None
+    head: dict = {}
+    bn: Literal["frozen", "train"] = "frozen"
+    backbone_kwargs: dict[str, int | float | str | bool] = {}
+
+    @pydantic.field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value):
+        if value not in backbones.list_backbones():
+            raise ValueError(
+                f"unknown backbone; allowed: {', '.join(backbones.list_backbones())}"
+            )
+        return value
+
+    @pydantic.field_validator("head")
+    @classmethod
+    def _valid_head(cls, value):
+        HeadConfig.from_value(value)
+        return value
+
+
+class DataConfig(_Strict):
+    """`data:` where the images come from and how they are batched."""
+
+    source: Literal["builtin", "numpy", "image_folder", "tfds"]
+    name: str | None = None
+    path: str | None = None
+    data_dir: str | None = None
+    train_split: str = "train"
+    val_split: str | None = "test"
+    batch_size: int = Field(default=32, ge=1)
+    validation_split: float = Field(default=0.2, ge=0.0, lt=1.0)
+    per_class: int | None = Field(default=None, ge=1)
+    image_size: tuple[int, int] | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _source_needs(self):
+        needs = {"builtin": "name", "tfds": "name", "numpy": "path",
+                 "image_folder": "path"}[self.source]
+        if getattr(self, needs) is None:
+            raise ValueError(f"source {self.source!r} needs data.{needs}")
+        return self
+
+
+class RecipeConfig(_Strict):
+    """A whole recipe: model, data, stages and run settings."""
+
+    name: str
+    description: str = ""
+    seed: int = 0
+    output_dir: str | None = None
+    model: ModelConfig
+    data: DataConfig
+    stages: list[Stage] = Field(min_length=1)
+
+    @pydantic.field_validator("stages", mode="before")
+    @classmethod
+    def _recipe_stage_keys(cls, value):
+        for stage in value if isinstance(value, list) else []:
+            if isinstance(stage, dict):
+                bad = [k for k in _PYTHON_ONLY_STAGE_KEYS if k in stage]
+                if bad:
+                    raise ValueError(
+                        f"stage keys {bad} are for the Python API "
+                        "(kft.fine_tune), not recipes"
+                    )
+        return value
+
+
+known_keys(RecipeConfig, ModelConfig, DataConfig, Stage, EarlyStoppingConfig)

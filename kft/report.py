@@ -1,0 +1,145 @@
+"""The run report: history.csv, metrics.json and plots."""
+
+import csv
+import json
+import os
+import platform
+
+import numpy as np
+
+__all__ = [
+    "confusion_matrix",
+    "plot_confusion_matrix",
+    "plot_curves",
+    "write_history_csv",
+    "write_metrics",
+]
+
+
+def _rows(histories):
+    rows = []
+    for history in histories:
+        for i, epoch in enumerate(history.epoch):
+            row = {"stage": getattr(history, "stage", ""), "epoch": epoch + 1}
+            for key, values in history.history.items():
+                if i < len(values):
+                    row[key] = float(values[i])
+            rows.append(row)
+    return rows
+
+
+def write_history_csv(histories, path):
+    """One row per epoch: stage, epoch (1-based, continuous), metrics."""
+    rows = _rows(histories)
+    keys = ["stage", "epoch"]
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def versions():
+    import keras
+    import tensorflow as tf
+
+    import kft
+
+    return {
+        "kft": kft.__version__,
+        "keras": keras.__version__,
+        "tensorflow": tf.__version__,
+        "backend": keras.backend.backend(),
+        "python": platform.python_version(),
+    }
+
+
+def write_metrics(path, metrics):
+    """Writes `metrics` as JSON (atomically, so a crash leaves no half file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=False, default=float)
+    os.replace(tmp, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(histories, path):
+    """Loss and accuracy per epoch, train and validation, stages marked."""
+    plt = _pyplot()
+    rows = _rows(histories)
+    epochs = [r["epoch"] for r in rows]
+    metric = next(
+        (m for m in ("accuracy", "mae", "auc") if any(m in r for r in rows)), None
+    )
+    panels = ["loss"] + ([metric] if metric else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    axes = np.atleast_1d(axes)
+    boundaries, start = [], 0
+    for history in histories:
+        boundaries.append((start, getattr(history, "stage", "")))
+        start += len(history.epoch)
+    for ax, key in zip(axes, panels):
+        for prefix, style in (("", "-o"), ("val_", "-s")):
+            values = [r.get(prefix + key) for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, style, markersize=3,
+                        label=("validation" if prefix else "train"))
+        for epoch, name in boundaries:
+            ax.axvline(epoch + 0.5, color="gray", linestyle="--", linewidth=0.8)
+            ax.text(epoch + 0.6, 1.0, name, transform=ax.get_xaxis_transform(),
+                    va="top", fontsize=8, color="gray")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_matrix(model, dataset, num_classes):
+    """Counts `[true, predicted]` over a dataset of `(x, y)` batches."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for x, y in dataset:
+        probs = model.predict_on_batch(x)
+        predicted = (
+            np.argmax(probs, axis=-1)
+            if probs.shape[-1] > 1
+            else (probs[:, 0] > 0.5).astype(int)
+        )
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[-1] > 1:
+            y = np.argmax(y, axis=-1)
+        np.add.at(matrix, (y.reshape(-1).astype(int), predicted), 1)
+    return matrix
+
+
+def plot_confusion_matrix(matrix, class_names, path):
+    """Saves the confusion matrix with counts in each cell."""
+    plt = _pyplot()
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    high = matrix.max() if matrix.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
+                    color="white" if matrix[i, j] > high / 2 else "black",
+                    fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

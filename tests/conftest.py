@@ -1,0 +1,49 @@
+"""Shared test set-up: offline, quiet, deterministic, tiny."""
+
+import os
+import socket
+import tempfile
+
+# Before Keras is imported: no cached downloads from ~/.keras, quiet TF.
+os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="kft-keras-home-")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails, as on an offline machine."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the kft test suite")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def make_images(n=24, size=32, classes=3, seed=0, channels=3):
+    """Separable toy images: each class has its own brightness pattern."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.uniform(0, 60, size=(n, size, size, channels))
+    for c in range(classes):
+        x[y == c, (c * size) // classes : ((c + 1) * size) // classes] += 180
+    return x.astype("float32"), y.astype("int32")
+
+
+def tiny_classifier(num_classes=3, size=32, **kwargs):
+    import kft
+
+    return kft.build_classifier(
+        "mobilenet_v2", num_classes, weights=None,
+        input_shape=(size, size, 3), alpha=0.35, **kwargs,
+    )
