@@ -11,20 +11,30 @@ from kft import heads  # noqa: E402
 from kft.backbones import backbone_blocks  # noqa: E402
 from kft.backbones import list_backbones  # noqa: E402
 from kft.backbones import register_backbone  # noqa: E402
+from kft.finetune import Stage  # noqa: E402
+from kft.finetune import fine_tune  # noqa: E402
+from kft.freezing import format_trainable_summary  # noqa: E402
 from kft.freezing import freeze  # noqa: E402
+from kft.freezing import trainable_summary  # noqa: E402
 from kft.freezing import unfreeze  # noqa: E402
 from kft.models import build_classifier  # noqa: E402
+from kft.preprocessing import ImagePreprocessing  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ImagePreprocessing",
+    "Stage",
     "backbone_blocks",
     "backbones",
     "build_classifier",
     "data",
+    "fine_tune",
+    "format_trainable_summary",
     "freeze",
     "heads",
     "list_backbones",
     "register_backbone",
+    "trainable_summary",
     "unfreeze",
 ]

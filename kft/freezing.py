@@ -8,6 +8,16 @@ two top backbone blocks (and whatever was trainable before).
 
 Changing `trainable` takes effect at the next `compile()`; inside a
 running `fit`, use `kft.callbacks.GradualUnfreezing` instead.
+
+BatchNorm policy. In Keras 3 a nested model called with `training=False`
+inside a functional model still receives `training=True` from `fit` (the
+functional graph passes the outer call's value down), so that call alone
+does not keep BatchNorm in inference mode. What does is Keras 3's rule
+that a BatchNorm layer with `trainable=False` always runs in inference
+mode. So for models built with `bn="frozen"` (the default), kft keeps the
+backbone's BatchNorm layers untrainable whatever else it unfreezes: their
+statistics and their scale and offset stay as pretrained. With
+`bn="train"` they unfreeze with their block, as in fastai.
 """
 
 import re
@@ -18,6 +28,7 @@ import numpy as np
 from kft.backbones import named_backbone_blocks
 
 __all__ = [
+    "batch_norm_policy",
     "format_trainable_summary",
     "freeze",
     "set_trainable",
@@ -106,12 +117,44 @@ def _close_empty_containers(layer):
     return any_trainable
 
 
+def batch_norm_policy(model, backbone=BACKBONE):
+    """Returns `"frozen"` or `"train"`: how the model treats backbone BatchNorm.
+
+    Read from the model's own graph: `build_classifier(bn="frozen")` calls
+    the backbone with `training=False`, which the saved config keeps, so
+    the policy survives `model.save()` and `load_model`.
+    """
+    try:
+        layers = model.get_config().get("layers", [])
+    except (NotImplementedError, TypeError, AttributeError):
+        return "train"
+    for layer in layers:
+        if layer.get("name") != backbone:
+            continue
+        for node in layer.get("inbound_nodes", []):
+            if isinstance(node, dict) and node.get("kwargs", {}).get(
+                "training"
+            ) is False:
+                return "frozen"
+    return "train"
+
+
+def _freeze_backbone_batch_norm(model, backbone):
+    try:
+        base = model.get_layer(backbone)
+    except ValueError:
+        return
+    for layer in base._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            set_trainable_flag(layer, False)
+
+
 def unfreeze(
     model,
     *,
     last_n_blocks=None,
     layers=None,
-    batch_norm=True,
+    batch_norm=None,
     backbone=BACKBONE,
 ):
     """Makes parts of a model trainable, leaving the rest as it was.
@@ -125,8 +168,9 @@ def unfreeze(
             `kft.backbone_blocks`), or `"all"`.
         layers: a regex searched in layer names; matching layers (and the
             layers inside them) become trainable.
-        batch_norm: if False, BatchNormalization layers stay frozen, gamma
-            and beta included.
+        batch_norm: whether the backbone's BatchNormalization layers may
+            unfreeze too. Defaults to the model's policy
+            (`batch_norm_policy`): False for `bn="frozen"` models.
         backbone: name of the nested backbone model.
 
     Returns:
@@ -176,10 +220,18 @@ def unfreeze(
             )
         for layer in matched:
             targets.extend(_leaves(layer))
+    if batch_norm is None:
+        batch_norm = batch_norm_policy(model, backbone) == "train"
     if not batch_norm:
+        try:
+            scope = model.get_layer(backbone)
+        except ValueError:
+            scope = model
+        in_scope = {id(layer) for layer in scope._flatten_layers(include_self=False)}
         targets = [
             t for t in targets
-            if not isinstance(t, keras.layers.BatchNormalization)
+            if not (isinstance(t, keras.layers.BatchNormalization)
+                    and id(t) in in_scope)
         ]
     _trainable_after(model, {id(t): True for t in targets})
     return len({id(t) for t in targets})
@@ -197,6 +249,8 @@ def set_trainable(model, spec, backbone=BACKBONE):
         spec = spec.model_dump()
     if spec == "all":
         set_trainable_flag(model, True)
+        if batch_norm_policy(model, backbone) == "frozen":
+            _freeze_backbone_batch_norm(model, backbone)
         return
     if spec == "none":
         set_trainable_flag(model, False)
