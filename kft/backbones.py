@@ -10,7 +10,7 @@ rates.
 import dataclasses
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 
@@ -411,7 +411,8 @@ _RESNET = BlockSplitter(
     patterns=(r"^(conv\d+_block\d+)_",), top=r"^post_(bn|relu)$"
 )
 _DENSENET = BlockSplitter(
-    patterns=(r"^(conv\d+_block\d+)_", r"^(pool\d+)_(?:bn|relu|conv)"), top=r"^(bn|relu)$"
+    patterns=(r"^(conv\d+_block\d+)_", r"^(pool\d+)_(?:bn|relu|conv)"),
+    top=r"^(bn|relu)$",
 )
 _EFFICIENTNET = BlockSplitter(patterns=(r"^(block\d+[a-z])_",), top=r"^top_")
 _VGG_XCEPTION = BlockSplitter(patterns=(r"^(block\d+)_",))

@@ -398,8 +398,9 @@ def load_fashion_mnist(data_dir=None):
     candidates = [data_dir] if data_dir else list(FASHION_MNIST_DIRS)
     for folder in candidates:
         files = {
-            key: os.path.join(folder, f"{key}-idx{3 if 'images' in key else 1}-ubyte.gz")
-            for key in ("train-images", "train-labels", "t10k-images", "t10k-labels")
+            key: os.path.join(folder, f"{key}-idx{rank}-ubyte.gz")
+            for key, rank in (("train-images", 3), ("train-labels", 1),
+                              ("t10k-images", 3), ("t10k-labels", 1))
         }
         if all(os.path.exists(p) for p in files.values()):
             return (

@@ -284,9 +284,11 @@ def fine_tune(
                     verbose=1 if verbose != 0 else 0,
                 )
             )
+        optimizer_name = (stage.optimizer if isinstance(stage.optimizer, str)
+                          else type(stage.optimizer).__name__)
         say(
             f"Stage {number}/{len(stages)} '{stage.name}': {stage.epochs} "
-            f"epoch(s), {stage.optimizer if isinstance(stage.optimizer, str) else type(stage.optimizer).__name__} "
+            f"epoch(s), {optimizer_name} "
             f"lr={stage.learning_rate:g} ({stage.schedule}), trainable "
             f"{trainable:,} of {total:,} parameters "
             f"({100.0 * trainable / max(total, 1):.1f}%)"
