@@ -8,6 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from kft import backbones  # noqa: E402
 from kft import data  # noqa: E402
 from kft import heads  # noqa: E402
+from kft import optimizers  # noqa: E402
 from kft.backbones import backbone_blocks  # noqa: E402
 from kft.backbones import list_backbones  # noqa: E402
 from kft.backbones import register_backbone  # noqa: E402
@@ -34,6 +35,7 @@ __all__ = [
     "freeze",
     "heads",
     "list_backbones",
+    "optimizers",
     "register_backbone",
     "trainable_summary",
     "unfreeze",

@@ -77,7 +77,13 @@ class Stage(_Strict):
         epochs: epochs in this stage.
         trainable: `"head"` (backbone frozen), `"all"`, `"none"`,
             `{"last_n_blocks": k}` or `{"layers": regex}` (head + those).
-        learning_rate: peak learning rate.
+        learning_rate: peak learning rate; or per-group rates (see
+            `kft.optimizers.discriminative`): a dict of rules such as
+            `{"head": 1e-3, "backbone": 1e-5}` (key `"default"` for
+            unmatched variables, else the smallest rate), or a
+            `(low, high)` range spread over the blocks.
+        layer_decay: layer-wise LR decay: the head at `learning_rate`,
+            each block below at `layer_decay` times the one above.
         optimizer: a name from `kft.finetune.OPTIMIZERS` or a Keras
             optimizer instance (a fresh one per stage: Keras optimizers
             refuse variables they were not built with).
@@ -95,7 +101,8 @@ class Stage(_Strict):
     name: str = "stage"
     epochs: int = Field(ge=1)
     trainable: Any = "head"
-    learning_rate: float = Field(default=1e-3, gt=0)
+    learning_rate: float | tuple[float, float] | dict[int | str, float] = 1e-3
+    layer_decay: float | None = Field(default=None, gt=0, le=1)
     optimizer: str | keras.optimizers.Optimizer = "adam"
     weight_decay: float | None = Field(default=None, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
@@ -110,6 +117,26 @@ class Stage(_Strict):
     _trainable = pydantic.field_validator("trainable")(
         classmethod(lambda cls, value: _check_trainable(value))
     )
+
+    @pydantic.field_validator("learning_rate")
+    @classmethod
+    def _positive_rates(cls, value):
+        if isinstance(value, float) and value <= 0:
+            raise ValueError("must be > 0")
+        if isinstance(value, tuple) and not 0 < value[0] <= value[1]:
+            raise ValueError("a range must be [low, high] with 0 < low <= high")
+        if isinstance(value, dict) and (
+            not value or any(v < 0 for v in value.values())
+        ):
+            raise ValueError("per-group rates must be a non-empty map of rates >= 0")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _decay_needs_one_rate(self):
+        if self.layer_decay is not None and not isinstance(self.learning_rate, float):
+            raise ValueError(
+                "layer_decay takes one learning_rate (the head's), not groups")
+        return self
 
     @pydantic.field_validator("optimizer")
     @classmethod
@@ -134,41 +161,85 @@ def _steps_per_epoch(data, stage):
     return None
 
 
-def make_optimizer(stage, steps_per_epoch=None):
-    """Builds the optimizer (with its LR schedule) for a `Stage`."""
+def _rate_schedule(peak, stage, steps_per_epoch):
+    """A peak rate -> the stage's schedule around it (or the number)."""
+    if peak == 0 or (stage.schedule == "constant" and not stage.warmup_epochs):
+        return peak
+    if not steps_per_epoch:
+        raise ValueError(
+            f"Stage {stage.name!r}: a learning-rate schedule needs the "
+            "number of steps per epoch, and the data has no known "
+            "length. Set steps_per_epoch in the stage."
+        )
+    total = steps_per_epoch * stage.epochs
+    warmup = min(int(round(stage.warmup_epochs * steps_per_epoch)), total - 1)
+    if stage.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else peak,
+            decay_steps=max(total - warmup, 1),
+            alpha=min(stage.min_learning_rate / peak, 1.0),
+            warmup_target=peak if warmup else None,
+            warmup_steps=warmup,
+        )
+    # alpha=1: after the warmup the rate stays at warmup_target.
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0,
+        decay_steps=1,
+        alpha=1.0,
+        warmup_target=peak,
+        warmup_steps=warmup,
+    )
+
+
+def make_optimizer(stage, steps_per_epoch=None, model=None):
+    """Builds the optimizer (with its LR schedule) for a `Stage`.
+
+    A number as `learning_rate` gives one optimizer; a dict of rules or a
+    `(low, high)` range gives per-group rates, and `layer_decay` layer-wise
+    decay (`kft.optimizers`), each group with the stage's schedule.
+    """
+    from kft import optimizers
+
     if isinstance(stage.optimizer, keras.optimizers.Optimizer):
         return stage.optimizer
-    learning_rate = stage.learning_rate
-    if stage.schedule == "cosine" or stage.warmup_epochs:
-        if not steps_per_epoch:
-            raise ValueError(
-                f"Stage {stage.name!r}: a learning-rate schedule needs the "
-                "number of steps per epoch, and the data has no known "
-                "length. Set steps_per_epoch in the stage."
-            )
-        total = steps_per_epoch * stage.epochs
-        warmup = min(int(round(stage.warmup_epochs * steps_per_epoch)), total - 1)
-        if stage.schedule == "cosine":
-            learning_rate = keras.optimizers.schedules.CosineDecay(
-                initial_learning_rate=0.0 if warmup else stage.learning_rate,
-                decay_steps=max(total - warmup, 1),
-                alpha=stage.min_learning_rate / stage.learning_rate,
-                warmup_target=stage.learning_rate if warmup else None,
-                warmup_steps=warmup,
-            )
-        else:
-            # alpha=1: after the warmup the rate stays at warmup_target.
-            learning_rate = keras.optimizers.schedules.CosineDecay(
-                initial_learning_rate=0.0,
-                decay_steps=1,
-                alpha=1.0,
-                warmup_target=stage.learning_rate,
-                warmup_steps=warmup,
-            )
-    kwargs = {"learning_rate": learning_rate}
+    kwargs = {}
     if stage.weight_decay is not None:
         kwargs["weight_decay"] = stage.weight_decay
-    return OPTIMIZERS[stage.optimizer](**kwargs)
+    rate = stage.learning_rate
+    if stage.layer_decay is not None or not isinstance(rate, float):
+        if model is None:
+            raise ValueError(
+                f"Stage {stage.name!r}: per-group learning rates need the model."
+            )
+    if stage.layer_decay is not None:
+        return optimizers.layerwise_lr_decay(
+            model, _rate_schedule(rate, stage, steps_per_epoch),
+            stage.layer_decay, optimizer=stage.optimizer, **kwargs)
+    if isinstance(rate, tuple):
+        rate = optimizers.lr_range_rules(model, *rate)
+    if isinstance(rate, dict):
+        rules = dict(rate)
+        default = rules.pop("default", min(rules.values()))
+        return optimizers.discriminative(
+            model,
+            {k: _rate_schedule(v, stage, steps_per_epoch) for k, v in rules.items()},
+            optimizer=stage.optimizer,
+            default_lr=_rate_schedule(default, stage, steps_per_epoch),
+            **kwargs,
+        )
+    return OPTIMIZERS[stage.optimizer](
+        learning_rate=_rate_schedule(rate, stage, steps_per_epoch), **kwargs)
+
+
+def _describe_rate(stage):
+    rate = stage.learning_rate
+    if stage.layer_decay is not None:
+        return f"lr={rate:g} x {stage.layer_decay:g}^depth"
+    if isinstance(rate, tuple):
+        return f"lr={rate[0]:g}..{rate[1]:g} over blocks"
+    if isinstance(rate, dict):
+        return "lr=" + ", ".join(f"{k}: {v:g}" for k, v in rate.items())
+    return f"lr={rate:g}"
 
 
 def _labels_one_hot(data):
@@ -263,7 +334,7 @@ def fine_tune(
             metrics = kind_metrics if metrics is None else metrics
         steps = _steps_per_epoch(train_data, stage)
         model.compile(
-            optimizer=make_optimizer(stage, steps),
+            optimizer=make_optimizer(stage, steps, model),
             loss=loss,
             metrics=metrics,
         )
@@ -289,7 +360,7 @@ def fine_tune(
         say(
             f"Stage {number}/{len(stages)} '{stage.name}': {stage.epochs} "
             f"epoch(s), {optimizer_name} "
-            f"lr={stage.learning_rate:g} ({stage.schedule}), trainable "
+            f"{_describe_rate(stage)} ({stage.schedule}), trainable "
             f"{trainable:,} of {total:,} parameters "
             f"({100.0 * trainable / max(total, 1):.1f}%)"
         )

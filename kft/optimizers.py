@@ -23,6 +23,7 @@ __all__ = [
     "format_description",
     "layerwise_lr_decay",
     "lr_blocks",
+    "lr_range_rules",
 ]
 
 OPTIMIZER_CLASSES = {
@@ -276,29 +277,38 @@ def discriminative(
     blocks = lr_blocks(model) if lr is not None or _backbone(model) else []
     groups = []
     if lr is not None:
-        if (not isinstance(lr, (tuple, list)) or len(lr) != 2
-                or not 0 < lr[0] <= lr[1]):
+        if not isinstance(lr, (tuple, list)) or len(lr) != 2:
             raise ValueError(
                 f"lr must be a pair (low, high) with 0 < low <= high. "
                 f"Received: lr={lr!r}"
             )
-        low, high = float(lr[0]), float(lr[1])
-        count = len(blocks)
-        for i, (name, layers) in enumerate(blocks):
-            fraction = i / (count - 1) if count > 1 else 1.0
-            groups.append((name, _layer_regex(layers),
-                           low * (high / low) ** fraction))
-    else:
-        if not isinstance(rules, dict) or not rules:
-            raise ValueError(
-                f"rules must be a non-empty dict of key -> learning rate. "
-                f"Received: rules={rules!r}"
-            )
-        for key, rate in rules.items():
-            label, regex = _resolve_rule(model, key, blocks)
-            groups.append((label, regex, rate))
+        rules = lr_range_rules(model, float(lr[0]), float(lr[1]))
+    if not isinstance(rules, dict) or not rules:
+        raise ValueError(
+            f"rules must be a non-empty dict of key -> learning rate. "
+            f"Received: rules={rules!r}"
+        )
+    for key, rate in rules.items():
+        label, regex = _resolve_rule(model, key, blocks)
+        groups.append((label, regex, rate))
     return _build(model, groups, optimizer, default_lr,
                   exclude_from_weight_decay, optimizer_kwargs)
+
+
+def lr_range_rules(model, low, high):
+    """fastai's `slice(low, high)`: `{block_name: rate}`, geometric from the
+    bottom block (`low`) to the head (`high`)."""
+    if not 0 < low <= high:
+        raise ValueError(
+            f"lr must be a pair (low, high) with 0 < low <= high. "
+            f"Received: lr={(low, high)!r}"
+        )
+    blocks = lr_blocks(model)
+    count = len(blocks)
+    return {
+        name: low * (high / low) ** (i / (count - 1) if count > 1 else 1.0)
+        for i, (name, _) in enumerate(blocks)
+    }
 
 
 def layerwise_lr_decay(

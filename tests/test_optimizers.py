@@ -212,3 +212,37 @@ def test_transformer_blocks_of_a_keras_hub_backbone():
     assert rates["transformer_layer_0"] == pytest.approx(
         1e-3 * 0.8 ** (len(names) - 2))
     assert rates["embeddings"] == pytest.approx(1e-3 * 0.8 ** (len(names) - 1))
+
+
+def test_fine_tune_stage_with_group_rates_range_and_layer_decay():
+    x, y = make_images(16, classes=2)
+    model = _vgg()
+    histories = kft.fine_tune(model, (x, y), verbose=0, stages=[
+        {"epochs": 1, "trainable": "all",
+         "learning_rate": {"head": 1e-3, -1: 1e-4, "default": 0.0}},
+    ])
+    assert isinstance(model.optimizer, optimizers.DiscriminativeOptimizer)
+    rates = _rates(model.optimizer, model)
+    assert rates["default"] == 0.0 and rates["head"] == pytest.approx(1e-3)
+    kft.fine_tune(model, (x, y), verbose=0, stages=[
+        {"epochs": 1, "trainable": "all", "learning_rate": [1e-5, 1e-3],
+         "schedule": "cosine", "warmup_epochs": 0.5}])
+    assert len(model.optimizer.optimizers) == 7  # 5 blocks, head, default
+    kft.fine_tune(model, (x, y), verbose=0, stages=[
+        {"epochs": 1, "trainable": "all", "learning_rate": 1e-3,
+         "layer_decay": 0.5, "optimizer": "adamw", "weight_decay": 0.01}])
+    assert _rates(model.optimizer, model)["block5"] == pytest.approx(5e-4)
+    assert histories[0].history["loss"]
+
+
+@pytest.mark.parametrize("stage,match", [
+    ({"epochs": 1, "learning_rate": [1e-3, 1e-5]}, "0 < low <= high"),
+    ({"epochs": 1, "learning_rate": {"head": -1.0}}, "rates >= 0"),
+    ({"epochs": 1, "learning_rate": {"head": 1.0}, "layer_decay": 0.5},
+     "layer_decay takes one learning_rate"),
+    ({"epochs": 1, "layer_decay": 2.0}, "stages.0.layer_decay"),
+])
+def test_bad_group_rates_in_stages(stage, match):
+    with pytest.raises(ValueError, match=match):
+        kft.fine_tune(_vgg(), (np.zeros((2, 32, 32, 3)), np.array([0, 1])),
+                      stages=[stage])

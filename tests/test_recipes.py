@@ -120,3 +120,19 @@ def test_run_image_folder_source(tmp_path):
                    stages=[{"epochs": 1}])
     _, metrics = run_recipe(load_recipe(path), str(tmp_path / "run"), verbose=0)
     assert metrics["classes"] == ["x", "y"]
+
+
+def test_recipe_stages_take_group_rates_and_layer_decay(tmp_path):
+    path = _recipe(tmp_path, stages=[
+        {"epochs": 1, "trainable": "all",
+         "learning_rate": {"head": 1e-3, "backbone": 1e-5}},
+        {"epochs": 1, "trainable": "all", "learning_rate": 1e-3,
+         "layer_decay": 0.75, "optimizer": "adamw", "weight_decay": 0.05},
+        {"epochs": 1, "trainable": "all", "learning_rate": [1e-5, 1e-3]},
+    ])
+    config = load_recipe(path)
+    assert config.stages[0].learning_rate == {"head": 1e-3, "backbone": 1e-5}
+    assert config.stages[1].layer_decay == 0.75
+    assert config.stages[2].learning_rate == (1e-5, 1e-3)
+    _, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    assert [s["epochs"] for s in metrics["stages"]] == [1, 1, 1]
