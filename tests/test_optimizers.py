@@ -16,7 +16,8 @@ def _vgg(bn="frozen"):
 
 
 def _rates(optimizer, model):
-    return {r["group"]: r["learning_rate"] for r in optimizers.describe(optimizer, model)}
+    rows = optimizers.describe(optimizer, model)
+    return {r["group"]: r["learning_rate"] for r in rows}
 
 
 def test_rules_by_name_index_and_regex():
@@ -40,7 +41,8 @@ def test_lr_range_is_geometric_over_blocks_and_head():
     groups = [r for r in rows if r["variables"]]
     assert [r["group"] for r in groups] == [f"block{i}" for i in range(1, 6)] + ["head"]
     expected = [1e-5 * 100 ** (i / 5) for i in range(6)]
-    np.testing.assert_allclose([r["learning_rate"] for r in groups], expected, rtol=1e-6)
+    rates = [r["learning_rate"] for r in groups]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
 
 
 def test_layerwise_decay_gives_powers_of_decay():
@@ -49,7 +51,7 @@ def test_layerwise_decay_gives_powers_of_decay():
                                         weight_decay=0.01)
     rates = _rates(opt, model)
     assert rates["head"] == pytest.approx(1e-3)
-    for depth, block in enumerate(["block5", "block4", "block3", "block2", "block1"], 1):
+    for depth, block in enumerate([f"block{i}" for i in (5, 4, 3, 2, 1)], 1):
         assert rates[block] == pytest.approx(1e-3 * 0.5 ** depth)
 
 
