@@ -6,12 +6,14 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from kft import backbones  # noqa: E402
+from kft import callbacks  # noqa: E402
 from kft import data  # noqa: E402
 from kft import heads  # noqa: E402
 from kft import optimizers  # noqa: E402
 from kft.backbones import backbone_blocks  # noqa: E402
 from kft.backbones import list_backbones  # noqa: E402
 from kft.backbones import register_backbone  # noqa: E402
+from kft.callbacks import lr_find  # noqa: E402
 from kft.finetune import Stage  # noqa: E402
 from kft.finetune import fine_tune  # noqa: E402
 from kft.freezing import format_trainable_summary  # noqa: E402
@@ -29,12 +31,14 @@ __all__ = [
     "backbone_blocks",
     "backbones",
     "build_classifier",
+    "callbacks",
     "data",
     "fine_tune",
     "format_trainable_summary",
     "freeze",
     "heads",
     "list_backbones",
+    "lr_find",
     "optimizers",
     "register_backbone",
     "trainable_summary",
