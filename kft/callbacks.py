@@ -108,6 +108,8 @@ class GradualUnfreezing(keras.callbacks.Callback):
         warmup_steps: after each unfreeze, ramp the learning rate from 0
             back to its value over this many steps (all groups together
             for a `kft.optimizers` optimizer; needs constant rates).
+        start_epoch: schedule epochs count from this epoch of `fit` (used
+            by `kft.fine_tune` stages that start after epoch 0).
         verbose: 1 logs one line per change.
 
     Works on the TensorFlow backend with any Keras optimizer, including
@@ -126,7 +128,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
     """
 
     def __init__(self, schedule=None, backbone="backbone", *, every=None,
-                 bn=None, warmup_steps=0, verbose=1):
+                 bn=None, warmup_steps=0, start_epoch=0, verbose=1):
         super().__init__()
         if (schedule is None) == (every is None):
             raise ValueError(
@@ -134,7 +136,8 @@ class GradualUnfreezing(keras.callbacks.Callback):
                 "every=k, not both."
             )
         if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(f"every must be an integer >= 1. Received: every={every!r}")
+            raise ValueError(
+                f"every must be an integer >= 1. Received: every={every!r}")
         if schedule is not None:
             if not isinstance(schedule, dict) or not schedule:
                 raise ValueError(
@@ -150,12 +153,14 @@ class GradualUnfreezing(keras.callbacks.Callback):
                         "schedule values must be a number of blocks >= 0 or "
                         f"'all'. Received: {epoch}: {blocks!r}")
         if bn not in (None, "frozen", "train"):
-            raise ValueError(f"bn must be None, 'frozen' or 'train'. Received: bn={bn!r}")
+            raise ValueError(
+                f"bn must be None, 'frozen' or 'train'. Received: bn={bn!r}")
         self.schedule = dict(schedule) if schedule is not None else None
         self.backbone = backbone
         self.every = every
         self.bn = bn
         self.warmup_steps = int(warmup_steps)
+        self.start_epoch = int(start_epoch)
         self.verbose = verbose
         self.events = []
         self._unfrozen = None
@@ -165,6 +170,9 @@ class GradualUnfreezing(keras.callbacks.Callback):
 
     def blocks_at(self, epoch, num_blocks):
         """Number of top blocks trainable at `epoch`."""
+        epoch = epoch - self.start_epoch
+        if epoch < 0:
+            return 0
         if self.every is not None:
             return min(epoch // self.every, num_blocks)
         current = 0
@@ -210,7 +218,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
             )
 
         rows, previous = [], 0
-        for epoch in range(epochs):
+        for epoch in range(self.start_epoch, self.start_epoch + epochs):
             n = self.blocks_at(epoch, len(blocks))
             opened = blocks[len(blocks) - n:] if n else []
             params = outside + sum(block_params(ls) for _, ls in opened)

@@ -69,6 +69,32 @@ class EarlyStoppingConfig(_Strict):
     restore_best_weights: bool = True
 
 
+class UnfreezeConfig(_Strict):
+    """Gradual unfreezing during a stage (`kft.callbacks.GradualUnfreezing`).
+
+    Epochs count from the start of the stage.
+    """
+
+    schedule: dict[int, int | Literal["all"]] | None = None
+    every: int | None = Field(default=None, ge=1)
+    bn: Literal["frozen", "train"] | None = None
+    warmup_steps: int = Field(default=0, ge=0)
+
+    @pydantic.model_validator(mode="after")
+    def _one_of(self):
+        if (self.schedule is None) == (self.every is None):
+            raise ValueError("give either schedule: {epoch: n_blocks} or every: k")
+        return self
+
+
+class LRFindConfig(_Strict):
+    """An LR range test before the stage (`kft.lr_find`)."""
+
+    start_lr: float = Field(default=1e-7, gt=0)
+    end_lr: float = Field(default=10.0, gt=0)
+    num_steps: int = Field(default=100, ge=3)
+
+
 class Stage(_Strict):
     """One training stage.
 
@@ -93,6 +119,12 @@ class Stage(_Strict):
         warmup_epochs: linear warmup from 0 to `learning_rate` (may be
             fractional).
         early_stopping: `True` or an `EarlyStoppingConfig` dict.
+        unfreeze: gradual unfreezing inside the stage, e.g.
+            `{"every": 1}` or `{"schedule": {0: 1, 2: 3}}` (epochs from the
+            stage start; see `kft.callbacks.GradualUnfreezing`).
+        lr_find: run `kft.lr_find` first and train at its suggestion
+            (groups scaled together); `True` or `{start_lr, end_lr,
+            num_steps}`.
         steps_per_epoch: steps per epoch when the data has no length.
         callbacks: extra Keras callbacks for this stage.
         loss, metrics: override what the head kind implies.
@@ -109,6 +141,8 @@ class Stage(_Strict):
     warmup_epochs: float = Field(default=0.0, ge=0)
     min_learning_rate: float = Field(default=0.0, ge=0)
     early_stopping: bool | EarlyStoppingConfig = False
+    unfreeze: UnfreezeConfig | None = None
+    lr_find: bool | LRFindConfig = False
     steps_per_epoch: int | None = Field(default=None, ge=1)
     callbacks: list[Any] = []
     loss: Any = None
@@ -278,9 +312,14 @@ def fine_tune(
     train_data,
     val_data=None,
     *,
-    stages,
+    stages=None,
     callbacks=None,
     verbose="auto",
+    policy=None,
+    epochs=None,
+    freeze_epochs=1,
+    every=1,
+    learning_rate=1e-3,
 ):
     """Trains a model in stages, recompiling between them.
 
@@ -296,6 +335,10 @@ def fine_tune(
             "learning_rate": 1e-3}`.
         callbacks: Keras callbacks for every stage.
         verbose: passed to `fit`; `0` also silences kft's stage lines.
+        policy: instead of `stages`, `"gradual"` (fastai / ULMFiT style):
+            the head alone for `freeze_epochs`, then `epochs` more epochs
+            in which one more backbone block unfreezes every `every`
+            epochs, all at `learning_rate`.
 
     Returns:
         A list with the `keras.callbacks.History` of each stage; each has
@@ -313,6 +356,9 @@ def fine_tune(
     ])
     ```
     """
+    if policy is not None:
+        stages = _policy_stages(policy, stages, epochs, freeze_epochs, every,
+                                learning_rate)
     if not stages:
         raise ValueError("stages is empty: give at least one stage.")
     stages = [_as_stage(s, i) for i, s in enumerate(stages)]
@@ -333,12 +379,24 @@ def fine_tune(
             loss = kind_loss
             metrics = kind_metrics if metrics is None else metrics
         steps = _steps_per_epoch(train_data, stage)
+        found = None
+        if stage.lr_find:
+            stage, found = _find_rate(model, stage, train_data, loss, metrics, say)
         model.compile(
             optimizer=make_optimizer(stage, steps, model),
             loss=loss,
             metrics=metrics,
         )
         stage_callbacks = list(callbacks or []) + list(stage.callbacks)
+        if stage.unfreeze is not None:
+            from kft.callbacks import GradualUnfreezing
+
+            config = stage.unfreeze
+            stage_callbacks.append(GradualUnfreezing(
+                config.schedule, every=config.every, bn=config.bn,
+                warmup_steps=config.warmup_steps, start_epoch=epochs_done,
+                verbose=1 if verbose != 0 else 0,
+            ))
         if stage.early_stopping:
             config = stage.early_stopping
             if config is True:
@@ -380,10 +438,59 @@ def fine_tune(
         history.stage = stage.name
         history.seconds = time.perf_counter() - start
         history.trainable_params = trainable
+        history.lr_found = found
         histories.append(history)
         epochs_done += len(history.epoch)
         say(_stage_result(stage, history))
     return histories
+
+
+def _policy_stages(policy, stages, epochs, freeze_epochs, every, learning_rate):
+    if policy != "gradual":
+        raise ValueError(f"Unknown policy. Allowed: 'gradual'. Received: {policy!r}")
+    if stages:
+        raise ValueError("Pass either stages=[...] or policy=..., not both.")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(
+            f"policy='gradual' needs epochs >= 1 (the epochs after the head "
+            f"stage). Received: epochs={epochs!r}")
+    result = []
+    if freeze_epochs:
+        result.append({"name": "head", "epochs": freeze_epochs,
+                       "trainable": "head", "learning_rate": learning_rate})
+    result.append({"name": "gradual", "epochs": epochs, "trainable": "head",
+                   "learning_rate": learning_rate,
+                   "unfreeze": {"every": every}})
+    return result
+
+
+def _find_rate(model, stage, train_data, loss, metrics, say):
+    """Runs lr_find with the stage's groups; returns the re-rated stage."""
+    from kft.callbacks import lr_find
+
+    config = stage.lr_find
+    if not isinstance(config, LRFindConfig):
+        config = LRFindConfig()
+    constant = stage.model_copy(update={"schedule": "constant", "warmup_epochs": 0.0})
+    model.compile(optimizer=make_optimizer(constant, None, model), loss=loss,
+                  metrics=metrics)
+    data = train_data
+    if isinstance(train_data, (tuple, list)):
+        import tensorflow as tf
+
+        data = tf.data.Dataset.from_tensor_slices(tuple(train_data)).batch(32)
+    result = lr_find(model, data, config.start_lr, config.end_lr, config.num_steps)
+    rate = stage.learning_rate
+    if isinstance(rate, float):
+        new_rate = result.suggestion
+    elif isinstance(rate, tuple):
+        new_rate = (rate[0] * result.suggestion / rate[1], result.suggestion)
+    else:
+        top = max(rate.values())
+        new_rate = {k: v * result.suggestion / top for k, v in rate.items()}
+    say(f"Stage '{stage.name}': lr_find suggests {result.suggestion:.3g} "
+        f"(steepest descent; loss minimum/10 at {result.minimum:.3g})")
+    return stage.model_copy(update={"learning_rate": new_rate}), result.suggestion
 
 
 def _stage_result(stage, history):

@@ -209,3 +209,30 @@ def test_lr_find_scales_groups_together():
     rows = {r["group"]: r["learning_rate"] for r in optimizers.describe(opt, model)}
     assert rows == pytest.approx({"head": 1e-3, "block5": 1e-5, "default": 1e-3})
     assert result.suggestion > 0
+
+
+def test_fine_tune_gradual_policy_and_unfreeze_stage():
+    x, y = _xy(16)
+    model = _vgg()
+    start = {v.path: np.array(v) for v in model.weights}
+    histories = kft.fine_tune(model, (x, y), verbose=0, policy="gradual",
+                              epochs=2, freeze_epochs=1, every=1)
+    assert [h.stage for h in histories] == ["head", "gradual"]
+    assert [h.epoch for h in histories] == [[0], [1, 2]]
+    changed = {v.path for v in model.weights
+               if not np.array_equal(start[v.path], np.asarray(v))}
+    # Stage 2 epoch 0 opens 0 blocks, epoch 1 opens block5 only.
+    assert "block5_conv3/kernel" in changed
+    assert "block4_conv3/kernel" not in changed
+    with pytest.raises(ValueError, match="policy"):
+        kft.fine_tune(model, (x, y), policy="slanted", epochs=1)
+
+
+def test_fine_tune_stage_lr_find_sets_the_rate():
+    x, y = _xy(32)
+    model = _vgg()
+    histories = kft.fine_tune(model, (x, y), verbose=0, stages=[
+        {"epochs": 1, "trainable": "head", "schedule": "cosine",
+         "lr_find": {"start_lr": 1e-6, "end_lr": 1.0, "num_steps": 8}}])
+    found = histories[0].lr_found
+    assert 1e-6 <= found <= 1.0
