@@ -136,3 +136,16 @@ def test_recipe_stages_take_group_rates_and_layer_decay(tmp_path):
     assert config.stages[2].learning_rate == (1e-5, 1e-3)
     _, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0)
     assert [s["epochs"] for s in metrics["stages"]] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("stage,needle", [
+    ({"epochs": 1, "unfreeze": {"every": 1, "schedule": {0: 1}}},
+     "either schedule"),
+    ({"epochs": 1, "unfreeze": {"evry": 1}}, "did you mean 'every'"),
+    ({"epochs": 1, "unfreeze": {"schedule": {0: "most"}}}, "stages.0.unfreeze"),
+    ({"epochs": 1, "lr_find": {"num_steps": 1}}, "stages.0.lr_find.num_steps"),
+])
+def test_unfreeze_and_lr_find_keys_are_validated(tmp_path, stage, needle):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_recipe(tmp_path, stages=[stage]))
+    assert needle in str(info.value)

@@ -1,6 +1,7 @@
 """Readable errors for recipes: key path, value received, what is allowed."""
 
 import difflib
+import typing
 
 __all__ = ["RecipeError", "format_validation_error", "known_keys"]
 
@@ -11,10 +12,22 @@ class RecipeError(ValueError):
     """A recipe is invalid or cannot be found (CLI exit code 2)."""
 
 
+def _nested_models(annotation):
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        yield annotation
+    for arg in typing.get_args(annotation):
+        yield from _nested_models(arg)
+
+
 def known_keys(*models):
-    """Registers the field names of pydantic models for "did you mean"."""
+    """Registers the field names of pydantic models, and of the models in
+    their fields, for "did you mean"."""
     for model in models:
         _KNOWN_KEYS.update(model.model_fields)
+        for field in model.model_fields.values():
+            for nested in _nested_models(field.annotation):
+                if not set(nested.model_fields) <= _KNOWN_KEYS:
+                    known_keys(nested)
 
 
 def _path(loc, prefix):

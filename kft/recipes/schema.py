@@ -11,7 +11,6 @@ from pydantic import ConfigDict
 from pydantic import Field
 
 from kft import backbones
-from kft.finetune import EarlyStoppingConfig
 from kft.finetune import Stage
 from kft.heads import HeadConfig
 from kft.recipes.errors import known_keys
@@ -100,4 +99,4 @@ class RecipeConfig(_Strict):
         return value
 
 
-known_keys(RecipeConfig, ModelConfig, DataConfig, Stage, EarlyStoppingConfig)
+known_keys(RecipeConfig)
