@@ -248,3 +248,17 @@ def test_bad_group_rates_in_stages(stage, match):
     with pytest.raises(ValueError, match=match):
         kft.fine_tune(_vgg(), (np.zeros((2, 32, 32, 3)), np.array([0, 1])),
                       stages=[stage])
+
+
+def test_reduce_lr_on_plateau_scales_every_group():
+    model = _vgg()
+    opt = optimizers.discriminative(model, {"head": 1e-3, "backbone": 1e-5})
+    x, y = make_images(8, classes=2)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    # min_delta=10: no epoch counts as an improvement, so it reduces each time.
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[
+        keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0,
+                                          min_delta=10.0)])
+    rates = _rates(opt, model)
+    assert rates["head"] < 1e-3
+    assert rates["head"] / rates["backbone"] == pytest.approx(100.0)
