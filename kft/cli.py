@@ -44,6 +44,27 @@ def _parser():
     run.add_argument("--output-dir", default=None,
                      help="run directory (default: runs/<name>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no per-epoch output")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the interrupted run in --output-dir from "
+                          "its last checkpoint")
+    run.add_argument("--smoke", action="store_true",
+                     help="check the wiring in seconds: random weights, "
+                          "synthetic data, two steps per stage")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a non-empty --output-dir")
+    evaluate = sub.add_parser("eval", help="evaluate a finished run")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--data", default=None,
+                          help="an .npz (x_val/y_val or x_train/y_train) or an "
+                               "image folder; default: the run's validation data")
+    export = sub.add_parser("export", help="export a run's model")
+    export.add_argument("run_dir")
+    export.add_argument("--format", choices=("keras", "saved_model"),
+                        default="keras")
+    export.add_argument("--merge-lora", action="store_true",
+                        help="fold LoRA adapters into the base weights first")
+    export.add_argument("--output", default=None,
+                        help="where to write (default: RUN_DIR/export/)")
     return parser
 
 
@@ -71,12 +92,16 @@ def _cmd_validate(args):
 
 
 def _cmd_run(args):
+    from kft.recipes.errors import RecipeError
     from kft.recipes.loader import load_recipe
     from kft.recipes.runner import run_recipe
 
+    if args.resume and not args.output_dir:
+        raise RecipeError("--resume needs --output-dir: the run to continue.")
     config = load_recipe(args.recipe, args.overrides)
     output_dir, metrics = run_recipe(
-        config, args.output_dir, verbose=0 if args.quiet else 2
+        config, args.output_dir, verbose=0 if args.quiet else 2,
+        resume=args.resume, smoke=args.smoke, overwrite=args.overwrite,
     )
     evaluation = next(v for k, v in metrics["final"].items() if k != "train")
     shown = {k: round(v, 4) for k, v in evaluation.items()
@@ -86,11 +111,31 @@ def _cmd_run(args):
           "history.csv, plots/)")
 
 
+def _cmd_eval(args):
+    from kft.recipes.evaluate import evaluate_run
+
+    result = evaluate_run(args.run_dir, args.data)
+    print(f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+    for name, row in result.get("per_class", {}).items():
+        print(f"{name:<20}{row['precision']:>10.4f}{row['recall']:>10.4f}"
+              f"{row['f1']:>10.4f}{row['support']:>9}")
+    shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
+    print(f"{shown}\nWrote {result['path']}")
+
+
+def _cmd_export(args):
+    from kft.recipes.evaluate import export_run
+
+    path = export_run(args.run_dir, args.format, args.merge_lora, args.output)
+    print(f"Exported {args.format} model to {path}")
+
+
 def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = _parser().parse_args(argv)
     commands = {"list": _cmd_list, "show": _cmd_show,
-                "validate": _cmd_validate, "run": _cmd_run}
+                "validate": _cmd_validate, "run": _cmd_run,
+                "eval": _cmd_eval, "export": _cmd_export}
     from kft.recipes.errors import RecipeError
 
     try:

@@ -320,6 +320,7 @@ def fine_tune(
     freeze_epochs=1,
     every=1,
     learning_rate=1e-3,
+    resume_from=None,
 ):
     """Trains a model in stages, recompiling between them.
 
@@ -339,6 +340,13 @@ def fine_tune(
             the head alone for `freeze_epochs`, then `epochs` more epochs
             in which one more backbone block unfreezes every `every`
             epochs, all at `learning_rate`.
+        resume_from: `(stage_index, stage_start_epoch, epochs_done)` to
+            continue an interrupted run: earlier stages are skipped, and a
+            stage interrupted mid-way continues with the model as it is
+            (compiled, with its optimizer state, e.g. from a checkpoint).
+
+    Callbacks with an `on_stage_begin(index, name, start_epoch)` method
+    are told when each stage starts.
 
     Returns:
         A list with the `keras.callbacks.History` of each stage; each has
@@ -370,31 +378,52 @@ def fine_tune(
 
     histories = []
     epochs_done = 0
+    first, stage_start, resumed = 0, 0, False
+    if resume_from is not None:
+        first, stage_start, epochs_done = (int(v) for v in resume_from)
+        resumed = epochs_done > stage_start
     for number, stage in enumerate(stages, start=1):
-        set_trainable(model, stage.trainable)
-        trainable, total = _trainable_counts(model)
-        loss, metrics = stage.loss, stage.metrics
-        if loss is None:
-            kind_loss, kind_metrics = loss_and_metrics(head_kind(model), one_hot)
-            loss = kind_loss
-            metrics = kind_metrics if metrics is None else metrics
-        steps = _steps_per_epoch(train_data, stage)
+        if number - 1 < first:
+            continue
+        if not (resumed and number - 1 == first):
+            stage_start = epochs_done
+        for callback in callbacks or []:
+            if hasattr(callback, "on_stage_begin"):
+                callback.on_stage_begin(number - 1, stage.name, stage_start)
         found = None
-        if stage.lr_find:
-            stage, found = _find_rate(model, stage, train_data, loss, metrics, say)
-        model.compile(
-            optimizer=make_optimizer(stage, steps, model),
-            loss=loss,
-            metrics=metrics,
-        )
-        stage_callbacks = list(callbacks or []) + list(stage.callbacks)
+        if resumed and number - 1 == first:
+            # Mid-stage resume: the model comes compiled from its checkpoint.
+            trainable, total = _trainable_counts(model)
+            say(f"Resuming stage {number}/{len(stages)} '{stage.name}' at "
+                f"epoch {epochs_done + 1}")
+        else:
+            set_trainable(model, stage.trainable)
+            trainable, total = _trainable_counts(model)
+            loss, metrics = stage.loss, stage.metrics
+            if loss is None:
+                kind_loss, kind_metrics = loss_and_metrics(
+                    head_kind(model), one_hot)
+                loss = kind_loss
+                metrics = kind_metrics if metrics is None else metrics
+            steps = _steps_per_epoch(train_data, stage)
+            if stage.lr_find:
+                stage, found = _find_rate(model, stage, train_data, loss,
+                                          metrics, say)
+            model.compile(
+                optimizer=make_optimizer(stage, steps, model),
+                loss=loss,
+                metrics=metrics,
+            )
+        # kft's own stage callbacks first, so that the caller's (a run
+        # checkpoint, say) see the result of early stopping's restore.
+        stage_callbacks = list(stage.callbacks)
         if stage.unfreeze is not None:
             from kft.callbacks import GradualUnfreezing
 
             config = stage.unfreeze
             stage_callbacks.append(GradualUnfreezing(
                 config.schedule, every=config.every, bn=config.bn,
-                warmup_steps=config.warmup_steps, start_epoch=epochs_done,
+                warmup_steps=config.warmup_steps, start_epoch=stage_start,
                 verbose=1 if verbose != 0 else 0,
             ))
         if stage.early_stopping:
@@ -413,6 +442,7 @@ def fine_tune(
                     verbose=1 if verbose != 0 else 0,
                 )
             )
+        stage_callbacks.extend(callbacks or [])
         optimizer_name = (stage.optimizer if isinstance(stage.optimizer, str)
                           else type(stage.optimizer).__name__)
         say(
@@ -427,7 +457,7 @@ def fine_tune(
             x,
             y,
             validation_data=val_data,
-            epochs=epochs_done + stage.epochs,
+            epochs=stage_start + stage.epochs,
             initial_epoch=epochs_done,
             steps_per_epoch=stage.steps_per_epoch,
             # A tf.data pipeline shuffles itself; arrays are shuffled by fit.

@@ -1,6 +1,5 @@
 """The run report: history.csv, metrics.json and plots."""
 
-import csv
 import json
 import os
 import platform
@@ -8,38 +7,13 @@ import platform
 import numpy as np
 
 __all__ = [
+    "classification_report",
     "confusion_matrix",
     "plot_confusion_matrix",
     "plot_curves",
-    "write_history_csv",
+    "versions",
     "write_metrics",
 ]
-
-
-def _rows(histories):
-    rows = []
-    for history in histories:
-        for i, epoch in enumerate(history.epoch):
-            row = {"stage": getattr(history, "stage", ""), "epoch": epoch + 1}
-            for key, values in history.history.items():
-                if i < len(values):
-                    row[key] = float(values[i])
-            rows.append(row)
-    return rows
-
-
-def write_history_csv(histories, path):
-    """One row per epoch: stage, epoch (1-based, continuous), metrics."""
-    rows = _rows(histories)
-    keys = ["stage", "epoch"]
-    for row in rows:
-        keys.extend(k for k in row if k not in keys)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def versions():
@@ -74,10 +48,13 @@ def _pyplot():
     return plt
 
 
-def plot_curves(histories, path):
-    """Loss and accuracy per epoch, train and validation, stages marked."""
+def plot_curves(rows, path):
+    """Loss and accuracy per epoch, train and validation, stages marked.
+
+    Args:
+        rows: `history.csv` rows (dicts with `stage`, `epoch`, metrics).
+    """
     plt = _pyplot()
-    rows = _rows(histories)
     epochs = [r["epoch"] for r in rows]
     metric = next(
         (m for m in ("accuracy", "mae", "auc") if any(m in r for r in rows)), None
@@ -85,10 +62,10 @@ def plot_curves(histories, path):
     panels = ["loss"] + ([metric] if metric else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     axes = np.atleast_1d(axes)
-    boundaries, start = [], 0
-    for history in histories:
-        boundaries.append((start, getattr(history, "stage", "")))
-        start += len(history.epoch)
+    boundaries = [
+        (r["epoch"] - 1, r["stage"]) for i, r in enumerate(rows)
+        if i == 0 or r["stage"] != rows[i - 1]["stage"]
+    ]
     for ax, key in zip(axes, panels):
         for prefix, style in (("", "-o"), ("val_", "-s")):
             values = [r.get(prefix + key) for r in rows]
@@ -143,3 +120,19 @@ def plot_confusion_matrix(matrix, class_names, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def classification_report(matrix, class_names):
+    """Per-class precision, recall, F1 and support from a confusion matrix."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    report = {}
+    for i, name in enumerate(class_names):
+        tp = matrix[i, i]
+        predicted, actual = matrix[:, i].sum(), matrix[i, :].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+        report[name] = {"precision": round(float(precision), 4),
+                        "recall": round(float(recall), 4),
+                        "f1": round(float(f1), 4), "support": int(actual)}
+    return report

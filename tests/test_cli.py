@@ -78,3 +78,128 @@ def test_quickstart_runs_end_to_end_and_transfers(tmp_path, capsys):
     # 4 held-out classes: chance is 0.25. The packaged backbone transfers.
     assert metrics["final"]["val"]["accuracy"] > 0.6
     assert "Done in" in capsys.readouterr().out
+
+
+def _tiny_recipe(tmp_path, epochs=(2, 2), images=96):
+    import numpy as np
+    from conftest import make_images
+
+    x, y = make_images(images, classes=2)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: tiny\n"
+        "model: {backbone: mobilenet_v2, input_shape: [32, 32, 3],"
+        " backbone_kwargs: {alpha: 0.35}}\n"
+        f"data: {{source: numpy, path: {tmp_path / 'd.npz'}, batch_size: 4}}\n"
+        f"stages:\n  - {{name: head, epochs: {epochs[0]}}}\n"
+        f"  - {{name: all, epochs: {epochs[1]}, trainable: all,"
+        " learning_rate: 1.0e-4}\n")
+    return str(recipe)
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_packaged_recipe_passes_smoke_offline(name, tmp_path, no_network,
+                                                    capsys):
+    out = str(tmp_path / "smoke")
+    assert main(["run", name, "--smoke", "--quiet", "--output-dir", out]) == 0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["smoke"] is True
+    assert all(s["epochs"] <= 2 for s in metrics["stages"])
+
+
+def test_existing_output_dir_is_not_overwritten(tmp_path, capsys):
+    recipe = _tiny_recipe(tmp_path, epochs=(1, 1), images=8)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert main(["run", recipe, "--quiet", "--output-dir", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert main(["run", recipe, "--quiet", "--output-dir", str(out),
+                 "--overwrite", "--set", "stages.1.epochs=2"]) == 0
+    assert not (out / "precious.txt").exists()
+    import yaml
+
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["stages"][1]["epochs"] == 2  # --set reached config.yaml
+    assert len(resolved["recipe_hash"]) == 64
+
+
+def test_a_killed_run_resumes_with_complete_history(tmp_path):
+    import csv
+    import signal
+    import time
+
+    recipe = _tiny_recipe(tmp_path, epochs=(2, 2), images=320)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kft.cli", "run", recipe, "--quiet",
+         "--output-dir", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = out / "history.csv"
+    state = out / "checkpoints" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not state.exists():
+        time.sleep(0.02)  # epoch 1 is done and checkpointed: epoch 2 runs
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows = list(csv.DictReader(open(history)))
+    assert 1 <= len(rows) < 4, "the kill must land before the run ends"
+    assert not (out / "metrics.json").exists()
+
+    assert main(["run", recipe, "--quiet", "--output-dir", str(out),
+                 "--resume"]) == 0
+    rows = list(csv.DictReader(open(history)))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r["stage"] for r in rows] == ["head", "head", "all", "all"]
+    metrics = json.load(open(out / "metrics.json"))
+    assert [s["name"] for s in metrics["stages"]] == ["head", "all"]
+    assert {"train", "val"} <= set(metrics["final"])
+    # A changed recipe cannot resume that run.
+    assert main(["run", recipe, "--quiet", "--output-dir", str(out),
+                 "--resume", "--set", "seed=7"]) == 2
+
+
+def test_yaml_tags_never_construct_python_objects(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.yaml"
+    bad.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert main(["validate", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_eval_and_export(tmp_path, capsys):
+    import keras
+    import numpy as np
+
+    recipe = _tiny_recipe(tmp_path, epochs=(1, 1), images=12)
+    out = tmp_path / "run"
+    assert main(["run", recipe, "--quiet", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(tmp_path / "d.npz")]) == 0
+    printed = capsys.readouterr().out
+    assert "precision" in printed
+    result = json.load(open(out / "eval.json"))
+    assert np.sum(result["confusion_matrix"]) == 12
+    assert set(result["per_class"]) == {"0", "1"}
+    assert (out / "plots" / "eval_confusion_matrix.png").exists()
+
+    assert main(["export", str(out), "--format", "keras"]) == 0
+    exported = keras.saving.load_model(out / "export" / "model.keras")
+    original = keras.saving.load_model(out / "model.keras")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(exported.predict(x, verbose=0),
+                               original.predict(x, verbose=0), rtol=1e-5)
+    assert main(["export", str(out), "--format", "saved_model"]) == 0
+    assert (out / "export" / "saved_model" / "saved_model.pb").exists()
+    assert main(["export", str(out), "--merge-lora"]) == 2
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+
+
+def test_help_on_every_command():
+    for command in ("list", "show", "validate", "run", "eval", "export"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0

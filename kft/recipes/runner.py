@@ -6,7 +6,11 @@ report.
 """
 
 import datetime
+import hashlib
+import json
 import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -18,9 +22,14 @@ from kft.finetune import fine_tune
 from kft.freezing import format_trainable_summary
 from kft.heads import head_kind
 from kft.models import build_classifier
+from kft.recipes.checkpoint import RunCheckpoint
+from kft.recipes.checkpoint import read_history
+from kft.recipes.checkpoint import read_state
+from kft.recipes.checkpoint import write_history
 from kft.recipes.errors import RecipeError
 
-__all__ = ["build_data", "default_output_dir", "run_recipe"]
+__all__ = ["build_data", "config_hash", "default_output_dir", "evaluate",
+           "run_recipe", "smoke_config"]
 
 
 def default_output_dir(config):
@@ -87,12 +96,102 @@ def _input_shape(config):
     return (size, size, 3)
 
 
-def _final_metrics(history):
-    return {k: float(v[-1]) for k, v in history.history.items() if v}
+_PYTHON_ONLY = {"stages": {"__all__": {"callbacks", "loss", "metrics"}}}
 
 
-def run_recipe(config, output_dir=None, verbose="auto"):
+def resolved(config):
+    """The recipe with every default filled in, as plain data."""
+    return config.model_dump(mode="json", exclude=_PYTHON_ONLY)
+
+
+def config_hash(config):
+    """sha256 of the resolved recipe (what the run really used)."""
+    text = json.dumps(resolved(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def smoke_config(config):
+    """The recipe shrunk to a wiring check: random weights, two steps per
+    stage (over two epochs, so unfreezing schedules fire), tiny batches."""
+    stages = []
+    for stage in config.stages:
+        update = {"epochs": min(stage.epochs, 2), "steps_per_epoch": 1}
+        if stage.lr_find:
+            update["lr_find"] = {"start_lr": 1e-6, "end_lr": 1.0, "num_steps": 3}
+        stages.append(stage.model_copy(update=update))
+    model = config.model.model_copy(update={"weights": None})
+    data = config.data.model_copy(update={"batch_size": min(config.data.batch_size, 4)})
+    return config.model_copy(update={"model": model, "data": data, "stages": stages})
+
+
+def synthetic_data(config, input_shape):
+    """Random images of the recipe's shape, 2 or 3 classes, for --smoke."""
+    from kft.heads import HeadConfig
+
+    head = HeadConfig.from_value(config.model.head)
+    classes = 2 if head.kind == "binary" else 3
+    rng = np.random.default_rng(config.seed)
+    n = 4 * classes
+    x = rng.uniform(0, 255, (n, *input_shape)).astype("float32")
+    y = np.arange(n) % classes
+    return kft_data.from_numpy(
+        x, y, x_val=x[:classes], y_val=y[:classes],
+        batch_size=config.data.batch_size,
+        class_names=[f"class_{i}" for i in range(classes)],
+    )
+
+
+def _prepare_output_dir(output_dir, resume, overwrite):
+    if resume:
+        if read_state(output_dir) is None:
+            raise RecipeError(
+                f"--resume: {output_dir!r} holds no checkpoint to resume "
+                "from (checkpoints/state.json)."
+            )
+        return
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        if not overwrite:
+            raise RecipeError(
+                f"Output directory {output_dir!r} exists and is not empty. "
+                "Pass --overwrite to replace it, --resume to continue its "
+                "run, or another --output-dir."
+            )
+        shutil.rmtree(output_dir)
+
+
+def _stage_summaries(rows, histories, config):
+    summaries = []
+    for stage in config.stages:
+        stage_rows = [r for r in rows if r["stage"] == stage.name]
+        if not stage_rows:
+            continue
+        last = stage_rows[-1]
+        history = next((h for h in histories if h.stage == stage.name), None)
+        summaries.append({
+            "name": stage.name,
+            "epochs": len(stage_rows),
+            "seconds": round(sum(r.get("seconds", 0.0) for r in stage_rows), 2),
+            "trainable_params": int(last.get("trainable_params", 0)),
+            "lr_found": getattr(history, "lr_found", None),
+            "final": {k: v for k, v in last.items()
+                      if k not in ("stage", "epoch", "seconds", "trainable_params")},
+        })
+    return summaries
+
+
+def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
+               smoke=False, overwrite=False):
     """Runs a validated `RecipeConfig` and writes its run directory.
+
+    Args:
+        config: a `RecipeConfig`.
+        output_dir: the run directory (default `runs/<name>-<time>`).
+        verbose: Keras verbosity; 0 is silent.
+        resume: continue the interrupted run in `output_dir` from its last
+            checkpoint (same recipe required).
+        smoke: check the wiring in seconds: random weights, synthetic
+            data of the recipe's shapes, two steps per stage.
+        overwrite: replace an existing non-empty `output_dir`.
 
     Returns:
         `(output_dir, metrics)` where `metrics` is what `metrics.json` holds.
@@ -100,81 +199,121 @@ def run_recipe(config, output_dir=None, verbose="auto"):
     import keras
 
     started = time.perf_counter()
+    if smoke:
+        config = smoke_config(config)
+        output_dir = output_dir or tempfile.mkdtemp(prefix=f"kft-smoke-{config.name}-")
     output_dir = output_dir or default_output_dir(config)
+    _prepare_output_dir(output_dir, resume, overwrite)
+    recipe_hash = config_hash(config)
+    state = None
+    if resume:
+        with open(os.path.join(output_dir, "config.yaml")) as f:
+            saved = yaml.safe_load(f)
+        if saved.get("recipe_hash") != recipe_hash:
+            raise RecipeError(
+                f"--resume: the recipe differs from the one the run in "
+                f"{output_dir!r} started with (see its config.yaml). Resume "
+                "with the same recipe and overrides."
+            )
+        state = read_state(output_dir)
+        history_path = os.path.join(output_dir, "history.csv")
+        write_history(history_path, [
+            r for r in read_history(history_path)
+            if r["epoch"] <= state["epochs_done"]])
     os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
-    # The resolved config first: even a run that fails says what it was.
-    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(config.model_dump(mode="json"), f, sort_keys=False)
+    if not resume:
+        # The resolved config first: even a run that fails says what it was.
+        written = resolved(config)
+        written["recipe_hash"] = recipe_hash
+        with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(written, f, sort_keys=False)
 
-    keras.utils.set_random_seed(config.seed)
-    input_shape = _input_shape(config)
-    bundle = build_data(config.data, input_shape)
-    data_seconds = time.perf_counter() - started
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(config.precision)
+    try:
+        keras.utils.set_random_seed(config.seed)
+        input_shape = _input_shape(config)
+        bundle = (synthetic_data(config, input_shape) if smoke
+                  else build_data(config.data, input_shape))
+        data_seconds = time.perf_counter() - started
 
-    model = build_classifier(
-        config.model.backbone,
-        bundle.num_classes,
-        weights=config.model.weights,
-        input_shape=input_shape,
-        head=config.model.head,
-        bn=config.model.bn,
-        **config.model.backbone_kwargs,
-    )
-    if verbose != 0:
-        print(f"Run directory: {output_dir}")
-        print(format_trainable_summary(model))
+        if state is not None:
+            model = keras.saving.load_model(state["path"])
+            resume_from = (state["stage"], state["stage_start"], state["epochs_done"])
+            if verbose != 0:
+                print(f"Resuming {output_dir} after epoch {state['epochs_done']} "
+                      f"(stage {state['stage'] + 1})")
+        else:
+            model = build_classifier(
+                config.model.backbone,
+                bundle.num_classes,
+                weights=config.model.weights,
+                input_shape=input_shape,
+                head=config.model.head,
+                bn=config.model.bn,
+                **config.model.backbone_kwargs,
+            )
+            resume_from = None
+        if verbose != 0:
+            print(f"Run directory: {output_dir}")
+            print(format_trainable_summary(model))
 
-    # Epoch rows reach the disk as they happen, so a crash keeps them.
-    csv_logger = keras.callbacks.CSVLogger(
-        os.path.join(output_dir, "history.csv"), append=True
-    )
-    histories = fine_tune(
-        model, bundle.train, bundle.val, stages=config.stages,
-        callbacks=[csv_logger], verbose=verbose,
-    )
-    train_seconds = sum(h.seconds for h in histories)
+        callbacks = [RunCheckpoint(output_dir, config.callbacks.checkpoints)]
+        if config.callbacks.tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(
+                os.path.join(output_dir, "tensorboard")))
+        histories = []
+        if resume_from is None or resume_from[0] < len(config.stages):
+            histories = fine_tune(
+                model, bundle.train, bundle.val, stages=config.stages,
+                callbacks=callbacks, verbose=verbose, resume_from=resume_from,
+            )
 
-    model.save(os.path.join(output_dir, "model.keras"))
-    report.write_history_csv(histories, os.path.join(output_dir, "history.csv"))
-    report.plot_curves(histories, os.path.join(output_dir, "plots", "curves.png"))
+        model.save(os.path.join(output_dir, "model.keras"))
+        rows = read_history(os.path.join(output_dir, "history.csv"))
+        report.plot_curves(rows, os.path.join(output_dir, "plots", "curves.png"))
 
-    evaluation = {}
-    eval_data = bundle.val if bundle.val is not None else bundle.train
-    evaluation = model.evaluate(eval_data, return_dict=True, verbose=0)
-    kind = head_kind(model)
-    if kind in ("multiclass", "binary"):
-        classes = bundle.class_names if kind == "multiclass" else bundle.class_names[:2]
-        matrix = report.confusion_matrix(model, eval_data, len(classes))
-        report.plot_confusion_matrix(
-            matrix, classes,
-            os.path.join(output_dir, "plots", "confusion_matrix.png"),
-        )
-        evaluation["confusion_matrix"] = matrix.tolist()
+        eval_data = bundle.val if bundle.val is not None else bundle.train
+        evaluation = evaluate(model, eval_data, bundle.class_names, output_dir)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
 
     metrics = {
         "recipe": config.name,
+        "recipe_hash": recipe_hash,
+        "seed": config.seed,
+        "smoke": smoke,
         "classes": bundle.class_names,
         "final": {
-            "train": {k: v for k, v in _final_metrics(histories[-1]).items()
-                      if not k.startswith("val_") and k != "learning_rate"},
+            "train": {k: v for k, v in rows[-1].items()
+                      if k in ("loss", "accuracy", "mae", "auc")} if rows else {},
             ("val" if bundle.val is not None else "train_eval"): evaluation,
         },
-        "stages": [
-            {
-                "name": h.stage,
-                "epochs": len(h.epoch),
-                "seconds": round(h.seconds, 2),
-                "trainable_params": h.trainable_params,
-                "final": _final_metrics(h),
-            }
-            for h in histories
-        ],
+        "stages": _stage_summaries(rows, histories, config),
         "timings": {
             "data_seconds": round(data_seconds, 2),
-            "train_seconds": round(train_seconds, 2),
+            "train_seconds": round(sum(r.get("seconds", 0.0) for r in rows), 2),
             "total_seconds": round(time.perf_counter() - started, 2),
         },
         "versions": report.versions(),
     }
     report.write_metrics(os.path.join(output_dir, "metrics.json"), metrics)
     return output_dir, metrics
+
+
+def evaluate(model, data, class_names, output_dir, prefix=""):
+    """Metrics, and for classifiers the confusion matrix (with its plot)
+    and a per-class report, on `data`."""
+    evaluation = model.evaluate(data, return_dict=True, verbose=0)
+    evaluation = {k: float(v) for k, v in evaluation.items()}
+    kind = head_kind(model)
+    if kind in ("multiclass", "binary"):
+        classes = class_names if kind == "multiclass" else class_names[:2]
+        matrix = report.confusion_matrix(model, data, len(classes))
+        report.plot_confusion_matrix(
+            matrix, classes,
+            os.path.join(output_dir, "plots", f"{prefix}confusion_matrix.png"),
+        )
+        evaluation["confusion_matrix"] = matrix.tolist()
+        evaluation["per_class"] = report.classification_report(matrix, classes)
+    return evaluation

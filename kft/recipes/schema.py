@@ -74,6 +74,13 @@ class DataConfig(_Strict):
         return self
 
 
+class CallbacksConfig(_Strict):
+    """`callbacks:` what the run writes besides history and metrics."""
+
+    checkpoints: bool = True
+    tensorboard: bool = False
+
+
 class RecipeConfig(_Strict):
     """A whole recipe: model, data, stages and run settings."""
 
@@ -81,9 +88,27 @@ class RecipeConfig(_Strict):
     description: str = ""
     seed: int = 0
     output_dir: str | None = None
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    callbacks: CallbacksConfig = CallbacksConfig()
     model: ModelConfig
     data: DataConfig
     stages: list[Stage] = Field(min_length=1)
+
+    @pydantic.field_validator("stages")
+    @classmethod
+    def _unique_stage_names(cls, stages):
+        # Stages without a name are numbered; history.csv and the report
+        # tell stages apart by name.
+        stages = [
+            s.model_copy(update={"name": f"stage_{i + 1}"})
+            if s.name == "stage" else s
+            for i, s in enumerate(stages)
+        ]
+        names = [s.name for s in stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique; repeated: {duplicates}")
+        return stages
 
     @pydantic.field_validator("stages", mode="before")
     @classmethod

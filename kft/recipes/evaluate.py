@@ -1,0 +1,104 @@
+"""`kft eval` and `kft export`: use a finished run directory."""
+
+import json
+import os
+
+import numpy as np
+import yaml
+
+from kft import data as kft_data
+from kft.recipes.errors import RecipeError
+
+__all__ = ["evaluate_run", "export_run", "load_run"]
+
+
+def load_run(run_dir):
+    """`(config, model)` of a finished run."""
+    import keras
+
+    from kft.recipes.schema import RecipeConfig
+
+    model_path = os.path.join(run_dir, "model.keras")
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(model_path) or not os.path.exists(config_path):
+        raise RecipeError(
+            f"{run_dir!r} is not a finished kft run (no model.keras and "
+            "config.yaml).")
+    with open(config_path) as f:
+        raw = yaml.safe_load(f)
+    raw.pop("recipe_hash", None)
+    config = RecipeConfig.model_validate(raw)
+    return config, keras.saving.load_model(model_path)
+
+
+def _data_from_path(path, input_shape, batch_size):
+    if os.path.isdir(path):
+        return kft_data.from_image_folder(
+            path, image_size=input_shape[:2], channels=input_shape[2],
+            batch_size=batch_size, validation_split=0.0)
+    if not os.path.isfile(path):
+        raise RecipeError(f"--data: no such file or folder {path!r}")
+    with np.load(path) as npz:
+        key = "x_val" if "x_val" in npz else "x_train"
+        if key not in npz:
+            raise RecipeError(f"--data: {path!r} has neither x_val nor x_train")
+        x, y = npz[key], npz[key.replace("x_", "y_")]
+        names = ([str(c) for c in npz["class_names"]]
+                 if "class_names" in npz else None)
+    bundle = kft_data.from_numpy(
+        x, y, batch_size=batch_size, shuffle=False, image_size=input_shape[:2],
+        channels=input_shape[2], class_names=names,
+        num_classes=len(names) if names else None)
+    return kft_data.DataBundle(None, bundle.train, bundle.class_names,
+                               bundle.input_shape)
+
+
+def evaluate_run(run_dir, data_path=None):
+    """Evaluates a run's model; writes `eval.json` and the confusion matrix.
+
+    Args:
+        run_dir: a finished run directory.
+        data_path: an `.npz` or image folder; default: the run's own
+            validation data, rebuilt from its `config.yaml`.
+
+    Returns:
+        The metrics dict (also in `RUN_DIR/eval.json`), with `per_class`
+        precision / recall / F1 and `confusion_matrix` for classifiers.
+    """
+    from kft.recipes.runner import build_data
+    from kft.recipes.runner import evaluate
+
+    config, model = load_run(run_dir)
+    input_shape = tuple(model.input_shape[1:])
+    if data_path:
+        bundle = _data_from_path(data_path, input_shape, config.data.batch_size)
+    else:
+        bundle = build_data(config.data, input_shape)
+    data = bundle.val if bundle.val is not None else bundle.train
+    os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
+    result = evaluate(model, data, bundle.class_names, run_dir, prefix="eval_")
+    result["data"] = data_path or "recipe validation data"
+    result["path"] = os.path.join(run_dir, "eval.json")
+    with open(result["path"], "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def export_run(run_dir, format="keras", merge_lora=False, output=None):
+    """Writes the run's model as a `.keras` file or a TF SavedModel."""
+    _, model = load_run(run_dir)
+    if merge_lora:
+        raise RecipeError(
+            "--merge-lora: this model has no LoRA adapters to merge.")
+    output = output or os.path.join(run_dir, "export")
+    os.makedirs(output, exist_ok=True)
+    if format == "keras":
+        path = os.path.join(output, "model.keras")
+        model.save(path)
+        return path
+    if format == "saved_model":
+        path = os.path.join(output, "saved_model")
+        model.export(path, format="tf_saved_model", verbose=False)
+        return path
+    raise RecipeError(
+        f"--format must be 'keras' or 'saved_model'. Received: {format!r}")
