@@ -79,7 +79,8 @@ def build_data(data_config, input_shape):
     return kft_data.from_tfds(
         data_config.name, data_dir=data_config.data_dir,
         train_split=data_config.train_split, val_split=data_config.val_split,
-        image_size=image_size, channels=channels, **common,
+        image_size=image_size, channels=channels,
+        download=data_config.download, **common,
     )
 
 

@@ -58,6 +58,7 @@ class DataConfig(_Strict):
     name: str | None = None
     path: str | None = None
     data_dir: str | None = None
+    download: bool = False
     train_split: str = "train"
     val_split: str | None = "test"
     batch_size: int = Field(default=32, ge=1)
