@@ -20,7 +20,7 @@ from kft.freezing import set_trainable
 from kft.heads import head_kind
 from kft.heads import loss_and_metrics
 
-__all__ = ["OPTIMIZERS", "Stage", "fine_tune", "make_optimizer"]
+__all__ = ["OPTIMIZERS", "Stage", "fine_tune", "make_optimizer", "policy_stages"]
 
 OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
@@ -126,6 +126,8 @@ class Stage(_Strict):
             (groups scaled together); `True` or `{start_lr, end_lr,
             num_steps}`.
         steps_per_epoch: steps per epoch when the data has no length.
+        gradient_accumulation_steps: apply the summed gradients of this
+            many batches at once (a larger effective batch).
         callbacks: extra Keras callbacks for this stage.
         loss, metrics: override what the head kind implies.
     """
@@ -144,6 +146,7 @@ class Stage(_Strict):
     unfreeze: UnfreezeConfig | None = None
     lr_find: bool | LRFindConfig = False
     steps_per_epoch: int | None = Field(default=None, ge=1)
+    gradient_accumulation_steps: int | None = Field(default=None, ge=2)
     callbacks: list[Any] = []
     loss: Any = None
     metrics: Any = None
@@ -239,6 +242,8 @@ def make_optimizer(stage, steps_per_epoch=None, model=None):
     kwargs = {}
     if stage.weight_decay is not None:
         kwargs["weight_decay"] = stage.weight_decay
+    if stage.gradient_accumulation_steps:
+        kwargs["gradient_accumulation_steps"] = stage.gradient_accumulation_steps
     rate = stage.learning_rate
     if stage.layer_decay is not None or not isinstance(rate, float):
         if model is None:
@@ -365,7 +370,7 @@ def fine_tune(
     ```
     """
     if policy is not None:
-        stages = _policy_stages(policy, stages, epochs, freeze_epochs, every,
+        stages = policy_stages(policy, stages, epochs, freeze_epochs, every,
                                 learning_rate)
     if not stages:
         raise ValueError("stages is empty: give at least one stage.")
@@ -475,7 +480,8 @@ def fine_tune(
     return histories
 
 
-def _policy_stages(policy, stages, epochs, freeze_epochs, every, learning_rate):
+def policy_stages(policy, stages, epochs, freeze_epochs, every, learning_rate):
+    """The stages a named policy stands for (see `fine_tune`)."""
     if policy != "gradual":
         raise ValueError(f"Unknown policy. Allowed: 'gradual'. Received: {policy!r}")
     if stages:

@@ -63,7 +63,7 @@ def test_overrides_set_nested_and_list_values():
     ({"stages": [{"epochs": 1, "lerning_rate": 0.1}]},
      "stages.0.lerning_rate: unknown key (did you mean 'learning_rate'?)"),
     ({"model": {"backbone": "resnet9000"}}, "model.backbone: unknown backbone"),
-    ({"stages": []}, "stages:"),
+    ({"stages": []}, "at least one stage"),
     ({"data": {"source": "ftp"}}, "data.source"),
     ({"data": {"source": "tfds"}}, "needs data.name"),
     ({"stages": [{"epochs": "many"}]}, "stages.0.epochs"),
@@ -149,3 +149,34 @@ def test_unfreeze_and_lr_find_keys_are_validated(tmp_path, stage, needle):
     with pytest.raises(RecipeError) as info:
         load_recipe(_recipe(tmp_path, stages=[stage]))
     assert needle in str(info.value)
+
+
+def test_policy_is_shorthand_for_stages(tmp_path):
+    path = _recipe(tmp_path, stages=[])
+    raw = yaml.safe_load(open(path))
+    raw.pop("stages")
+    raw["policy"] = {"name": "gradual", "epochs": 3, "every": 1,
+                     "learning_rate": [1e-5, 1e-3]}
+    open(path, "w").write(yaml.safe_dump(raw))
+    config = load_recipe(path)
+    assert [s.name for s in config.stages] == ["head", "gradual"]
+    assert config.stages[1].unfreeze.every == 1
+    assert config.stages[1].learning_rate == (1e-5, 1e-3)
+    with pytest.raises(RecipeError, match="policy.epochs"):
+        load_recipe(path, ["policy.epochs=0"])
+    with pytest.raises(RecipeError, match="not both"):
+        load_recipe(path, ["stages=[{epochs: 1}]"])
+    raw.pop("policy")
+    open(path, "w").write(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match="at least one stage"):
+        load_recipe(path)
+
+
+def test_gradient_accumulation_in_a_stage(tmp_path):
+    from kft.finetune import Stage
+    from kft.finetune import make_optimizer
+
+    optimizer = make_optimizer(Stage(epochs=1, gradient_accumulation_steps=4))
+    assert optimizer.gradient_accumulation_steps == 4
+    config = load_recipe(_recipe(tmp_path), ["stages.1.gradient_accumulation_steps=2"])
+    assert config.stages[1].gradient_accumulation_steps == 2

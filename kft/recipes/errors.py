@@ -64,7 +64,10 @@ def format_validation_error(error, prefix=""):
             message = item["msg"]
             if message.startswith("Value error, "):
                 message = message[len("Value error, "):]
-            line = f"{path}: {message}; received {value!r}"
+            if item["loc"]:
+                line = f"{path}: {message}; received {value!r}"
+            else:
+                line = f"{path}: {message}"
         if (path, line) in seen:
             continue
         seen.add((path, line))

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from kft import backbones
 from kft.finetune import Stage
+from kft.finetune import policy_stages
 from kft.heads import HeadConfig
 from kft.recipes.errors import known_keys
 
@@ -82,6 +83,20 @@ class CallbacksConfig(_Strict):
     tensorboard: bool = False
 
 
+class PolicyConfig(_Strict):
+    """`policy:` a named training policy instead of explicit `stages:`.
+
+    `gradual`: the head alone for `freeze_epochs`, then `epochs` more in
+    which one more backbone block unfreezes every `every` epochs.
+    """
+
+    name: Literal["gradual"]
+    epochs: int = Field(ge=1)
+    freeze_epochs: int = Field(default=1, ge=0)
+    every: int = Field(default=1, ge=1)
+    learning_rate: float | tuple[float, float] = 1e-3
+
+
 class RecipeConfig(_Strict):
     """A whole recipe: model, data, stages and run settings."""
 
@@ -93,7 +108,23 @@ class RecipeConfig(_Strict):
     callbacks: CallbacksConfig = CallbacksConfig()
     model: ModelConfig
     data: DataConfig
-    stages: list[Stage] = Field(min_length=1)
+    policy: PolicyConfig | None = None
+    stages: list[Stage] = Field(default=[], validate_default=True)
+
+    @pydantic.model_validator(mode="after")
+    def _policy_to_stages(self):
+        # A policy is shorthand: it becomes stages here, so the runner and
+        # config.yaml only ever see stages.
+        if self.policy is not None:
+            if self.stages:
+                raise ValueError("give either stages: or policy:, not both")
+            policy = self.policy
+            self.stages = [Stage.model_validate(s) for s in policy_stages(
+                policy.name, None, policy.epochs, policy.freeze_epochs,
+                policy.every, policy.learning_rate)]
+        if not self.stages:
+            raise ValueError("give at least one stage (or a policy:)")
+        return self
 
     @pydantic.field_validator("stages")
     @classmethod
