@@ -5,6 +5,7 @@ import os
 # Keep TensorFlow's C++ start-up chatter out of user output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from kft import augment  # noqa: E402
 from kft import backbones  # noqa: E402
 from kft import callbacks  # noqa: E402
 from kft import data  # noqa: E402
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ImagePreprocessing",
     "Stage",
+    "augment",
     "backbone_blocks",
     "backbones",
     "build_classifier",

@@ -1,0 +1,463 @@
+"""ImageDataGenerator semantics, as batched Keras preprocessing on tf.data.
+
+`keras.preprocessing.image.ImageDataGenerator` is gone from Keras 3 and
+ran per image in NumPy. `ImageAugmentation` keeps its argument names and
+meanings and runs them as Keras preprocessing layers on whole batches,
+inside a model or in a `tf.data` pipeline.
+"""
+
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["ImageAugmentation", "ImageAugmentationLayer"]
+
+FILL_MODES = ("nearest", "constant", "reflect", "wrap")
+CLASS_MODES = ("categorical", "binary", "sparse", "input", None)
+_AUTOTUNE = tf.data.AUTOTUNE
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+@keras.saving.register_keras_serializable(package="kft")
+class RandomBrightnessScale(keras.layers.Layer):
+    """Multiplies each image by a factor drawn from `[low, high]`, as the
+    legacy `brightness_range` did (PIL's Brightness enhance), clipped to
+    `[0, 255]`. Active only when `training=True`."""
+
+    def __init__(self, low, high, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.low, self.high, self.seed = float(low), float(high), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        batch = keras.ops.shape(images)[0]
+        factor = keras.random.uniform(
+            (batch, 1, 1, 1), self.low, self.high, seed=self.seed_generator,
+            dtype=self.compute_dtype)
+        return keras.ops.clip(images * factor, 0.0, 255.0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"low": self.low, "high": self.high, "seed": self.seed})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="kft")
+class RandomChannelShift(keras.layers.Layer):
+    """Adds one intensity drawn from `[-intensity, intensity]` to every
+    channel of an image, clipped to the image's own range, as the legacy
+    `channel_shift_range` did. Active only when `training=True`."""
+
+    def __init__(self, intensity, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.intensity, self.seed = float(intensity), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        batch = keras.ops.shape(images)[0]
+        shift = keras.random.uniform(
+            (batch, 1, 1, 1), -self.intensity, self.intensity,
+            seed=self.seed_generator, dtype=self.compute_dtype)
+        low = keras.ops.min(images, axis=(1, 2, 3), keepdims=True)
+        high = keras.ops.max(images, axis=(1, 2, 3), keepdims=True)
+        return keras.ops.minimum(keras.ops.maximum(images + shift, low), high)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"intensity": self.intensity, "seed": self.seed})
+        return config
+
+
+def _shift_factor(value, size, name):
+    """Legacy shift (fraction < 1, or pixels >= 1) -> fraction of size."""
+    if isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"{name} as a list of choices is not supported yet; give a "
+            f"fraction (< 1) or a number of pixels. Received: {value!r}")
+    value = float(value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0. Received: {value}")
+    return value / size if value >= 1 else value
+
+
+def _zoom_bounds(zoom_range):
+    if isinstance(zoom_range, (int, float)):
+        if zoom_range < 0:
+            raise ValueError(f"zoom_range must be >= 0. Received: {zoom_range}")
+        return 1.0 - zoom_range, 1.0 + zoom_range
+    if isinstance(zoom_range, (list, tuple)) and len(zoom_range) == 2:
+        return float(zoom_range[0]), float(zoom_range[1])
+    raise ValueError(
+        "zoom_range must be a float or a pair [lower, upper]. Received: "
+        f"zoom_range={zoom_range!r}")
+
+
+@keras.saving.register_keras_serializable(package="kft")
+class ImageAugmentationLayer(keras.layers.Layer):
+    """The Keras layer behind `ImageAugmentation.layer()`.
+
+    Random transforms run only with `training=True`; `rescale` and the
+    featurewise normalisation always run (the legacy `standardize`).
+    Takes the same arguments as `ImageAugmentation` (plus the featurewise
+    `mean` and `std` that `ImageAugmentation.fit` computes).
+    """
+
+    def __init__(self, rotation_range=0.0, width_shift_range=0.0,
+                 height_shift_range=0.0, brightness_range=None, shear_range=0.0,
+                 zoom_range=0.0, channel_shift_range=0.0, fill_mode="nearest",
+                 cval=0.0, horizontal_flip=False, vertical_flip=False,
+                 rescale=None, mean=None, std=None, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if fill_mode not in FILL_MODES:
+            raise ValueError(
+                f"fill_mode must be one of {FILL_MODES}. Received: "
+                f"fill_mode={fill_mode!r}")
+        if brightness_range is not None:
+            if (not isinstance(brightness_range, (list, tuple))
+                    or len(brightness_range) != 2
+                    or not 0 <= brightness_range[0] <= brightness_range[1]):
+                raise ValueError(
+                    "brightness_range must be a pair [low, high] with 0 <= low "
+                    f"<= high. Received: brightness_range={brightness_range!r}")
+            brightness_range = [float(b) for b in brightness_range]
+        for name, value in (("rotation_range", rotation_range),
+                            ("shear_range", shear_range),
+                            ("channel_shift_range", channel_shift_range)):
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0. Received: {value!r}")
+        _zoom_bounds(zoom_range)
+        self.rotation_range = float(rotation_range)
+        self.width_shift_range = width_shift_range
+        self.height_shift_range = height_shift_range
+        self.brightness_range = brightness_range
+        self.shear_range = float(shear_range)
+        self.zoom_range = zoom_range
+        self.channel_shift_range = float(channel_shift_range)
+        self.fill_mode = fill_mode
+        self.cval = float(cval)
+        self.horizontal_flip = bool(horizontal_flip)
+        self.vertical_flip = bool(vertical_flip)
+        self.rescale = rescale
+        self.mean = None if mean is None else [float(m) for m in mean]
+        self.std = None if std is None else [float(s) for s in std]
+        self.seed = seed
+
+    def _seed(self, offset):
+        return None if self.seed is None else self.seed + offset
+
+    def build(self, input_shape):
+        height, width = input_shape[1], input_shape[2]
+        fill = {"fill_mode": self.fill_mode, "fill_value": self.cval}
+        self._random = []
+        if self.rotation_range:
+            self._random.append(keras.layers.RandomRotation(
+                self.rotation_range / 360.0, seed=self._seed(1), **fill))
+        height_factor = _shift_factor(self.height_shift_range, height,
+                                      "height_shift_range")
+        width_factor = _shift_factor(self.width_shift_range, width,
+                                     "width_shift_range")
+        if height_factor or width_factor:
+            self._random.append(keras.layers.RandomTranslation(
+                height_factor, width_factor, seed=self._seed(2), **fill))
+        if self.shear_range:
+            shear = math.tan(math.radians(self.shear_range))
+            self._random.append(keras.layers.RandomShear(
+                x_factor=(0.0, shear), y_factor=0.0, seed=self._seed(3), **fill))
+        low, high = _zoom_bounds(self.zoom_range)
+        if (low, high) != (1.0, 1.0):
+            # Legacy zoom z > 1 samples a larger area (zooms out), as a
+            # positive RandomZoom factor does; axes vary independently.
+            factor = (low - 1.0, high - 1.0)
+            self._random.append(keras.layers.RandomZoom(
+                factor, factor, seed=self._seed(4), **fill))
+        flip = {(True, True): "horizontal_and_vertical",
+                (True, False): "horizontal", (False, True): "vertical"}.get(
+                    (self.horizontal_flip, self.vertical_flip))
+        if flip:
+            self._random.append(keras.layers.RandomFlip(flip, seed=self._seed(5)))
+        if self.brightness_range:
+            self._random.append(RandomBrightnessScale(
+                *self.brightness_range, seed=self._seed(6)))
+        if self.channel_shift_range:
+            self._random.append(RandomChannelShift(
+                self.channel_shift_range, seed=self._seed(7)))
+        for layer in self._random:
+            layer.build(input_shape)
+
+    def call(self, images, training=None):
+        images = keras.ops.cast(images, self.compute_dtype)
+        if training:
+            for layer in self._random:
+                images = layer(images, training=True)
+        if self.rescale:
+            images = images * self.rescale
+        if self.mean is not None:
+            images = images - keras.ops.convert_to_tensor(self.mean, self.compute_dtype)
+        if self.std is not None:
+            images = images / (keras.ops.convert_to_tensor(
+                self.std, self.compute_dtype) + 1e-6)
+        return images
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "rotation_range": self.rotation_range,
+            "width_shift_range": self.width_shift_range,
+            "height_shift_range": self.height_shift_range,
+            "brightness_range": self.brightness_range,
+            "shear_range": self.shear_range,
+            "zoom_range": self.zoom_range,
+            "channel_shift_range": self.channel_shift_range,
+            "fill_mode": self.fill_mode,
+            "cval": self.cval,
+            "horizontal_flip": self.horizontal_flip,
+            "vertical_flip": self.vertical_flip,
+            "rescale": self.rescale,
+            "mean": self.mean,
+            "std": self.std,
+            "seed": self.seed,
+        })
+        return config
+
+
+class ImageAugmentation:
+    """`ImageDataGenerator`'s arguments, on batched `tf.data` pipelines.
+
+    Args:
+        rotation_range: degrees; each image turns by a uniform angle in
+            `[-rotation_range, rotation_range]`.
+        width_shift_range, height_shift_range: a fraction of the size
+            (< 1) or a number of pixels (>= 1).
+        brightness_range: `[low, high]`: each image is multiplied by a
+            factor in that range (the legacy meaning;
+            `keras.layers.RandomBrightness` adds an offset instead).
+        shear_range: shear angle in degrees.
+        zoom_range: a float `z` for `[1 - z, 1 + z]`, or `[lower, upper]`;
+            factors above 1 zoom out, as in the legacy class.
+        channel_shift_range: each image gets one intensity in
+            `[-range, range]` added to all channels.
+        fill_mode: `"nearest"`, `"constant"`, `"reflect"` or `"wrap"`.
+        cval: the fill value for `"constant"`.
+        horizontal_flip, vertical_flip: random flips.
+        rescale: multiply by this after the random transforms.
+        featurewise_center, featurewise_std_normalization: subtract the
+            data set's per-channel mean / divide by its std; call `fit(x)`
+            first.
+        validation_split: share held out for `subset="validation"`.
+        seed: seed for the transforms, the split and the shuffling; the
+            same seed gives the same augmented stream.
+
+    Example:
+
+    ```python
+    augmentation = kft.augment.ImageAugmentation(
+        rotation_range=20, width_shift_range=0.2, height_shift_range=0.2,
+        horizontal_flip=True, brightness_range=[0.8, 1.2])
+    train = augmentation.flow_from_directory("data/train", target_size=(224, 224),
+                                             class_mode="sparse")
+    # or inside a model, active only while training:
+    x = augmentation.layer()(inputs)
+    ```
+    """
+
+    def __init__(self, rotation_range=0, width_shift_range=0.0,
+                 height_shift_range=0.0, zoom_range=0.0, shear_range=0.0,
+                 horizontal_flip=False, vertical_flip=False,
+                 brightness_range=None, channel_shift_range=0.0,
+                 fill_mode="nearest", cval=0.0, rescale=None,
+                 featurewise_center=False, featurewise_std_normalization=False,
+                 validation_split=0.0, seed=None):
+        if not 0.0 <= validation_split < 1.0:
+            raise ValueError(
+                "validation_split must be in [0, 1). Received: "
+                f"validation_split={validation_split}")
+        self.transform_args = dict(
+            rotation_range=rotation_range, width_shift_range=width_shift_range,
+            height_shift_range=height_shift_range, zoom_range=zoom_range,
+            shear_range=shear_range, horizontal_flip=horizontal_flip,
+            vertical_flip=vertical_flip, brightness_range=brightness_range,
+            channel_shift_range=channel_shift_range, fill_mode=fill_mode,
+            cval=cval, rescale=rescale)
+        # Check the arguments now, not at the first batch.
+        ImageAugmentationLayer(**self.transform_args)
+        self.featurewise_center = featurewise_center
+        self.featurewise_std_normalization = featurewise_std_normalization
+        self.validation_split = validation_split
+        self.seed = seed
+        self.mean = None
+        self.std = None
+        self.class_indices = None
+
+    def fit(self, x):
+        """Computes the per-channel mean and std for featurewise options."""
+        x = np.asarray(x, dtype="float64")
+        if x.ndim == 3:
+            x = x[..., None]
+        if self.transform_args["rescale"]:
+            x = x * self.transform_args["rescale"]
+        self.mean = x.mean(axis=(0, 1, 2)).tolist()
+        self.std = x.std(axis=(0, 1, 2)).tolist()
+        return self
+
+    def layer(self, name="image_augmentation"):
+        """A Keras layer applying these transforms (random ones only when
+        `training=True`), usable inside a model or in `tf.data`."""
+        if (self.featurewise_center or self.featurewise_std_normalization) \
+                and self.mean is None:
+            raise ValueError(
+                "featurewise_center / featurewise_std_normalization need the "
+                "data statistics: call .fit(x) first.")
+        return ImageAugmentationLayer(
+            **self.transform_args,
+            mean=self.mean if self.featurewise_center else None,
+            std=self.std if self.featurewise_std_normalization else None,
+            seed=self.seed, name=name)
+
+    def _pipeline(self, ds, batch_size, shuffle, seed, size, augment=True):
+        layer = self.layer()
+        if shuffle:
+            ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size)
+
+        def apply(x, *rest):
+            x = layer(tf.cast(x, tf.float32), training=augment)
+            return (x, *rest) if rest else x
+
+        # With a seed, batches are augmented one after another (each still
+        # vectorised) so the random stream is reproducible.
+        calls = _AUTOTUNE if (seed is None and self.seed is None) else None
+        return ds.map(apply, num_parallel_calls=calls).prefetch(_AUTOTUNE)
+
+    def _split(self, n, subset, seed):
+        if subset is None:
+            return np.arange(n)
+        if subset not in ("training", "validation"):
+            raise ValueError(
+                f"subset must be None, 'training' or 'validation'. Received: "
+                f"subset={subset!r}")
+        if not self.validation_split:
+            raise ValueError(
+                f"subset={subset!r} needs validation_split > 0 in "
+                "ImageAugmentation(...).")
+        split = int(round(n * self.validation_split))
+        # Legacy: the validation subset is the first share of the data.
+        return np.arange(split) if subset == "validation" else np.arange(split, n)
+
+    def flow(self, x, y=None, batch_size=32, shuffle=True, seed=None,
+             subset=None):
+        """Augmented batches of `x` (and `y`), as a `tf.data.Dataset`.
+
+        Labels stay paired with their images through shuffling.
+        """
+        x = np.asarray(x)
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4:
+            raise ValueError(
+                f"x must be a batch of images (N, H, W, C). Received shape "
+                f"{x.shape}")
+        index = self._split(len(x), subset, seed)
+        x = x[index]
+        parts = (x,) if y is None else (x, np.asarray(y)[index])
+        if y is not None and len(parts[1]) != len(x):
+            raise ValueError(f"x and y differ in length: {len(x)} and {len(parts[1])}")
+        ds = tf.data.Dataset.from_tensor_slices(parts if y is not None else x)
+        seed = self.seed if seed is None else seed
+        return self._pipeline(ds, batch_size, shuffle, seed, len(x),
+                              augment=subset != "validation")
+
+    def flow_from_directory(self, directory, target_size=(256, 256),
+                            color_mode="rgb", classes=None,
+                            class_mode="categorical", batch_size=32,
+                            shuffle=True, seed=None, subset=None,
+                            interpolation="bilinear"):
+        """Augmented batches from `directory/<class>/<image>` files.
+
+        Classes are the sub-folder names in alphabetical order (or
+        `classes`), as in the legacy class; `self.class_indices` maps them
+        to labels. `class_mode`: `"categorical"` (one-hot), `"binary"`
+        (0/1 floats), `"sparse"` (integers), `"input"` (the image itself)
+        or `None` (images only).
+        """
+        if class_mode not in CLASS_MODES:
+            raise ValueError(
+                f"class_mode must be one of {CLASS_MODES}. Received: "
+                f"class_mode={class_mode!r}")
+        if not os.path.isdir(directory):
+            raise ValueError(f"Image folder not found: {directory!r}")
+        classes = classes or sorted(
+            d for d in os.listdir(directory)
+            if os.path.isdir(os.path.join(directory, d)))
+        if not classes:
+            raise ValueError(f"{directory!r} has no class sub-folders.")
+        if class_mode == "binary" and len(classes) != 2:
+            raise ValueError(
+                f"class_mode='binary' needs exactly 2 classes; found "
+                f"{len(classes)}: {classes}")
+        self.class_indices = {c: i for i, c in enumerate(classes)}
+        paths, labels = [], []
+        for c in classes:
+            folder = os.path.join(directory, c)
+            for name in sorted(os.listdir(folder)):
+                if name.lower().endswith(_IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(folder, name))
+                    labels.append(self.class_indices[c])
+        if not paths:
+            raise ValueError(f"No images found under {directory!r}.")
+        # Legacy splits each class folder; here the split is per class too.
+        paths, labels = np.array(paths), np.array(labels, dtype="int32")
+        keep = []
+        for label in range(len(classes)):
+            members = np.flatnonzero(labels == label)
+            keep.extend(members[self._split(len(members), subset, seed)])
+        keep = np.array(sorted(keep), dtype="int64")
+        paths, labels = paths[keep], labels[keep]
+        channels = {"rgb": 3, "grayscale": 1, "rgba": 4}[color_mode]
+
+        def load(path, label):
+            image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
+                                       expand_animations=False)
+            image = tf.image.resize(image, target_size, method=interpolation)
+            image.set_shape((*target_size, channels))
+            return image, label
+
+        ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+        ds = ds.map(load, num_parallel_calls=_AUTOTUNE)
+        num_classes = len(classes)
+
+        def encode(x, y):
+            if class_mode == "categorical":
+                return x, tf.one_hot(y, num_classes)
+            if class_mode == "binary":
+                return x, tf.cast(y, tf.float32)
+            if class_mode == "sparse":
+                return x, y
+            return x, x
+
+        if class_mode is None:
+            ds = ds.map(lambda x, y: x)
+        else:
+            ds = ds.map(encode)
+        seed = self.seed if seed is None else seed
+        ds = self._pipeline(ds, batch_size, shuffle, seed, len(paths),
+                            augment=subset != "validation")
+        if class_mode == "input":
+            ds = ds.map(lambda x, y: (x, x))
+        self.samples = len(paths)
+        return ds
