@@ -180,3 +180,18 @@ def test_gradient_accumulation_in_a_stage(tmp_path):
     assert optimizer.gradient_accumulation_steps == 4
     config = load_recipe(_recipe(tmp_path), ["stages.1.gradient_accumulation_steps=2"])
     assert config.stages[1].gradient_accumulation_steps == 2
+
+
+def test_recipe_augmentation_section(tmp_path):
+    path = _recipe(tmp_path, augmentation={"horizontal_flip": True,
+                                           "rotation_range": 10,
+                                           "brightness_range": [0.9, 1.1]},
+                   stages=[{"epochs": 1}])
+    config = load_recipe(path)
+    assert config.augmentation.rotation_range == 10
+    _, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    assert metrics["stages"][0]["epochs"] == 1
+    with pytest.raises(RecipeError, match="augmentation.roation_range"):
+        load_recipe(path, ["augmentation.roation_range=5"])
+    with pytest.raises(RecipeError, match="augmentation.fill_mode"):
+        load_recipe(path, ["augmentation.fill_mode=mirror"])

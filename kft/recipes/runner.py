@@ -105,6 +105,17 @@ def resolved(config):
     return config.model_dump(mode="json", exclude=_PYTHON_ONLY)
 
 
+def augment_training_data(train, augmentation, seed):
+    """Applies a recipe's `augmentation:` to the training batches."""
+    import tensorflow as tf
+
+    from kft.augment import ImageAugmentation
+
+    layer = ImageAugmentation(**augmentation.model_dump(), seed=seed).layer()
+    return train.map(lambda x, y: (layer(x, training=True), y),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def config_hash(config):
     """sha256 of the resolved recipe (what the run really used)."""
     text = json.dumps(resolved(config), sort_keys=True)
@@ -236,6 +247,9 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
         input_shape = _input_shape(config)
         bundle = (synthetic_data(config, input_shape) if smoke
                   else build_data(config.data, input_shape))
+        if config.augmentation is not None:
+            bundle.train = augment_training_data(
+                bundle.train, config.augmentation, config.seed)
         data_seconds = time.perf_counter() - started
 
         if state is not None:

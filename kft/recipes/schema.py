@@ -76,6 +76,30 @@ class DataConfig(_Strict):
         return self
 
 
+class AugmentationConfig(_Strict):
+    """`augmentation:` `kft.augment.ImageAugmentation` arguments, applied
+    to the training batches only."""
+
+    rotation_range: float = Field(default=0.0, ge=0)
+    width_shift_range: float = Field(default=0.0, ge=0)
+    height_shift_range: float = Field(default=0.0, ge=0)
+    zoom_range: float | tuple[float, float] = 0.0
+    shear_range: float = Field(default=0.0, ge=0)
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    brightness_range: tuple[float, float] | None = None
+    channel_shift_range: float = Field(default=0.0, ge=0)
+    fill_mode: Literal["nearest", "constant", "reflect", "wrap"] = "nearest"
+    cval: float = 0.0
+
+    @pydantic.model_validator(mode="after")
+    def _check(self):
+        from kft.augment import ImageAugmentation
+
+        ImageAugmentation(**self.model_dump())
+        return self
+
+
 class CallbacksConfig(_Strict):
     """`callbacks:` what the run writes besides history and metrics."""
 
@@ -106,6 +130,7 @@ class RecipeConfig(_Strict):
     output_dir: str | None = None
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     callbacks: CallbacksConfig = CallbacksConfig()
+    augmentation: AugmentationConfig | None = None
     model: ModelConfig
     data: DataConfig
     policy: PolicyConfig | None = None
