@@ -197,3 +197,30 @@ def test_augmented_stream_trains_a_kft_model():
     histories = kft.fine_tune(tiny_classifier(2), train, verbose=0,
                               stages=[{"epochs": 1}])
     assert histories[0].history["loss"]
+
+
+def test_mixup_and_cutmix_mix_images_and_one_hot_labels():
+    x = np.concatenate([np.zeros((8, 16, 16, 3)), np.full((8, 16, 16, 3), 200.0)])
+    y = np.array([0] * 8 + [1] * 8)
+    for kwargs in ({"mixup": 0.4}, {"cutmix": 1.0}):
+        out, labels = _batches(ImageAugmentation(seed=0, **kwargs).flow(
+            x.astype("float32"), y, batch_size=16, shuffle=True))
+        assert labels.shape == (16, 2)
+        np.testing.assert_allclose(labels.sum(axis=1), 1.0, atol=1e-5)
+        mixed = (labels.max(axis=1) < 0.999)
+        assert mixed.any()
+        # An image's brightness follows its label's share of the bright class.
+        share = out.mean(axis=(1, 2, 3)) / 200.0
+        assert np.corrcoef(share, labels[:, 1])[0, 1] > 0.95
+    with pytest.raises(ValueError, match="mixup=-1"):
+        ImageAugmentation(mixup=-1)
+
+
+def test_rand_augment_changes_images_and_keeps_range():
+    x = np.random.default_rng(0).uniform(0, 255, (8, 24, 24, 3)).astype("float32")
+    out, _ = _batches(ImageAugmentation(rand_augment={"num_ops": 2, "factor": 0.5},
+                                        seed=0).flow(x, batch_size=8, shuffle=False))
+    assert out.shape == x.shape and not np.allclose(out, x)
+    assert out.min() >= -1e-3 and out.max() <= 255.0 + 1e-3
+    with pytest.raises(ValueError, match="rand_augment"):
+        ImageAugmentation(rand_augment="yes")

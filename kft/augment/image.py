@@ -119,8 +119,17 @@ class ImageAugmentationLayer(keras.layers.Layer):
                  height_shift_range=0.0, brightness_range=None, shear_range=0.0,
                  zoom_range=0.0, channel_shift_range=0.0, fill_mode="nearest",
                  cval=0.0, horizontal_flip=False, vertical_flip=False,
-                 rescale=None, mean=None, std=None, seed=None, **kwargs):
+                 rescale=None, mean=None, std=None, rand_augment=None, seed=None,
+                 **kwargs):
         super().__init__(**kwargs)
+        if rand_augment is True:
+            rand_augment = {}
+        if rand_augment is not None and not isinstance(rand_augment, dict):
+            raise ValueError(
+                "rand_augment must be None, True or a dict of "
+                "keras.layers.RandAugment arguments (num_ops, factor). "
+                f"Received: rand_augment={rand_augment!r}")
+        self.rand_augment = rand_augment
         if fill_mode not in FILL_MODES:
             raise ValueError(
                 f"fill_mode must be one of {FILL_MODES}. Received: "
@@ -194,6 +203,9 @@ class ImageAugmentationLayer(keras.layers.Layer):
         if self.channel_shift_range:
             self._random.append(RandomChannelShift(
                 self.channel_shift_range, seed=self._seed(7)))
+        if self.rand_augment is not None:
+            self._random.append(keras.layers.RandAugment(
+                value_range=(0, 255), seed=self._seed(8), **self.rand_augment))
         for layer in self._random:
             layer.build(input_shape)
 
@@ -231,6 +243,7 @@ class ImageAugmentationLayer(keras.layers.Layer):
             "rescale": self.rescale,
             "mean": self.mean,
             "std": self.std,
+            "rand_augment": self.rand_augment,
             "seed": self.seed,
         })
         return config
@@ -262,6 +275,12 @@ class ImageAugmentation:
         validation_split: share held out for `subset="validation"`.
         seed: seed for the transforms, the split and the shuffling; the
             same seed gives the same augmented stream.
+        mixup: MixUp's `alpha` (`keras.layers.MixUp`): `flow` and
+            `flow_from_directory` mix pairs of images and their one-hot
+            labels (integer labels are one-hot encoded).
+        cutmix: CutMix's `factor` (`keras.layers.CutMix`), likewise.
+        rand_augment: `True` or a dict of `keras.layers.RandAugment`
+            arguments (`num_ops`, `factor`).
 
     Example:
 
@@ -282,7 +301,8 @@ class ImageAugmentation:
                  brightness_range=None, channel_shift_range=0.0,
                  fill_mode="nearest", cval=0.0, rescale=None,
                  featurewise_center=False, featurewise_std_normalization=False,
-                 validation_split=0.0, seed=None):
+                 validation_split=0.0, seed=None, mixup=None, cutmix=None,
+                 rand_augment=None):
         if not 0.0 <= validation_split < 1.0:
             raise ValueError(
                 "validation_split must be in [0, 1). Received: "
@@ -293,7 +313,14 @@ class ImageAugmentation:
             shear_range=shear_range, horizontal_flip=horizontal_flip,
             vertical_flip=vertical_flip, brightness_range=brightness_range,
             channel_shift_range=channel_shift_range, fill_mode=fill_mode,
-            cval=cval, rescale=rescale)
+            cval=cval, rescale=rescale, rand_augment=rand_augment)
+        for name, value in (("mixup", mixup), ("cutmix", cutmix)):
+            if value is not None and (not isinstance(value, (int, float))
+                                      or value <= 0):
+                raise ValueError(
+                    f"{name} must be None or a positive number (the Beta "
+                    f"distribution's parameter). Received: {name}={value!r}")
+        self.mixup, self.cutmix = mixup, cutmix
         # Check the arguments now, not at the first batch.
         ImageAugmentationLayer(**self.transform_args)
         self.featurewise_center = featurewise_center
@@ -329,14 +356,28 @@ class ImageAugmentation:
             std=self.std if self.featurewise_std_normalization else None,
             seed=self.seed, name=name)
 
-    def _pipeline(self, ds, batch_size, shuffle, seed, size, augment=True):
+    def _pipeline(self, ds, batch_size, shuffle, seed, size, augment=True,
+                  num_classes=None):
         layer = self.layer()
         if shuffle:
             ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size)
+        mixers = []
+        if augment and self.mixup:
+            mixers.append(keras.layers.MixUp(alpha=self.mixup, seed=seed))
+        if augment and self.cutmix:
+            mixers.append(keras.layers.CutMix(factor=self.cutmix, seed=seed))
 
         def apply(x, *rest):
             x = layer(tf.cast(x, tf.float32), training=augment)
+            if mixers and rest:
+                labels = rest[0]
+                if labels.shape.rank == 1:
+                    labels = tf.one_hot(tf.cast(labels, tf.int32), num_classes)
+                data = {"images": x, "labels": tf.cast(labels, tf.float32)}
+                for mixer in mixers:
+                    data = mixer(data, training=True)
+                x, rest = data["images"], (data["labels"], *rest[1:])
             return (x, *rest) if rest else x
 
         # With a seed, batches are augmented one after another (each still
@@ -379,8 +420,14 @@ class ImageAugmentation:
             raise ValueError(f"x and y differ in length: {len(x)} and {len(parts[1])}")
         ds = tf.data.Dataset.from_tensor_slices(parts if y is not None else x)
         seed = self.seed if seed is None else seed
+        num_classes = None
+        if y is not None and (self.mixup or self.cutmix):
+            labels = parts[1]
+            num_classes = (labels.shape[-1] if labels.ndim == 2
+                           else int(labels.max()) + 1)
         return self._pipeline(ds, batch_size, shuffle, seed, len(x),
-                              augment=subset != "validation")
+                              augment=subset != "validation",
+                              num_classes=num_classes)
 
     def flow_from_directory(self, directory, target_size=(256, 256),
                             color_mode="rgb", classes=None,
@@ -455,8 +502,14 @@ class ImageAugmentation:
         else:
             ds = ds.map(encode)
         seed = self.seed if seed is None else seed
+        if (self.mixup or self.cutmix) and class_mode not in (
+                "categorical", "sparse"):
+            raise ValueError(
+                "mixup / cutmix need class labels: class_mode='categorical' "
+                f"or 'sparse'. Received: class_mode={class_mode!r}")
         ds = self._pipeline(ds, batch_size, shuffle, seed, len(paths),
-                            augment=subset != "validation")
+                            augment=subset != "validation",
+                            num_classes=num_classes)
         if class_mode == "input":
             ds = ds.map(lambda x, y: (x, x))
         self.samples = len(paths)
