@@ -81,6 +81,99 @@ class RandomChannelShift(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="kft")
+class RandomAffine(keras.layers.Layer):
+    """Rotation, shift, shear, zoom and flips as one resampling per image.
+
+    The legacy `ImageDataGenerator` composed its geometric transforms into
+    one matrix and resampled once; chaining `RandomRotation`,
+    `RandomTranslation`, `RandomShear`, `RandomZoom` and `RandomFlip`
+    resamples the image once per layer. This layer draws every parameter
+    per image, composes the matrices (rotation, shift, shear, zoom, about
+    the image centre, as the legacy class did) and calls
+    `keras.ops.image.affine_transform` once. Active only when
+    `training=True`.
+
+    Args:
+        rotation: max angle in degrees.
+        shift: `(height_fraction, width_fraction)` max shifts.
+        shear: max shear angle in degrees.
+        zoom: `(low, high)` zoom factors per axis (> 1 zooms out).
+        horizontal_flip, vertical_flip: random flips.
+        fill_mode, fill_value: for points outside the input.
+        seed: random seed.
+    """
+
+    def __init__(self, rotation=0.0, shift=(0.0, 0.0), shear=0.0,
+                 zoom=(1.0, 1.0), horizontal_flip=False, vertical_flip=False,
+                 fill_mode="nearest", fill_value=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rotation = float(rotation)
+        self.shift = tuple(float(s) for s in shift)
+        self.shear = float(shear)
+        self.zoom = tuple(float(z) for z in zoom)
+        self.horizontal_flip = bool(horizontal_flip)
+        self.vertical_flip = bool(vertical_flip)
+        self.fill_mode = fill_mode
+        self.fill_value = float(fill_value)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _uniform(self, batch, low, high):
+        return keras.random.uniform((batch,), low, high, seed=self.seed_generator)
+
+    def _flip(self, batch, enabled):
+        if not enabled:
+            return keras.ops.ones((batch,))
+        coin = keras.random.uniform((batch,), 0, 1, seed=self.seed_generator)
+        return keras.ops.where(coin < 0.5, -1.0, 1.0)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        ops = keras.ops
+        shape = ops.shape(images)
+        batch = shape[0]
+        height = ops.cast(shape[1], "float32")
+        width = ops.cast(shape[2], "float32")
+        theta = self._uniform(batch, -self.rotation, self.rotation) * (math.pi / 180)
+        shear = self._uniform(batch, -self.shear, self.shear) * (math.pi / 180)
+        ty = self._uniform(batch, -self.shift[0], self.shift[0]) * height
+        tx = self._uniform(batch, -self.shift[1], self.shift[1]) * width
+        zy = self._uniform(batch, *self.zoom)
+        zx = self._uniform(batch, *self.zoom)
+        fx = self._flip(batch, self.horizontal_flip)
+        fy = self._flip(batch, self.vertical_flip)
+        cos, sin = ops.cos(theta), ops.sin(theta)
+        # A maps an output point (about the centre) to its input point:
+        # rotation @ shear @ zoom @ flip, as (x, y) = (column, row).
+        a00 = cos * zx * fx
+        a01 = (-cos * ops.sin(shear) - sin * ops.cos(shear)) * zy * fy
+        a10 = sin * zx * fx
+        a11 = (-sin * ops.sin(shear) + cos * ops.cos(shear)) * zy * fy
+        cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+        b0 = cx + tx - a00 * cx - a01 * cy
+        b1 = cy + ty - a10 * cx - a11 * cy
+        zero = ops.zeros_like(a00)
+        transform = ops.stack([a00, a01, b0, a10, a11, b1, zero, zero], axis=1)
+        return ops.image.affine_transform(
+            images, transform, interpolation="bilinear",
+            fill_mode=self.fill_mode, fill_value=self.fill_value)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "rotation": self.rotation, "shift": self.shift, "shear": self.shear,
+            "zoom": self.zoom, "horizontal_flip": self.horizontal_flip,
+            "vertical_flip": self.vertical_flip, "fill_mode": self.fill_mode,
+            "fill_value": self.fill_value, "seed": self.seed,
+        })
+        return config
+
+
 def _shift_factor(value, size, name):
     """Legacy shift (fraction < 1, or pixels >= 1) -> fraction of size."""
     if isinstance(value, (list, tuple)):
@@ -169,34 +262,21 @@ class ImageAugmentationLayer(keras.layers.Layer):
 
     def build(self, input_shape):
         height, width = input_shape[1], input_shape[2]
-        fill = {"fill_mode": self.fill_mode, "fill_value": self.cval}
         self._random = []
-        if self.rotation_range:
-            self._random.append(keras.layers.RandomRotation(
-                self.rotation_range / 360.0, seed=self._seed(1), **fill))
         height_factor = _shift_factor(self.height_shift_range, height,
                                       "height_shift_range")
         width_factor = _shift_factor(self.width_shift_range, width,
                                      "width_shift_range")
-        if height_factor or width_factor:
-            self._random.append(keras.layers.RandomTranslation(
-                height_factor, width_factor, seed=self._seed(2), **fill))
-        if self.shear_range:
-            shear = math.tan(math.radians(self.shear_range))
-            self._random.append(keras.layers.RandomShear(
-                x_factor=(0.0, shear), y_factor=0.0, seed=self._seed(3), **fill))
-        low, high = _zoom_bounds(self.zoom_range)
-        if (low, high) != (1.0, 1.0):
-            # Legacy zoom z > 1 samples a larger area (zooms out), as a
-            # positive RandomZoom factor does; axes vary independently.
-            factor = (low - 1.0, high - 1.0)
-            self._random.append(keras.layers.RandomZoom(
-                factor, factor, seed=self._seed(4), **fill))
-        flip = {(True, True): "horizontal_and_vertical",
-                (True, False): "horizontal", (False, True): "vertical"}.get(
-                    (self.horizontal_flip, self.vertical_flip))
-        if flip:
-            self._random.append(keras.layers.RandomFlip(flip, seed=self._seed(5)))
+        zoom = _zoom_bounds(self.zoom_range)
+        if (self.rotation_range or height_factor or width_factor
+                or self.shear_range or zoom != (1.0, 1.0)
+                or self.horizontal_flip or self.vertical_flip):
+            self._random.append(RandomAffine(
+                rotation=self.rotation_range, shift=(height_factor, width_factor),
+                shear=self.shear_range, zoom=zoom,
+                horizontal_flip=self.horizontal_flip,
+                vertical_flip=self.vertical_flip, fill_mode=self.fill_mode,
+                fill_value=self.cval, seed=self._seed(1)))
         if self.brightness_range:
             self._random.append(RandomBrightnessScale(
                 *self.brightness_range, seed=self._seed(6)))
@@ -357,11 +437,12 @@ class ImageAugmentation:
             seed=self.seed, name=name)
 
     def _pipeline(self, ds, batch_size, shuffle, seed, size, augment=True,
-                  num_classes=None):
+                  num_classes=None, batched=False):
         layer = self.layer()
-        if shuffle:
-            ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size)
+        if not batched:
+            if shuffle:
+                ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
+            ds = ds.batch(batch_size)
         mixers = []
         if augment and self.mixup:
             mixers.append(keras.layers.MixUp(alpha=self.mixup, seed=seed))
@@ -418,8 +499,16 @@ class ImageAugmentation:
         parts = (x,) if y is None else (x, np.asarray(y)[index])
         if y is not None and len(parts[1]) != len(x):
             raise ValueError(f"x and y differ in length: {len(x)} and {len(parts[1])}")
-        ds = tf.data.Dataset.from_tensor_slices(parts if y is not None else x)
         seed = self.seed if seed is None else seed
+        # Shuffle indices and gather whole batches: much faster than
+        # slicing the arrays image by image.
+        tensors = tuple(tf.constant(p) for p in parts)
+        ds = tf.data.Dataset.range(len(x))
+        if shuffle:
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size).map(
+            lambda i: tuple(tf.gather(t, i) for t in tensors)
+            if y is not None else tf.gather(tensors[0], i))
         num_classes = None
         if y is not None and (self.mixup or self.cutmix):
             labels = parts[1]
@@ -427,7 +516,7 @@ class ImageAugmentation:
                            else int(labels.max()) + 1)
         return self._pipeline(ds, batch_size, shuffle, seed, len(x),
                               augment=subset != "validation",
-                              num_classes=num_classes)
+                              num_classes=num_classes, batched=True)
 
     def flow_from_directory(self, directory, target_size=(256, 256),
                             color_mode="rgb", classes=None,
