@@ -18,6 +18,7 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
+from _timing import EpochTimer
 
 import kft
 from kft.augment import ImageAugmentation
@@ -50,15 +51,6 @@ def throughput(size, batches):
     return ours, legacy
 
 
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def fit_cost(steps=30, epochs=3):

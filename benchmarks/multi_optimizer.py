@@ -12,24 +12,14 @@ by the number of times the train function is traced.
 
 import argparse
 import statistics
-import time
 
 import keras
 import numpy as np
+from _timing import EpochTimer
+from _timing import count_traces
 
 import kft
 from kft import optimizers
-
-
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def build():
@@ -51,17 +41,6 @@ def step_time(make_optimizer, data, steps, epochs=4):
     return statistics.median(timer.times[1:]) / steps, traces[0]
 
 
-def count_traces(model):
-    """Counts Python calls of train_step: in graph mode, one per trace."""
-    count = [0]
-    train_step = model.train_step
-
-    def counted(data):
-        count[0] += 1
-        return train_step(data)
-
-    model.train_step = counted
-    return count
 
 
 def main():

@@ -15,37 +15,14 @@ one process:
 
 import argparse
 import statistics
-import time
 
 import keras
 import numpy as np
+from _timing import EpochTimer
+from _timing import count_traces
 
 import kft
 from kft.callbacks import GradualUnfreezing
-
-
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
-
-
-def count_traces(model):
-    """Counts Python calls of train_step: in graph mode, one per trace."""
-    count = [0]
-    train_step = model.train_step
-
-    def counted(data):
-        count[0] += 1
-        return train_step(data)
-
-    model.train_step = counted
-    return count
 
 
 def build():

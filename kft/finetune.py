@@ -19,20 +19,12 @@ from pydantic import Field
 from kft.freezing import set_trainable
 from kft.heads import head_kind
 from kft.heads import loss_and_metrics
+from kft.optimizers import OPTIMIZER_CLASSES
 
 __all__ = ["OPTIMIZERS", "Stage", "fine_tune", "make_optimizer", "policy_stages"]
 
-OPTIMIZERS = {
-    "adam": keras.optimizers.Adam,
-    "adamw": keras.optimizers.AdamW,
-    "sgd": keras.optimizers.SGD,
-    "rmsprop": keras.optimizers.RMSprop,
-    "nadam": keras.optimizers.Nadam,
-    "adamax": keras.optimizers.Adamax,
-    "adagrad": keras.optimizers.Adagrad,
-    "lion": keras.optimizers.Lion,
-    "lamb": keras.optimizers.Lamb,
-}
+# The optimizer names stages accept (one table, shared with kft.optimizers).
+OPTIMIZERS = OPTIMIZER_CLASSES
 
 
 class _Strict(pydantic.BaseModel):
