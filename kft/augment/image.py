@@ -96,7 +96,9 @@ class RandomAffine(keras.layers.Layer):
 
     Args:
         rotation: max angle in degrees.
-        shift: `(height_fraction, width_fraction)` max shifts.
+        shift: `(height, width)`: each a max shift as a fraction of the
+            size (uniform in `[-s, s]`), or a tuple of fractions to choose
+            from.
         shear: max shear angle in degrees.
         zoom: `(low, high)` zoom factors per axis (> 1 zooms out).
         horizontal_flip, vertical_flip: random flips.
@@ -109,7 +111,9 @@ class RandomAffine(keras.layers.Layer):
                  fill_mode="nearest", fill_value=0.0, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.rotation = float(rotation)
-        self.shift = tuple(float(s) for s in shift)
+        self.shift = tuple(
+            tuple(float(c) for c in s) if isinstance(s, (list, tuple)) else float(s)
+            for s in shift)
         self.shear = float(shear)
         self.zoom = tuple(float(z) for z in zoom)
         self.horizontal_flip = bool(horizontal_flip)
@@ -121,6 +125,13 @@ class RandomAffine(keras.layers.Layer):
 
     def _uniform(self, batch, low, high):
         return keras.random.uniform((batch,), low, high, seed=self.seed_generator)
+
+    def _shift(self, batch, spec):
+        if isinstance(spec, tuple):
+            pick = keras.random.randint((batch,), 0, len(spec),
+                                        seed=self.seed_generator)
+            return keras.ops.take(keras.ops.convert_to_tensor(spec), pick)
+        return self._uniform(batch, -spec, spec)
 
     def _flip(self, batch, enabled):
         if not enabled:
@@ -138,8 +149,8 @@ class RandomAffine(keras.layers.Layer):
         width = ops.cast(shape[2], "float32")
         theta = self._uniform(batch, -self.rotation, self.rotation) * (math.pi / 180)
         shear = self._uniform(batch, -self.shear, self.shear) * (math.pi / 180)
-        ty = self._uniform(batch, -self.shift[0], self.shift[0]) * height
-        tx = self._uniform(batch, -self.shift[1], self.shift[1]) * width
+        ty = self._shift(batch, self.shift[0]) * height
+        tx = self._shift(batch, self.shift[1]) * width
         zy = self._uniform(batch, *self.zoom)
         zx = self._uniform(batch, *self.zoom)
         fx = self._flip(batch, self.horizontal_flip)
@@ -177,9 +188,14 @@ class RandomAffine(keras.layers.Layer):
 def _shift_factor(value, size, name):
     """Legacy shift (fraction < 1, or pixels >= 1) -> fraction of size."""
     if isinstance(value, (list, tuple)):
-        raise ValueError(
-            f"{name} as a list of choices is not supported yet; give a "
-            f"fraction (< 1) or a number of pixels. Received: {value!r}")
+        # Legacy: a random choice of these values, in pixels unless all of
+        # them are fractions (< 1 in size).
+        if not value:
+            raise ValueError(f"{name} must not be an empty list.")
+        choices = [float(v) for v in value]
+        if max(abs(v) for v in choices) >= 1:
+            choices = [v / size for v in choices]
+        return tuple(choices)
     value = float(value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0. Received: {value}")
@@ -336,7 +352,8 @@ class ImageAugmentation:
         rotation_range: degrees; each image turns by a uniform angle in
             `[-rotation_range, rotation_range]`.
         width_shift_range, height_shift_range: a fraction of the size
-            (< 1) or a number of pixels (>= 1).
+            (< 1) or a number of pixels (>= 1), or a list of values to
+            choose from (pixels, or fractions when all are < 1).
         brightness_range: `[low, high]`: each image is multiplied by a
             factor in that range (the legacy meaning;
             `keras.layers.RandomBrightness` adds an offset instead).
