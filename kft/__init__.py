@@ -10,6 +10,7 @@ from kft import backbones  # noqa: E402
 from kft import callbacks  # noqa: E402
 from kft import data  # noqa: E402
 from kft import heads  # noqa: E402
+from kft import lora  # noqa: E402
 from kft import optimizers  # noqa: E402
 from kft.backbones import backbone_blocks  # noqa: E402
 from kft.backbones import list_backbones  # noqa: E402
@@ -40,6 +41,7 @@ __all__ = [
     "freeze",
     "heads",
     "list_backbones",
+    "lora",
     "lr_find",
     "optimizers",
     "register_backbone",
