@@ -1,52 +1,40 @@
-"""LoRA for Keras: low-rank adapters on frozen Dense layers.
+"""LoRA for Keras: low-rank adapters on frozen Dense and EinsumDense layers.
 
-`LoRADense` computes `x @ W + b + (alpha / rank) * dropout(x) @ A @ B`
-with `W` frozen, so the full weight gradient is never formed (Keras'
-`Dense.enable_lora` rebuilds the merged kernel every step), supports
-dropout, `merge()` / `unmerge()`, and saves its adapters as weights of
-their own.
+A LoRA layer computes `x @ W + b + (alpha / rank) * dropout(x) @ A @ B`
+with `W` (and `b`) frozen, so the full weight gradient is never formed
+(Keras' `Dense.enable_lora` rebuilds the merged kernel every step). It
+has dropout, `merge()` / `unmerge()`, and saves its adapters as weights
+of their own. `apply_lora` adapts the matching layers of a built model in
+place (keras-hub backbones included); `save_adapter` / `load_adapter`
+write and read the adapters alone.
 
-Not yet here (issue #6): the EinsumDense variant, `apply_lora`,
-`merge_lora`, adapter-only files and prompt tuning.
+Not yet here (issue #6): several named adapters on one base, prompt
+tuning, text classifiers.
 """
 
+import hashlib
+import json
 import math
+import re
 
 import keras
+import numpy as np
 from keras import ops
 
-__all__ = ["LoRADense"]
+from kft.freezing import _trainable_after
+from kft.freezing import set_trainable_flag
+
+__all__ = ["LoRADense", "LoRAEinsumDense", "apply_lora", "load_adapter",
+           "lora_layers", "merge_lora", "save_adapter"]
+
+_FROZEN = ("kernel", "bias")
+_ADAPTER_FORMAT = "kft-lora-adapter/1"
 
 
-@keras.saving.register_keras_serializable(package="kft")
-class LoRADense(keras.layers.Dense):
-    """A Dense layer with a frozen kernel and a trainable low-rank update.
+class _LoRAMixin:
+    """What LoRADense and LoRAEinsumDense share."""
 
-    Args:
-        units: output size.
-        rank: rank `r` of the update `A @ B`.
-        alpha: scale numerator: the update is multiplied by `alpha / rank`
-            (or `alpha / sqrt(rank)` with `use_rslora`).
-        dropout: dropout on the adapter's input, while training.
-        use_rslora: rank-stabilised scaling (Kalajdzievski, 2023).
-        merged: whether the update is folded into the kernel (see
-            `merge`).
-        **kwargs: `keras.layers.Dense` arguments.
-
-    `A` starts He-uniform and `B` at zeros, so a fresh adapter changes
-    nothing; both are float32 whatever the dtype policy (LoRA weights
-    underflow in float16).
-
-    Example:
-
-    >>> layer = LoRADense(4, rank=2, alpha=4)
-    >>> layer(keras.ops.ones((1, 3))).shape
-    (1, 4)
-    """
-
-    def __init__(self, units, rank=8, alpha=16, dropout=0.0, use_rslora=False,
-                 merged=False, **kwargs):
-        super().__init__(units, **kwargs)
+    def _init_lora(self, rank, alpha, dropout, use_rslora, merged):
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(
                 f"rank must be an integer >= 1. Received: rank={rank!r}")
@@ -58,7 +46,6 @@ class LoRADense(keras.layers.Dense):
         self.dropout = float(dropout)
         self.use_rslora = bool(use_rslora)
         self.merged = bool(merged)
-        self._adapter_dropout = keras.layers.Dropout(self.dropout)
 
     @property
     def scale(self):
@@ -66,63 +53,354 @@ class LoRADense(keras.layers.Dense):
         return self.alpha / root
 
     def add_weight(self, *args, **kwargs):
-        # The pretrained kernel is created non-trainable, so that no
-        # `trainable = True` (Keras' or kft.unfreeze) can unfreeze it.
-        if kwargs.get("name") == "kernel":
+        # The pretrained kernel and bias are created non-trainable, so no
+        # `trainable = True` (Keras' or kft.unfreeze) can unfreeze them.
+        if kwargs.get("name") in _FROZEN:
             kwargs["trainable"] = False
         return super().add_weight(*args, **kwargs)
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        input_dim = input_shape[-1]
+    def _build_adapters(self):
+        fan_in, fan_out = self._adapter_dims()
+        self._dropout_seed = keras.random.SeedGenerator()
+        # float32 whatever the dtype policy: LoRA weights underflow in fp16.
         self.lora_a = self.add_weight(
-            name="lora_a", shape=(input_dim, self.rank),
+            name="lora_a", shape=(fan_in, self.rank),
             initializer=keras.initializers.HeUniform(), dtype="float32")
         self.lora_b = self.add_weight(
-            name="lora_b", shape=(self.rank, self.units),
-            initializer="zeros", dtype="float32")
+            name="lora_b", shape=(self.rank, fan_out), initializer="zeros",
+            dtype="float32")
+        # A variable, not a Python flag: a train or predict function traced
+        # before merge() must see the change.
+        self.lora_active = self.add_weight(
+            name="lora_active", shape=(), trainable=False, dtype="float32",
+            initializer=keras.initializers.Constant(0.0 if self.merged else 1.0))
 
-    def _delta(self):
-        return ops.matmul(self.lora_a, self.lora_b) * self.scale
+    def _update(self, inputs, training):
+        """scale * dropout(x) @ A @ B, in the output's layout."""
+        x = inputs
+        if training and self.dropout:
+            x = keras.random.dropout(x, self.dropout, seed=self._dropout_seed)
+        free = len(x.shape) - self._contracted
+        batch_shape = ops.shape(x)[:free]
+        flat = ops.reshape(ops.cast(x, "float32"), (*batch_shape, -1))
+        update = ops.matmul(ops.matmul(flat, self.lora_a), self.lora_b)
+        update = update * (self.scale * self.lora_active)
+        return ops.reshape(update, (*batch_shape, *self._output_dims))
 
-    def call(self, inputs, training=None):
-        outputs = ops.matmul(inputs, ops.cast(self._kernel, inputs.dtype))
-        if not self.merged:
-            x = self._adapter_dropout(inputs, training=training)
-            update = ops.matmul(ops.matmul(ops.cast(x, "float32"), self.lora_a),
-                                self.lora_b) * self.scale
-            outputs = outputs + ops.cast(update, outputs.dtype)
-        if self.use_bias:
-            outputs = outputs + ops.cast(self.bias, outputs.dtype)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+    def _delta_kernel(self):
+        return ops.reshape(ops.matmul(self.lora_a, self.lora_b) * self.scale,
+                           self._kernel.shape)
 
     def merge(self):
-        """Folds `scale * A @ B` into the kernel; output unchanged."""
+        """Folds `scale * A @ B` into the kernel; outputs unchanged."""
         if not self.merged:
-            self._kernel.assign(self._kernel + ops.cast(self._delta(),
+            self._kernel.assign(self._kernel + ops.cast(self._delta_kernel(),
                                                         self._kernel.dtype))
+            self.lora_active.assign(0.0)
             self.merged = True
 
     def unmerge(self):
         """Takes the update back out of the kernel."""
         if self.merged:
-            self._kernel.assign(self._kernel - ops.cast(self._delta(),
+            self._kernel.assign(self._kernel - ops.cast(self._delta_kernel(),
                                                         self._kernel.dtype))
+            self.lora_active.assign(1.0)
             self.merged = False
 
-    # Dense customises weight saving for its own LoRA and quantization;
-    # the plain Layer behaviour stores every variable, adapters included.
+    def _finish(self, outputs):
+        if self.bias is not None:
+            outputs = outputs + ops.cast(self.bias, outputs.dtype)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    # Dense and EinsumDense customise weight saving for their own LoRA and
+    # quantization; store every variable by name instead.
     def save_own_variables(self, store):
-        keras.layers.Layer.save_own_variables(self, store)
+        for variable in self.variables:
+            store[variable.name] = variable
 
     def load_own_variables(self, store):
-        keras.layers.Layer.load_own_variables(self, store)
+        for variable in self.variables:
+            if variable.name in store:
+                variable.assign(store[variable.name])
+
+    def _lora_config(self):
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "use_rslora": self.use_rslora, "merged": self.merged}
+
+
+@keras.saving.register_keras_serializable(package="kft")
+class LoRADense(_LoRAMixin, keras.layers.Dense):
+    """A Dense layer with a frozen kernel and a trainable low-rank update.
+
+    Args:
+        units: output size.
+        rank: rank `r` of the update `A @ B`.
+        alpha: the update is multiplied by `alpha / rank` (or
+            `alpha / sqrt(rank)` with `use_rslora`).
+        dropout: dropout on the adapter's input, while training.
+        use_rslora: rank-stabilised scaling (Kalajdzievski, 2023).
+        merged: whether the update is folded into the kernel.
+        **kwargs: `keras.layers.Dense` arguments.
+
+    `A` starts He-uniform and `B` at zeros, so a fresh adapter changes
+    nothing; both are float32. Kernel and bias stay frozen.
+
+    Example:
+
+    >>> layer = LoRADense(4, rank=2, alpha=4)
+    >>> layer(keras.ops.ones((1, 3))).shape
+    (1, 4)
+    """
+
+    def __init__(self, units, rank=8, alpha=16, dropout=0.0, use_rslora=False,
+                 merged=False, **kwargs):
+        super().__init__(units, **kwargs)
+        self._init_lora(rank, alpha, dropout, use_rslora, merged)
+
+    def _adapter_dims(self):
+        self._contracted = 1
+        self._output_dims = (self.units,)
+        return self._kernel.shape[0], self.units
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_adapters()
+
+    def call(self, inputs, training=None):
+        outputs = ops.matmul(inputs, ops.cast(self._kernel, inputs.dtype))
+        outputs = outputs + ops.cast(self._update(inputs, training), outputs.dtype)
+        return self._finish(outputs)
 
     def get_config(self):
-        config = super().get_config()
-        config.update({"rank": self.rank, "alpha": self.alpha,
-                       "dropout": self.dropout, "use_rslora": self.use_rslora,
-                       "merged": self.merged})
-        return config
+        return {**super().get_config(), **self._lora_config()}
+
+
+def _einsum_structure(equation, kernel_shape):
+    """For `...x,xk->...k` style equations: (contracted axes, output dims).
+
+    The contracted axes must be the input's last axes and the kernel's
+    first, and the output must be the input's other axes followed by the
+    kernel's other axes, so that `x @ A @ B` reshaped is the update.
+    """
+    match = re.fullmatch(r"(\w+),(\w+)->(\w+)", equation.replace(" ", ""))
+    if not match:
+        raise ValueError(f"LoRA does not support the equation {equation!r}.")
+    inputs, kernel, output = match.groups()
+    contracted = [c for c in kernel if c not in output]
+    n = len(contracted)
+    if (list(kernel[:n]) != contracted or list(inputs[-n:]) != contracted
+            or output != inputs[:-n] + kernel[n:]):
+        raise ValueError(
+            f"LoRA supports EinsumDense equations that contract the input's "
+            f"last axes with the kernel's first (e.g. 'abc,cde->abde'). "
+            f"Received: {equation!r}")
+    return n, tuple(int(d) for d in kernel_shape[n:])
+
+
+@keras.saving.register_keras_serializable(package="kft")
+class LoRAEinsumDense(_LoRAMixin, keras.layers.EinsumDense):
+    """An EinsumDense with a frozen kernel and a low-rank update.
+
+    keras-hub attention uses EinsumDense for query, key, value
+    (`abc,cde->abde`) and output (`abcd,cde->abe`). The input's contracted
+    axes are flattened, so the update is `x @ A @ B` reshaped, never the
+    full kernel. Arguments as `LoRADense`, plus EinsumDense's.
+    """
+
+    def __init__(self, equation, output_shape, rank=8, alpha=16, dropout=0.0,
+                 use_rslora=False, merged=False, **kwargs):
+        super().__init__(equation, output_shape, **kwargs)
+        self._init_lora(rank, alpha, dropout, use_rslora, merged)
+
+    def _adapter_dims(self):
+        self._contracted, self._output_dims = _einsum_structure(
+            self.equation, self._kernel.shape)
+        fan_in = math.prod(self._kernel.shape[: self._contracted])
+        return fan_in, math.prod(self._output_dims)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_adapters()
+
+    def call(self, inputs, training=None):
+        outputs = ops.einsum(self.equation, inputs,
+                             ops.cast(self._kernel, inputs.dtype))
+        outputs = outputs + ops.cast(self._update(inputs, training), outputs.dtype)
+        return self._finish(outputs)
+
+    def get_config(self):
+        return {**super().get_config(), **self._lora_config()}
+
+
+def lora_layers(model):
+    """The LoRA layers inside a model, in order."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, _LoRAMixin)]
+
+
+def _drop(variables, variable):
+    """Removes `variable` from a list by identity (== is elementwise)."""
+    for i, v in enumerate(variables):
+        if v is variable:
+            del variables[i]
+            return True
+    return False
+
+
+def _convert(layer, rank, alpha, dropout, use_rslora):
+    """Turns a built Dense / EinsumDense into its LoRA class, in place."""
+    target = LoRAEinsumDense if isinstance(layer, keras.layers.EinsumDense) \
+        else LoRADense
+    if isinstance(layer, keras.layers.EinsumDense):
+        _einsum_structure(layer.equation, layer._kernel.shape)  # supported?
+    layer._tracker.unlock()
+    layer.__class__ = target
+    layer._init_lora(rank, alpha, dropout, use_rslora, merged=False)
+    for variable in (layer._kernel, layer.bias):
+        if variable is not None and _drop(layer._trainable_variables, variable):
+            layer._non_trainable_variables.append(variable)
+            variable.trainable = False
+    layer._build_adapters()
+    layer._tracker.lock()
+
+
+def _matches(name, targets):
+    return any(t in name or re.search(t, name) for t in targets)
+
+
+def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
+               dropout=0.0, use_rslora=False, trainable=()):
+    """Adds LoRA adapters to the matching layers of a built model, in place.
+
+    Args:
+        model: a built Keras model (keras-hub backbones included).
+        targets: layer-name substrings or regexes; every Dense and
+            EinsumDense whose name (or path) matches is adapted.
+        rank, alpha, dropout, use_rslora: see `LoRADense`.
+        trainable: names (substrings or regexes) of other layers that keep
+            training, such as the classification head (PEFT's
+            `modules_to_save`).
+
+    Returns:
+        The number of layers adapted. Everything else, except what
+        `trainable` names, becomes untrainable.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    candidates = [
+        layer for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+        and not isinstance(layer, _LoRAMixin)
+    ]
+    chosen = [layer for layer in candidates
+              if _matches(layer.name, targets) or _matches(layer.path, targets)]
+    if not chosen:
+        names = sorted({layer.name for layer in candidates})
+        raise ValueError(
+            f"apply_lora: targets {list(targets)} match no Dense or EinsumDense "
+            f"layer. Candidates: {names[:30]}{' ...' if len(names) > 30 else ''}")
+    for layer in chosen:
+        if not layer.built:
+            raise ValueError(f"apply_lora: layer {layer.name!r} is not built yet.")
+        _convert(layer, rank, alpha, dropout, use_rslora)
+    keep = [layer for layer in model._flatten_layers(include_self=False)
+            if trainable and (_matches(layer.name, trainable))]
+    set_trainable_flag(model, False)
+    _trainable_after(model, {id(layer): True for layer in chosen + keep})
+    return len(chosen)
+
+
+def merge_lora(model):
+    """Folds every adapter into its kernel and turns the LoRA layers back
+    into plain Dense / EinsumDense, in place: outputs are unchanged and
+    the model saves and reloads with plain Keras. Returns the count."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.merge()
+        plain = keras.layers.EinsumDense if isinstance(layer, LoRAEinsumDense) \
+            else keras.layers.Dense
+        layer._tracker.unlock()
+        for variable in (layer.lora_a, layer.lora_b):
+            _drop(layer._trainable_variables, variable)
+        _drop(layer._non_trainable_variables, layer.lora_active)
+        del layer.lora_a, layer.lora_b, layer.lora_active
+        layer.__class__ = plain
+        layer._tracker.lock()
+    return len(layers)
+
+
+def _fingerprint(model):
+    """A hash of the base model: its non-LoRA variables' paths and shapes."""
+    items = sorted(
+        (v.path, tuple(v.shape)) for v in model.weights
+        if not v.path.endswith(("/lora_a", "/lora_b", "/lora_active")))
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+
+def save_adapter(model, path):
+    """Writes the adapters alone (`.npz`), keyed by variable path, with
+    their rank, alpha, targets and a fingerprint of the base model."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRA layers.")
+    meta = {
+        "format": _ADAPTER_FORMAT,
+        "fingerprint": _fingerprint(model),
+        "layers": {layer.path: {"rank": layer.rank, "alpha": layer.alpha,
+                                "dropout": layer.dropout,
+                                "use_rslora": layer.use_rslora}
+                   for layer in layers},
+    }
+    arrays = {}
+    for layer in layers:
+        if layer.merged:
+            raise ValueError(
+                f"save_adapter: layer {layer.path!r} is merged; unmerge first.")
+        arrays[f"{layer.path}/lora_a"] = np.asarray(layer.lora_a)
+        arrays[f"{layer.path}/lora_b"] = np.asarray(layer.lora_b)
+    with open(path, "wb") as f:
+        np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
+    return path
+
+
+def load_adapter(model, path):
+    """Loads adapters saved by `save_adapter` onto a model.
+
+    A base model without LoRA layers gets them first (same targets and
+    ranks as saved). A different base model (fingerprint) or rank is a
+    clear error.
+    """
+    with np.load(path) as data:
+        meta = json.loads(str(data["__meta__"]))
+        arrays = {k: data[k] for k in data.files if k != "__meta__"}
+    if meta.get("format") != _ADAPTER_FORMAT:
+        raise ValueError(f"{path!r} is not a kft LoRA adapter file.")
+    if _fingerprint(model) != meta["fingerprint"]:
+        raise ValueError(
+            f"The adapter in {path!r} was trained on a different base model "
+            f"(fingerprint {meta['fingerprint']}, this model "
+            f"{_fingerprint(model)}).")
+    existing = {layer.path: layer for layer in lora_layers(model)}
+    if not existing:
+        by_path = {layer.path: layer for layer in model._flatten_layers()}
+        for layer_path, config in meta["layers"].items():
+            _convert(by_path[layer_path], config["rank"], config["alpha"],
+                     config["dropout"], config["use_rslora"])
+        set_trainable_flag(model, False)
+        _trainable_after(model, {id(by_path[p]): True for p in meta["layers"]})
+        existing = {layer.path: layer for layer in lora_layers(model)}
+    for layer_path, config in meta["layers"].items():
+        layer = existing.get(layer_path)
+        if layer is None:
+            raise ValueError(
+                f"The adapter has layer {layer_path!r}, which this model's LoRA "
+                f"layers lack: {sorted(existing)}")
+        if layer.rank != config["rank"]:
+            raise ValueError(
+                f"Adapter rank {config['rank']} for {layer_path!r} does not "
+                f"match the model's LoRA rank {layer.rank}.")
+        layer.lora_a.assign(arrays[f"{layer_path}/lora_a"])
+        layer.lora_b.assign(arrays[f"{layer_path}/lora_b"])
+    return len(meta["layers"])

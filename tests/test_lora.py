@@ -19,7 +19,7 @@ def test_fresh_adapter_changes_nothing_and_only_adapters_train():
     plain = x @ np.asarray(layer._kernel) + np.asarray(layer.bias)
     np.testing.assert_allclose(np.asarray(layer(x)), plain, rtol=1e-5, atol=1e-6)
     trainable = {w.path for w in layer.trainable_weights}
-    assert trainable == {"adapted/bias", "adapted/lora_a", "adapted/lora_b"}
+    assert trainable == {"adapted/lora_a", "adapted/lora_b"}
     kernel = np.array(layer._kernel)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     model.fit(x, np.ones((8, 2)), epochs=2, verbose=0)
@@ -84,3 +84,136 @@ def test_no_unfreeze_can_make_the_base_kernel_trainable():
     layer.trainable = True
     paths = {w.path for w in model.trainable_weights}
     assert "adapted/kernel" not in paths and "adapted/lora_a" in paths
+
+
+def _bert(hidden=8, seed=0):
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=hidden,
+        intermediate_dim=16, max_sequence_length=16)
+    inputs = backbone.input
+    outputs = keras.layers.Dense(3, name="head_output")(
+        backbone(inputs)["pooled_output"])
+    return keras.Model(inputs, outputs)
+
+
+def _bert_inputs(n=8):
+    rng = np.random.default_rng(0)
+    return {"token_ids": rng.integers(1, 50, (n, 16)).astype("int32"),
+            "segment_ids": np.zeros((n, 16), "int32"),
+            "padding_mask": np.ones((n, 16), "int32")}
+
+
+def test_apply_lora_on_a_keras_hub_backbone_trains_only_adapters_and_head():
+    from kft.lora import apply_lora
+    from kft.lora import lora_layers
+
+    model = _bert()
+    x = _bert_inputs()
+    before_out = model.predict(x, verbose=0)
+    count = apply_lora(model, targets=("query", "value"), rank=2, alpha=4,
+                       trainable=("head_output",))
+    assert count == 4  # 2 layers x (query, value)
+    np.testing.assert_allclose(model.predict(x, verbose=0), before_out, atol=1e-6)
+    trainable = {w.path for w in model.trainable_weights}
+    assert all(p.endswith(("lora_a", "lora_b")) or p.startswith("head_output")
+               for p in trainable)
+    assert len(trainable) == 4 * 2 + 2
+    before = {w.path: np.array(w) for w in model.weights}
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss="sparse_categorical_crossentropy")
+    model.fit(x, np.arange(8) % 3, epochs=2, verbose=0)
+    changed = {w.path for w in model.weights
+               if not np.array_equal(before[w.path], np.asarray(w))}
+    # Only adapters and the head moved; every B and the head did move.
+    assert changed <= trainable
+    assert {p for p in trainable if p.endswith("lora_b")} <= changed
+    assert "head_output/kernel" in changed
+    assert len(lora_layers(model)) == 4
+
+
+def test_merge_lora_keeps_outputs_and_leaves_plain_keras_layers(tmp_path):
+    from kft.lora import apply_lora
+    from kft.lora import lora_layers
+    from kft.lora import merge_lora
+
+    model = _bert()
+    apply_lora(model, targets=("query", "value", "attention_output"), rank=2)
+    for layer in lora_layers(model):
+        layer.lora_b.assign(np.random.default_rng(1).normal(
+            size=layer.lora_b.shape).astype("float32") * 0.1)
+    x = _bert_inputs()
+    want = model.predict(x, verbose=0)
+    assert merge_lora(model) == 6
+    np.testing.assert_allclose(model.predict(x, verbose=0), want, atol=1e-5)
+    assert not lora_layers(model)
+    assert "kft>" not in json_config(model)
+
+
+def json_config(model):
+    import json
+
+    return json.dumps(model.get_config(), default=str)
+
+
+def test_adapter_file_round_trip_and_clear_errors(tmp_path):
+    from kft.lora import apply_lora
+    from kft.lora import load_adapter
+    from kft.lora import save_adapter
+
+    base_weights = str(tmp_path / "base.weights.h5")
+    model = _bert(seed=3)
+    model.save_weights(base_weights)
+    apply_lora(model, rank=2, alpha=4)
+    from kft.lora import lora_layers
+
+    for layer in lora_layers(model):
+        layer.lora_b.assign(np.full(layer.lora_b.shape, 0.05, "float32"))
+    x = _bert_inputs()
+    want = model.predict(x, verbose=0)
+    path = str(tmp_path / "adapter.npz")
+    save_adapter(model, path)
+
+    fresh = _bert(seed=9)
+    fresh.load_weights(base_weights)
+    assert load_adapter(fresh, path) == 4
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), want, atol=1e-5)
+
+    with pytest.raises(ValueError, match="different base model"):
+        load_adapter(_bert(hidden=12), path)
+    other = _bert(seed=3)
+    apply_lora(other, rank=4)
+    with pytest.raises(ValueError, match="rank 2"):
+        load_adapter(other, path)
+    import os
+
+    full = str(tmp_path / "full.weights.h5")
+    model.save_weights(full)
+    assert os.path.getsize(path) < os.path.getsize(full)
+
+
+def test_apply_lora_errors_list_candidates():
+    from kft.lora import apply_lora
+
+    with pytest.raises(ValueError, match="Candidates: .*query"):
+        apply_lora(_bert(), targets=("nonexistent",))
+
+
+def test_keras_round_trip_keeps_nonzero_adapters(tmp_path):
+    from kft.lora import apply_lora
+
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(5, name="query")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+    apply_lora(model, targets=("query",), rank=2, trainable=("head",))
+    model.get_layer("query").lora_b.assign(np.full((2, 5), 0.2, "float32"))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    layer = reloaded.get_layer("query")
+    assert isinstance(layer, LoRADense)
+    np.testing.assert_allclose(np.asarray(layer.lora_b), 0.2)
+    data = np.ones((2, 6), "float32")
+    np.testing.assert_allclose(reloaded.predict(data, verbose=0),
+                               model.predict(data, verbose=0), rtol=1e-5)
