@@ -267,3 +267,14 @@ def test_statistics_match_the_legacy_image_data_generator():
     assert abs(ours_moves.mean() - theirs_moves.mean()) < 0.8
     assert ours_moves.max() <= 9 and theirs_moves.max() <= 9
     del rng
+
+
+def test_flow_from_directory_takes_validation_split_per_call(tmp_path):
+    _folder(tmp_path, per_class=4)
+    aug = ImageAugmentation()
+    val, _ = _batches(aug.flow_from_directory(
+        str(tmp_path), target_size=(8, 8), class_mode="sparse",
+        subset="validation", validation_split=0.5))
+    assert len(val) == 6
+    with pytest.raises(ValueError, match="needs validation_split"):
+        aug.flow_from_directory(str(tmp_path), subset="validation")

@@ -483,18 +483,20 @@ class ImageAugmentation:
         calls = _AUTOTUNE if (seed is None and self.seed is None) else None
         return ds.map(apply, num_parallel_calls=calls).prefetch(_AUTOTUNE)
 
-    def _split(self, n, subset, seed):
+    def _split(self, n, subset, seed, validation_split=None):
+        if validation_split is None:
+            validation_split = self.validation_split
         if subset is None:
             return np.arange(n)
         if subset not in ("training", "validation"):
             raise ValueError(
                 f"subset must be None, 'training' or 'validation'. Received: "
                 f"subset={subset!r}")
-        if not self.validation_split:
+        if not validation_split:
             raise ValueError(
-                f"subset={subset!r} needs validation_split > 0 in "
-                "ImageAugmentation(...).")
-        split = int(round(n * self.validation_split))
+                f"subset={subset!r} needs validation_split > 0 (in "
+                "ImageAugmentation(...) or flow_from_directory(...)).")
+        split = int(round(n * validation_split))
         # Legacy: the validation subset is the first share of the data.
         return np.arange(split) if subset == "validation" else np.arange(split, n)
 
@@ -539,15 +541,20 @@ class ImageAugmentation:
                             color_mode="rgb", classes=None,
                             class_mode="categorical", batch_size=32,
                             shuffle=True, seed=None, subset=None,
-                            interpolation="bilinear"):
+                            interpolation="bilinear", validation_split=None):
         """Augmented batches from `directory/<class>/<image>` files.
 
         Classes are the sub-folder names in alphabetical order (or
         `classes`), as in the legacy class; `self.class_indices` maps them
         to labels. `class_mode`: `"categorical"` (one-hot), `"binary"`
         (0/1 floats), `"sparse"` (integers), `"input"` (the image itself)
-        or `None` (images only).
+        or `None` (images only). `validation_split`, when given, overrides
+        the one passed to the constructor for this call.
         """
+        if validation_split is not None and not 0.0 <= validation_split < 1.0:
+            raise ValueError(
+                "validation_split must be in [0, 1). Received: "
+                f"validation_split={validation_split}")
         if class_mode not in CLASS_MODES:
             raise ValueError(
                 f"class_mode must be one of {CLASS_MODES}. Received: "
@@ -578,7 +585,8 @@ class ImageAugmentation:
         keep = []
         for label in range(len(classes)):
             members = np.flatnonzero(labels == label)
-            keep.extend(members[self._split(len(members), subset, seed)])
+            keep.extend(members[self._split(len(members), subset, seed,
+                                            validation_split)])
         keep = np.array(sorted(keep), dtype="int64")
         paths, labels = paths[keep], labels[keep]
         channels = {"rgb": 3, "grayscale": 1, "rgba": 4}[color_mode]

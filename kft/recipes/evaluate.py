@@ -88,8 +88,12 @@ def export_run(run_dir, format="keras", merge_lora=False, output=None):
     """Writes the run's model as a `.keras` file or a TF SavedModel."""
     _, model = load_run(run_dir)
     if merge_lora:
-        raise RecipeError(
-            "--merge-lora: this model has no LoRA adapters to merge.")
+        from kft import lora
+
+        if not lora.lora_layers(model):
+            raise RecipeError(
+                "--merge-lora: this model has no LoRA adapters to merge.")
+        lora.merge_lora(model)
     output = output or os.path.join(run_dir, "export")
     os.makedirs(output, exist_ok=True)
     if format == "keras":
