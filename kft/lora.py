@@ -8,8 +8,8 @@ of their own. `apply_lora` adapts the matching layers of a built model in
 place (keras-hub backbones included); `save_adapter` / `load_adapter`
 write and read the adapters alone.
 
-Not yet here (issue #6): several named adapters on one base, prompt
-tuning, text classifiers.
+Several adapters can live on one base under names (`load_adapter(...,
+name=)`, `set_adapter`), and `disable_adapters` runs the plain base.
 """
 
 import hashlib
@@ -24,8 +24,9 @@ from keras import ops
 from kft.freezing import _trainable_after
 from kft.freezing import set_trainable_flag
 
-__all__ = ["LoRADense", "LoRAEinsumDense", "apply_lora", "load_adapter",
-           "lora_layers", "merge_lora", "save_adapter"]
+__all__ = ["LoRADense", "LoRAEinsumDense", "active_adapter", "apply_lora",
+           "disable_adapters", "enable_adapters", "load_adapter", "lora_layers",
+           "merge_lora", "save_adapter", "set_adapter"]
 
 _FROZEN = ("kernel", "bias")
 _ADAPTER_FORMAT = "kft-lora-adapter/1"
@@ -365,12 +366,68 @@ def save_adapter(model, path):
     return path
 
 
-def load_adapter(model, path):
-    """Loads adapters saved by `save_adapter` onto a model.
+def _adapter_store(model):
+    if not hasattr(model, "_kft_adapters"):
+        model._kft_adapters = {}
+        model._kft_active_adapter = "default"
+    return model._kft_adapters
+
+
+def _stash_active(model):
+    """Keeps the current adapter values under the active name."""
+    store = _adapter_store(model)
+    store[model._kft_active_adapter] = {
+        layer.path: (np.array(layer.lora_a), np.array(layer.lora_b))
+        for layer in lora_layers(model)}
+
+
+def active_adapter(model):
+    """The name of the adapter the model runs with."""
+    _adapter_store(model)
+    return model._kft_active_adapter
+
+
+def set_adapter(model, name):
+    """Switches the model to the adapter loaded under `name`."""
+    store = _adapter_store(model)
+    if name not in store and name != model._kft_active_adapter:
+        raise ValueError(
+            f"No adapter named {name!r}. Loaded: "
+            f"{sorted(set(store) | {model._kft_active_adapter})}")
+    if name == model._kft_active_adapter:
+        return
+    _stash_active(model)
+    for layer in lora_layers(model):
+        a, b = store[name][layer.path]
+        layer.lora_a.assign(a)
+        layer.lora_b.assign(b)
+    model._kft_active_adapter = name
+
+
+def disable_adapters(model):
+    """Runs the base model alone (adapters kept, not merged)."""
+    for layer in lora_layers(model):
+        if layer.merged:
+            raise ValueError(
+                f"Layer {layer.path!r} is merged: unmerge it before disabling.")
+        layer.lora_active.assign(0.0)
+
+
+def enable_adapters(model):
+    """Undoes `disable_adapters`."""
+    for layer in lora_layers(model):
+        if not layer.merged:
+            layer.lora_active.assign(1.0)
+
+
+def load_adapter(model, path, name="default"):
+    """Loads adapters saved by `save_adapter` onto a model, as `name`.
 
     A base model without LoRA layers gets them first (same targets and
     ranks as saved). A different base model (fingerprint) or rank is a
-    clear error.
+    clear error. Loading under a new name keeps the adapter that was
+    active under its own name (`set_adapter` switches back); the loaded
+    one becomes active.
     """
     with np.load(path) as data:
         meta = json.loads(str(data["__meta__"]))
@@ -391,6 +448,8 @@ def load_adapter(model, path):
         set_trainable_flag(model, False)
         _trainable_after(model, {id(by_path[p]): True for p in meta["layers"]})
         existing = {layer.path: layer for layer in lora_layers(model)}
+    if name != active_adapter(model):
+        _stash_active(model)
     for layer_path, config in meta["layers"].items():
         layer = existing.get(layer_path)
         if layer is None:
@@ -403,4 +462,5 @@ def load_adapter(model, path):
                 f"match the model's LoRA rank {layer.rank}.")
         layer.lora_a.assign(arrays[f"{layer_path}/lora_a"])
         layer.lora_b.assign(arrays[f"{layer_path}/lora_b"])
+    model._kft_active_adapter = name
     return len(meta["layers"])

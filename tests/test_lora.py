@@ -217,3 +217,38 @@ def test_keras_round_trip_keeps_nonzero_adapters(tmp_path):
     data = np.ones((2, 6), "float32")
     np.testing.assert_allclose(reloaded.predict(data, verbose=0),
                                model.predict(data, verbose=0), rtol=1e-5)
+
+
+def test_named_adapters_switch_and_disable(tmp_path):
+    from kft.lora import active_adapter
+    from kft.lora import apply_lora
+    from kft.lora import disable_adapters
+    from kft.lora import enable_adapters
+    from kft.lora import load_adapter
+    from kft.lora import lora_layers
+    from kft.lora import save_adapter
+    from kft.lora import set_adapter
+
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="query")(inputs))
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    base = model.predict(x, verbose=0)
+    apply_lora(model, targets=("query",), rank=2)
+    layer = lora_layers(model)[0]
+    outputs = {}
+    for name, value in (("a", 0.1), ("b", -0.2)):
+        layer.lora_b.assign(np.full((2, 3), value, "float32"))
+        save_adapter(model, str(tmp_path / f"{name}.npz"))
+        outputs[name] = model.predict(x, verbose=0)
+    load_adapter(model, str(tmp_path / "a.npz"), name="a")
+    load_adapter(model, str(tmp_path / "b.npz"), name="b")
+    assert active_adapter(model) == "b"
+    np.testing.assert_allclose(model.predict(x, verbose=0), outputs["b"], atol=1e-6)
+    set_adapter(model, "a")
+    np.testing.assert_allclose(model.predict(x, verbose=0), outputs["a"], atol=1e-6)
+    disable_adapters(model)
+    np.testing.assert_allclose(model.predict(x, verbose=0), base, atol=1e-6)
+    enable_adapters(model)
+    np.testing.assert_allclose(model.predict(x, verbose=0), outputs["a"], atol=1e-6)
+    with pytest.raises(ValueError, match="No adapter named 'c'"):
+        set_adapter(model, "c")
