@@ -19,8 +19,10 @@ __all__ = [
     "check_labels",
     "from_image_folder",
     "from_numpy",
+    "from_texts",
     "from_tfds",
     "load_builtin",
+    "load_text_file",
     "load_fashion_mnist",
     "subset_per_class",
 ]
@@ -438,3 +440,84 @@ def load_builtin(name):
             (data["x_val"], data["y_val"]),
             [str(c) for c in data["class_names"]],
         )
+
+
+def load_text_file(path, text_column="text", label_column="label"):
+    """Reads texts and labels from a `.csv` (with a header row) or `.jsonl`.
+
+    Labels may be integers or names; names are mapped to indices in
+    alphabetical order.
+
+    Returns:
+        `(texts, labels, class_names)`.
+    """
+    import csv
+    import json
+
+    if not os.path.isfile(path):
+        raise ValueError(f"Text file not found: {path!r}")
+    rows = []
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(
+                            f"{path}:{number}: not valid JSON: {error}") from None
+    elif path.endswith((".csv", ".tsv")):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(
+                f, delimiter="\t" if path.endswith(".tsv") else ","))
+    else:
+        raise ValueError(
+            f"Text data must be .csv, .tsv or .jsonl. Received: {path!r}")
+    if not rows:
+        raise ValueError(f"{path!r} holds no examples.")
+    for key in (text_column, label_column):
+        if key not in rows[0]:
+            raise ValueError(
+                f"{path!r} has no column {key!r}. Columns: {sorted(rows[0])}")
+    texts = [str(r[text_column]) for r in rows]
+    raw = [r[label_column] for r in rows]
+    try:
+        labels = [int(v) for v in raw]
+        class_names = [str(i) for i in range(max(labels) + 1)]
+    except (TypeError, ValueError):
+        class_names = sorted({str(v) for v in raw})
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = [index[str(v)] for v in raw]
+    return texts, labels, class_names
+
+
+def from_texts(texts, labels, *, batch_size=32, validation_split=0.2,
+               shuffle=True, seed=0, class_names=None):
+    """Batched `tf.data` pipelines of `(string, label)` for text models.
+
+    A keras-hub text classifier (`kft.build_text_classifier`) takes these
+    raw strings. The validation split is stratified.
+
+    Returns:
+        A `DataBundle` (`input_shape` is `()`).
+    """
+    texts = np.asarray([str(t) for t in texts], dtype=object)
+    labels = np.asarray(labels)
+    if len(texts) != len(labels):
+        raise ValueError(
+            f"texts and labels differ in length: {len(texts)} and {len(labels)}")
+    num_classes = check_labels(labels, len(class_names) if class_names else None,
+                               where="labels")
+    (train_x, train_y), val = _split(texts, labels.astype("int32"),
+                                     validation_split, seed)
+
+    def pipeline(x, y, shuffle_it):
+        ds = tf.data.Dataset.from_tensor_slices((x.astype(str), y))
+        if shuffle_it:
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size).prefetch(_AUTOTUNE)
+
+    train = pipeline(train_x, train_y, shuffle)
+    val_ds = pipeline(*val, False) if val is not None else None
+    names = class_names or [str(i) for i in range(num_classes)]
+    return DataBundle(train, val_ds, names, ())

@@ -57,3 +57,27 @@ def test_lora_on_real_minilm_adapts_12_layers_under_one_percent():
     assert trainable / total <= 0.01
     assert model.predict(["computers are fast", "poems rhyme"],
                          verbose=0).shape == (2, 4)
+
+
+def test_text_files_and_pipelines(tmp_path):
+    import json
+
+    csv_path = tmp_path / "reviews.csv"
+    csv_path.write_text('text,label\n"good movie, truly",pos\nbad film,neg\n'
+                        "great film,pos\nawful movie,neg\n")
+    texts, labels, names = kft.data.load_text_file(str(csv_path))
+    assert names == ["neg", "pos"] and labels == [1, 0, 1, 0]
+    assert texts[0] == "good movie, truly"
+    jsonl = tmp_path / "r.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": t, "y": i % 2})
+                               for i, t in enumerate(texts)))
+    texts2, labels2, _ = kft.data.load_text_file(str(jsonl), "body", "y")
+    assert texts2 == texts and labels2 == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="no column 'review'"):
+        kft.data.load_text_file(str(csv_path), text_column="review")
+    bundle = kft.data.from_texts(texts * 3, labels * 3, batch_size=4,
+                                 validation_split=0.25, class_names=names)
+    batch_x, batch_y = next(iter(bundle.train))
+    assert batch_x.dtype.name == "string" and batch_y.shape[0] <= 4
+    n_val = sum(len(y) for _, y in bundle.val)
+    assert n_val == 4
