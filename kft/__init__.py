@@ -12,6 +12,7 @@ from kft import data  # noqa: E402
 from kft import heads  # noqa: E402
 from kft import lora  # noqa: E402
 from kft import optimizers  # noqa: E402
+from kft import prompt  # noqa: E402
 from kft.backbones import backbone_blocks  # noqa: E402
 from kft.backbones import list_backbones  # noqa: E402
 from kft.backbones import register_backbone  # noqa: E402
@@ -46,6 +47,7 @@ __all__ = [
     "lora",
     "lr_find",
     "optimizers",
+    "prompt",
     "register_backbone",
     "trainable_summary",
     "unfreeze",
