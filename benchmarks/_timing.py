@@ -32,3 +32,16 @@ def count_traces(model):
 
     model.train_step = counted
     return count
+
+
+def synthetic_images(steps, size=96, classes=4, batch_size=32):
+    """A cached, repeating dataset of `steps` batches of random images."""
+    import numpy as np
+
+    import kft
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (batch_size * steps, size, size, 3)).astype("float32")
+    y = rng.integers(0, classes, len(x))
+    data = kft.data.from_numpy(x, y, batch_size=batch_size, shuffle=False).train
+    return data.cache().repeat()

@@ -14,9 +14,9 @@ import argparse
 import statistics
 
 import keras
-import numpy as np
 from _timing import EpochTimer
 from _timing import count_traces
+from _timing import synthetic_images
 
 import kft
 from kft import optimizers
@@ -49,11 +49,7 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
 
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (32 * args.steps, 96, 96, 3)).astype("float32")
-    y = rng.integers(0, 4, len(x))
-    data = kft.data.from_numpy(x, y, batch_size=32, shuffle=False).train
-    data = data.cache().repeat()
+    data = synthetic_images(args.steps)
 
     variants = {
         "single Adam": lambda m: keras.optimizers.Adam(1e-3),

@@ -17,9 +17,9 @@ import argparse
 import statistics
 
 import keras
-import numpy as np
 from _timing import EpochTimer
 from _timing import count_traces
+from _timing import synthetic_images
 
 import kft
 from kft.callbacks import GradualUnfreezing
@@ -47,11 +47,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--blocks", type=int, default=6)
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (32 * args.steps, 96, 96, 3)).astype("float32")
-    y = rng.integers(0, 4, len(x))
-    data = kft.data.from_numpy(x, y, batch_size=32, shuffle=False).train
-    data = data.cache().repeat()
+    data = synthetic_images(args.steps)
 
     results = {k: [] for k in ("head", "all", "after_unfreeze", "fresh")}
     traces = {}
