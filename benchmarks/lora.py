@@ -25,8 +25,7 @@ from _timing import EpochTimer
 
 import kft
 from kft import lora
-from kft.freezing import _trainable_after
-from kft.freezing import set_trainable_flag
+from kft.freezing import train_only
 
 
 def minilm():
@@ -91,8 +90,7 @@ def main():
 
     theirs = minilm()
     chosen = targets(theirs) + [theirs.get_layer("logits")]
-    set_trainable_flag(theirs, False)
-    _trainable_after(theirs, {id(layer): True for layer in chosen})
+    train_only(theirs, chosen)
     for layer in targets(theirs):
         layer.enable_lora(8)
     keras_time = step_time(theirs, ds, args.steps)

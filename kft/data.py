@@ -37,6 +37,7 @@ BUILTIN_DATASETS = {
     "fashion_mnist_holdout": os.path.join(_ASSETS, "fashion_mnist_holdout.npz"),
 }
 _AUTOTUNE = tf.data.AUTOTUNE
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 class DataBundle:
@@ -253,7 +254,7 @@ def _list_class_folders(directory):
         )
     empty = [
         c for c in classes if not any(
-            f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".gif"))
+            f.lower().endswith(IMAGE_EXTENSIONS)
             for f in os.listdir(os.path.join(directory, c))
         )
     ]

@@ -33,6 +33,7 @@ __all__ = [
     "freeze",
     "set_trainable",
     "set_trainable_flag",
+    "train_only",
     "trainable_summary",
     "unfreeze",
 ]
@@ -70,6 +71,18 @@ def _leaves(layer):
 
 def _count(weights):
     return int(sum(np.prod(w.shape) for w in weights))
+
+
+def train_only(model, layers):
+    """Freezes the whole model except `layers` (and what they contain).
+
+    Unlike setting flags one by one, the containers around those layers
+    are opened, so Keras really trains them.
+    """
+    set_trainable_flag(model, False)
+    _trainable_after(model, {id(leaf): True for layer in layers
+                             for leaf in _leaves(layer)})
+    return model
 
 
 def freeze(model_or_layer):

@@ -21,8 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kft.freezing import _trainable_after
-from kft.freezing import set_trainable_flag
+from kft.freezing import train_only
 
 __all__ = ["LoRADense", "LoRAEinsumDense", "active_adapter", "apply_lora",
            "disable_adapters", "enable_adapters", "load_adapter", "lora_layers",
@@ -308,8 +307,7 @@ def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
         _convert(layer, rank, alpha, dropout, use_rslora)
     keep = [layer for layer in model._flatten_layers(include_self=False)
             if trainable and (_matches(layer.name, trainable))]
-    set_trainable_flag(model, False)
-    _trainable_after(model, {id(layer): True for layer in chosen + keep})
+    train_only(model, chosen + keep)
     return len(chosen)
 
 
@@ -445,8 +443,7 @@ def load_adapter(model, path, name="default"):
         for layer_path, config in meta["layers"].items():
             _convert(by_path[layer_path], config["rank"], config["alpha"],
                      config["dropout"], config["use_rslora"])
-        set_trainable_flag(model, False)
-        _trainable_after(model, {id(by_path[p]): True for p in meta["layers"]})
+        train_only(model, [by_path[p] for p in meta["layers"]])
         existing = {layer.path: layer for layer in lora_layers(model)}
     if name != active_adapter(model):
         _stash_active(model)

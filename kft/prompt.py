@@ -12,6 +12,11 @@ from kft.freezing import set_trainable_flag
 __all__ = ["PromptTuning", "prompt_tune"]
 
 
+def _insert_after_first(sequence, values):
+    """`sequence[:, :1] + values + sequence[:, 1:]` along axis 1."""
+    return ops.concatenate([sequence[:, :1], values, sequence[:, 1:]], axis=1)
+
+
 @keras.saving.register_keras_serializable(package="kft")
 class PromptTuning(keras.layers.Layer):
     """Inserts `num_virtual_tokens` trainable embeddings after position 0.
@@ -46,8 +51,7 @@ class PromptTuning(keras.layers.Layer):
         prompt = ops.broadcast_to(
             ops.cast(self.prompt, embeddings.dtype)[None],
             (batch, self.num_virtual_tokens, ops.shape(embeddings)[-1]))
-        return ops.concatenate(
-            [embeddings[:, :1], prompt, embeddings[:, 1:]], axis=1)
+        return _insert_after_first(embeddings, prompt)
 
     def get_config(self):
         config = super().get_config()
@@ -60,6 +64,9 @@ class PromptTuning(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="kft")
 class _InsertIds(keras.layers.Layer):
+    """Inserts `fill` after position 0 of `(batch, length)` ids or masks,
+    so segments and the padding mask line up with the virtual tokens."""
+
     def __init__(self, num_virtual_tokens, fill, **kwargs):
         super().__init__(**kwargs)
         self.num_virtual_tokens, self.fill = num_virtual_tokens, fill
@@ -67,7 +74,7 @@ class _InsertIds(keras.layers.Layer):
     def call(self, ids):
         batch = ops.shape(ids)[0]
         pad = ops.full((batch, self.num_virtual_tokens), self.fill, dtype=ids.dtype)
-        return ops.concatenate([ids[:, :1], pad, ids[:, 1:]], axis=1)
+        return _insert_after_first(ids, pad)
 
     def get_config(self):
         return {**super().get_config(), "num_virtual_tokens":

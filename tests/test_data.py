@@ -124,5 +124,7 @@ def test_fashion_mnist_idx_reader(tmp_path):
 
 def test_bundle_unpacks_like_a_pair():
     x, y = make_images(12)
-    train, val = kft.data.from_numpy(x, y, validation_split=0.25)
-    assert val is not None and train is not None
+    bundle = kft.data.from_numpy(x, y, validation_split=0.25)
+    train, val = bundle
+    assert train is bundle.train and val is bundle.val
+    assert sum(len(b) for _, b in train) + sum(len(b) for _, b in val) == 12

@@ -13,12 +13,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kft.data import IMAGE_EXTENSIONS
+
 __all__ = ["ImageAugmentation", "ImageAugmentationLayer"]
 
 FILL_MODES = ("nearest", "constant", "reflect", "wrap")
 CLASS_MODES = ("categorical", "binary", "sparse", "input", None)
 _AUTOTUNE = tf.data.AUTOTUNE
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 @keras.saving.register_keras_serializable(package="kft")
@@ -575,7 +576,7 @@ class ImageAugmentation:
         for c in classes:
             folder = os.path.join(directory, c)
             for name in sorted(os.listdir(folder)):
-                if name.lower().endswith(_IMAGE_EXTENSIONS):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(folder, name))
                     labels.append(self.class_indices[c])
         if not paths:
