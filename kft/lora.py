@@ -266,6 +266,103 @@ def _convert(layer, rank, alpha, dropout, use_rslora):
     layer._tracker.lock()
 
 
+# keras-hub backbones save their hyperparameters, not their layers, so a
+# LoRA layer inside one would come back from `.keras` as a plain layer.
+# kft gives such a model a subclass whose config wraps the base config
+# with the adapted layers' LoRA settings and the layers' trainable flags;
+# `LoRAContainer.from_config` rebuilds the base and converts them back.
+_CONTAINER_NAME = "LoRAContainer"
+_CONTAINER_CLASSES = {}
+
+
+def _opaque(layer):
+    """Whether `layer`'s config omits its sublayers (keras-hub backbones)."""
+    import sys
+
+    keras_hub = sys.modules.get("keras_hub")
+    return keras_hub is not None and isinstance(layer, keras_hub.models.Backbone)
+
+
+class _LoRAContainerMixin:
+    def get_config(self):
+        base = self._kft_base_class
+        layers = list(self._flatten_layers(include_self=False))
+        return {
+            "name": self.name,
+            "base": {
+                "module": base.__module__,
+                "class_name": base.__name__,
+                "config": base.get_config(self),
+                "registered_name": keras.saving.get_registered_name(base),
+            },
+            "lora": [[i, layer.name, layer._lora_config()]
+                     for i, layer in enumerate(layers)
+                     if isinstance(layer, _LoRAMixin)],
+            "trainable": [bool(layer.trainable) for layer in layers],
+        }
+
+
+def _container_class(base):
+    if base not in _CONTAINER_CLASSES:
+        subclass = type(base.__name__, (_LoRAContainerMixin, base),
+                        {"_kft_base_class": base, "__module__": base.__module__})
+        # Serialize under kft's name; the registry then points the name back
+        # at the loader.
+        keras.saving.register_keras_serializable("kft", _CONTAINER_NAME)(subclass)
+        keras.saving.register_keras_serializable("kft", _CONTAINER_NAME)(
+            LoRAContainer)
+        _CONTAINER_CLASSES[base] = subclass
+    return _CONTAINER_CLASSES[base]
+
+
+def _mark_containers(model):
+    """Gives every keras-hub backbone holding LoRA layers the wrapping
+    config (see above); one that holds none gets its own class back."""
+    for layer in model._flatten_layers(include_self=True):
+        if not _opaque(layer):
+            continue
+        base = getattr(type(layer), "_kft_base_class", type(layer))
+        holds = any(isinstance(sub, _LoRAMixin)
+                    for sub in layer._flatten_layers(include_self=False))
+        layer.__class__ = _container_class(base) if holds else base
+
+
+@keras.saving.register_keras_serializable("kft", _CONTAINER_NAME)
+class LoRAContainer:
+    """Loads a keras-hub backbone saved with LoRA layers inside.
+
+    Not used directly: `keras.saving.load_model` calls `from_config` on
+    the config a LoRA-adapted backbone writes, which rebuilds the backbone,
+    turns the adapted layers back into LoRA layers (their weights then load
+    as saved) and restores every layer's trainable flag, so training
+    resumes where it stopped.
+    """
+
+    def get_config(self):  # pragma: no cover - never instantiated
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config):
+        model = keras.saving.deserialize_keras_object(config["base"])
+        layers = list(model._flatten_layers(include_self=False))
+        for index, name, lora in config["lora"]:
+            layer = layers[index] if index < len(layers) else None
+            if layer is None or layer.name != name:
+                raise ValueError(
+                    f"Saved LoRA layer {name!r} (position {index}) is not in "
+                    f"the rebuilt {type(model).__name__}; was the model saved "
+                    "with another keras-hub version?")
+            _convert(layer, lora["rank"], lora["alpha"], lora["dropout"],
+                     lora["use_rslora"])
+            if lora["merged"]:
+                layer.merged = True
+                layer.lora_active.assign(0.0)
+        for layer, flag in zip(layers, config["trainable"]):
+            layer.trainable = flag
+        _mark_containers(model)
+        return model
+
+
 def _matches(name, targets):
     return any(t in name or re.search(t, name) for t in targets)
 
@@ -308,6 +405,7 @@ def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
     keep = [layer for layer in model._flatten_layers(include_self=False)
             if trainable and (_matches(layer.name, trainable))]
     train_only(model, chosen + keep)
+    _mark_containers(model)
     return len(chosen)
 
 
@@ -327,6 +425,7 @@ def merge_lora(model):
         del layer.lora_a, layer.lora_b, layer.lora_active
         layer.__class__ = plain
         layer._tracker.lock()
+    _mark_containers(model)
     return len(layers)
 
 
@@ -444,6 +543,7 @@ def load_adapter(model, path, name="default"):
             _convert(by_path[layer_path], config["rank"], config["alpha"],
                      config["dropout"], config["use_rslora"])
         train_only(model, [by_path[p] for p in meta["layers"]])
+        _mark_containers(model)
         existing = {layer.path: layer for layer in lora_layers(model)}
     if name != active_adapter(model):
         _stash_active(model)

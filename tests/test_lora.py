@@ -252,3 +252,54 @@ def test_named_adapters_switch_and_disable(tmp_path):
     np.testing.assert_allclose(model.predict(x, verbose=0), outputs["a"], atol=1e-6)
     with pytest.raises(ValueError, match="No adapter named 'c'"):
         set_adapter(model, "c")
+
+
+def test_keras_round_trip_inside_a_keras_hub_backbone_resumes_training(tmp_path):
+    """keras-hub backbones save hyperparameters, not layers: kft's wrapping
+    config brings the LoRA layers, their values and the frozen flags back."""
+    from kft.lora import apply_lora
+    from kft.lora import lora_layers
+
+    model = _bert()
+    apply_lora(model, targets=("query", "value"), rank=2,
+               trainable=("head_output",))
+    for layer in lora_layers(model):
+        layer.lora_b.assign(np.full(layer.lora_b.shape, 0.05, "float32"))
+    x = _bert_inputs()
+    want = model.predict(x, verbose=0)
+    trainable = sorted(w.path for w in model.trainable_weights)
+    path = str(tmp_path / "bert_lora.keras")
+    model.save(path)
+
+    reloaded = keras.saving.load_model(path)
+    assert len(lora_layers(reloaded)) == 4
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), want, atol=1e-6)
+    assert sorted(w.path for w in reloaded.trainable_weights) == trainable
+    # Training resumes on the adapters and head only, and it saves again.
+    before = {w.path: np.array(w) for w in reloaded.weights}
+    reloaded.compile(optimizer=keras.optimizers.Adam(1e-2),
+                     loss="sparse_categorical_crossentropy")
+    reloaded.fit(x, np.arange(8) % 3, epochs=1, verbose=0)
+    changed = {w.path for w in reloaded.weights
+               if not np.array_equal(before[w.path], np.asarray(w))}
+    assert changed and changed <= set(trainable)
+    again = str(tmp_path / "again.keras")
+    reloaded.save(again)
+    np.testing.assert_allclose(
+        keras.saving.load_model(again).predict(x, verbose=0),
+        reloaded.predict(x, verbose=0), atol=1e-6)
+
+
+def test_merged_keras_hub_model_saves_as_the_plain_backbone(tmp_path):
+    from kft.lora import apply_lora
+    from kft.lora import merge_lora
+
+    model = _bert()
+    apply_lora(model, rank=2)
+    merge_lora(model)
+    assert "kft>" not in json_config(model)
+    path = str(tmp_path / "merged.keras")
+    model.save(path)
+    x = _bert_inputs()
+    np.testing.assert_allclose(keras.saving.load_model(path).predict(x, verbose=0),
+                               model.predict(x, verbose=0), atol=1e-6)

@@ -81,3 +81,24 @@ def test_text_files_and_pipelines(tmp_path):
     assert batch_x.dtype.name == "string" and batch_y.shape[0] <= 4
     n_val = sum(len(y) for _, y in bundle.val)
     assert n_val == 4
+
+
+def test_lora_text_classifier_round_trips_through_keras_file(tmp_path):
+    import keras
+
+    model = kft.build_text_classifier(_tiny_preset(tmp_path / "preset"), 2,
+                                      sequence_length=16)
+    lora.apply_lora(model, targets=("query", "value"), rank=2,
+                    trainable=("logits",))
+    texts = ["good movie", "great film", "bad movie", "awful film"] * 2
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(texts, np.array([1, 1, 0, 0] * 2), epochs=2, verbose=0)
+    path = str(tmp_path / "text_lora.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert len(lora.lora_layers(reloaded)) == 4
+    assert any(np.abs(np.asarray(layer.lora_b)).max() > 0
+               for layer in lora.lora_layers(reloaded))
+    np.testing.assert_allclose(reloaded.predict(texts, verbose=0),
+                               model.predict(texts, verbose=0), atol=1e-5)
