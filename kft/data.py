@@ -22,8 +22,9 @@ __all__ = [
     "from_texts",
     "from_tfds",
     "load_builtin",
-    "load_text_file",
     "load_fashion_mnist",
+    "load_fortunes",
+    "load_text_file",
     "subset_per_class",
 ]
 
@@ -36,6 +37,8 @@ _ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 BUILTIN_DATASETS = {
     "fashion_mnist_holdout": os.path.join(_ASSETS, "fashion_mnist_holdout.npz"),
 }
+FORTUNES_DIRS = ("/usr/share/games/fortunes",)
+FORTUNES_TOPICS = ("art", "computers", "politics", "science")
 _AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
@@ -441,6 +444,65 @@ def load_builtin(name):
             (data["x_val"], data["y_val"]),
             [str(c) for c in data["class_names"]],
         )
+
+
+def load_fortunes(topics=FORTUNES_TOPICS, *, data_dir=None, per_topic=None,
+                  min_chars=20, seed=0):
+    """A real topic-classification text set: the `fortune` files by topic.
+
+    Debian's `fortunes` package installs one plain-text file per topic
+    (`computers`, `politics`, `science`, `art`, ...), entries separated by
+    `%` lines. Each entry is an example labelled with its file's topic.
+    Whitespace is collapsed; entries shorter than `min_chars` and entries
+    found under two topics are dropped.
+
+    Args:
+        topics: file names to read; classes in this order.
+        data_dir: the folder of the files (default: Debian's).
+        per_topic: keep at most this many entries per topic (a seeded
+            random choice), for balanced or smaller sets.
+        min_chars: drop shorter entries.
+        seed: for the `per_topic` choice.
+
+    Returns:
+        `(texts, labels, class_names)`.
+    """
+    folders = [data_dir] if data_dir else list(FORTUNES_DIRS)
+    folder = next((f for f in folders if f and os.path.isdir(f)), None)
+    if folder is None:
+        raise RuntimeError(
+            "The fortunes files are not installed. Install them with "
+            "`apt-get install fortunes` or pass data_dir=<folder of the files>.")
+    topics = list(topics)
+    if len(topics) < 2:
+        raise ValueError(f"Give at least 2 topics. Received: {topics!r}")
+    entries = {}
+    for topic in topics:
+        path = os.path.join(folder, topic)
+        if not os.path.isfile(path):
+            available = sorted(
+                f for f in os.listdir(folder)
+                if "." not in f and os.path.isfile(os.path.join(folder, f)))
+            raise ValueError(
+                f"No fortunes topic {topic!r} in {folder}. Available: {available}")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            chunks = f.read().split("\n%\n")
+        entries[topic] = [" ".join(c.split()) for c in chunks
+                          if len(" ".join(c.split())) >= min_chars]
+    seen = {}
+    for texts in entries.values():
+        for text in set(texts):
+            seen[text] = seen.get(text, 0) + 1
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for label, topic in enumerate(topics):
+        kept = list(dict.fromkeys(t for t in entries[topic] if seen[t] == 1))
+        if per_topic is not None and len(kept) > per_topic:
+            kept = [kept[i] for i in sorted(rng.choice(len(kept), per_topic,
+                                                       replace=False))]
+        texts.extend(kept)
+        labels.extend([label] * len(kept))
+    return texts, labels, topics
 
 
 def load_text_file(path, text_column="text", label_column="label"):

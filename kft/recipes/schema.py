@@ -16,9 +16,12 @@ from kft.finetune import policy_stages
 from kft.heads import HeadConfig
 from kft.recipes.errors import known_keys
 
-__all__ = ["DataConfig", "ModelConfig", "RecipeConfig"]
+__all__ = ["DataConfig", "LoRAConfig", "ModelConfig", "PromptTuningConfig",
+           "RecipeConfig"]
 
-DATA_SOURCES = ("builtin", "numpy", "image_folder", "tfds")
+IMAGE_SOURCES = ("builtin", "numpy", "image_folder", "tfds")
+TEXT_SOURCES = ("text_file", "fortunes")
+DATA_SOURCES = IMAGE_SOURCES + TEXT_SOURCES
 _PYTHON_ONLY_STAGE_KEYS = ("callbacks", "loss", "metrics")
 
 
@@ -27,19 +30,40 @@ class _Strict(pydantic.BaseModel):
 
 
 class ModelConfig(_Strict):
-    """`model:` the backbone, its weights and the head."""
+    """`model:` the backbone, its weights and the head.
 
-    backbone: str
+    An image model names a registered CNN `backbone`; a text model names a
+    keras-hub `text` checkpoint instead (`minilm`, a keras-hub preset name,
+    `hf://...`, or a local directory), read by `kft.build_text_classifier`.
+    """
+
+    backbone: str | None = None
+    text: str | None = None
+    sequence_length: int = Field(default=128, ge=8)
     weights: str | None = None
     input_shape: tuple[int, int, int] | None = None
     head: dict = {}
     bn: Literal["frozen", "train"] = "frozen"
     backbone_kwargs: dict[str, int | float | str | bool] = {}
 
+    @pydantic.model_validator(mode="after")
+    def _one_kind(self):
+        if (self.backbone is None) == (self.text is None):
+            raise ValueError("give exactly one of model.backbone (an image "
+                             "model) and model.text (a text model)")
+        if self.text is not None:
+            image_only = sorted(k for k in ("weights", "input_shape", "head",
+                                            "backbone_kwargs")
+                                if k in self.model_fields_set)
+            if image_only:
+                raise ValueError(f"model keys {image_only} are for image "
+                                 "models (model.backbone), not model.text")
+        return self
+
     @pydantic.field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value):
-        if value not in backbones.list_backbones():
+        if value is not None and value not in backbones.list_backbones():
             raise ValueError(
                 f"unknown backbone; allowed: {', '.join(backbones.list_backbones())}"
             )
@@ -53,9 +77,15 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """`data:` where the images come from and how they are batched."""
+    """`data:` where the images or texts come from and how they are batched.
 
-    source: Literal["builtin", "numpy", "image_folder", "tfds"]
+    Image sources: `builtin`, `numpy`, `image_folder`, `tfds`. Text sources:
+    `text_file` (`.csv` / `.tsv` / `.jsonl` with `text_column` and
+    `label_column`) and `fortunes` (Debian's topic files, `topics`).
+    """
+
+    source: Literal["builtin", "numpy", "image_folder", "tfds", "text_file",
+                    "fortunes"]
     name: str | None = None
     path: str | None = None
     data_dir: str | None = None
@@ -66,12 +96,16 @@ class DataConfig(_Strict):
     validation_split: float = Field(default=0.2, ge=0.0, lt=1.0)
     per_class: int | None = Field(default=None, ge=1)
     image_size: tuple[int, int] | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    topics: list[str] | None = None
 
     @pydantic.model_validator(mode="after")
     def _source_needs(self):
         needs = {"builtin": "name", "tfds": "name", "numpy": "path",
-                 "image_folder": "path"}[self.source]
-        if getattr(self, needs) is None:
+                 "image_folder": "path", "text_file": "path",
+                 "fortunes": None}[self.source]
+        if needs and getattr(self, needs) is None:
             raise ValueError(f"source {self.source!r} needs data.{needs}")
         return self
 
@@ -98,6 +132,26 @@ class AugmentationConfig(_Strict):
 
         ImageAugmentation(**self.model_dump())
         return self
+
+
+class LoRAConfig(_Strict):
+    """`lora:` `kft.lora.apply_lora` on a text model; stages then train the
+    adapters and what `trainable` names (the classifier's `logits`)."""
+
+    targets: list[str] = ["query", "value"]
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    use_rslora: bool = False
+    trainable: list[str] = ["logits"]
+
+
+class PromptTuningConfig(_Strict):
+    """`prompt_tuning:` virtual tokens on a frozen BERT-family text model
+    (`kft.build_text_classifier(prompt_tuning=...)`)."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    init_text: str | None = None
 
 
 class CallbacksConfig(_Strict):
@@ -133,8 +187,37 @@ class RecipeConfig(_Strict):
     augmentation: AugmentationConfig | None = None
     model: ModelConfig
     data: DataConfig
+    lora: LoRAConfig | None = None
+    prompt_tuning: PromptTuningConfig | None = None
     policy: PolicyConfig | None = None
     stages: list[Stage] = Field(default=[], validate_default=True)
+
+    @pydantic.model_validator(mode="after")
+    def _text_or_image(self):
+        text = self.model.text is not None
+        if text and self.data.source not in TEXT_SOURCES:
+            raise ValueError(f"a text model (model.text) needs a text data "
+                             f"source {list(TEXT_SOURCES)}; data.source is "
+                             f"{self.data.source!r}")
+        if not text and self.data.source in TEXT_SOURCES:
+            raise ValueError(f"data.source {self.data.source!r} gives texts: "
+                             "use model.text, not model.backbone")
+        if text and self.augmentation is not None:
+            raise ValueError("augmentation: is image augmentation; a text "
+                             "model takes none")
+        if not text and (self.lora or self.prompt_tuning):
+            raise ValueError("lora: and prompt_tuning: adapt text models "
+                             "(model.text)")
+        if self.lora and self.prompt_tuning:
+            raise ValueError("give lora: or prompt_tuning:, not both")
+        if self.lora or self.prompt_tuning:
+            # The adapters decide what trains: stages keep those flags
+            # unless they say otherwise.
+            self.stages = [
+                s if "trainable" in s.model_fields_set
+                else s.model_copy(update={"trainable": "keep"})
+                for s in self.stages]
+        return self
 
     @pydantic.model_validator(mode="after")
     def _policy_to_stages(self):

@@ -1,0 +1,159 @@
+"""Text recipes: keras-hub text classifiers with LoRA or prompt tuning."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import yaml
+from test_text import _tiny_preset
+
+from kft.recipes import RecipeError
+from kft.recipes import load_recipe
+from kft.recipes.runner import run_recipe
+
+WORDS = {0: ["good", "great", "movie"], 1: ["bad", "awful", "film"]}
+
+
+def _csv(path, n=24):
+    rng = np.random.default_rng(0)
+    lines = ["text,label"]
+    for i in range(n):
+        label = i % 2
+        words = " ".join(rng.choice(WORDS[label], 4))
+        lines.append(f"{words},{['neg', 'pos'][label]}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _recipe(tmp_path, **changes):
+    recipe = {
+        "name": "text_tiny",
+        "model": {"text": _tiny_preset(tmp_path / "preset"), "sequence_length": 16},
+        "data": {"source": "text_file", "path": _csv(tmp_path / "reviews.csv"),
+                 "batch_size": 4, "validation_split": 0.25},
+        "stages": [{"name": "train", "epochs": 2, "learning_rate": 1e-2}],
+    }
+    recipe.update(changes)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_lora_recipe_trains_adapters_and_writes_adapter_and_model(tmp_path):
+    config = load_recipe(_recipe(tmp_path, lora={"rank": 2, "alpha": 4}))
+    assert config.stages[0].trainable == "keep"
+    out, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    assert metrics["classes"] == ["neg", "pos"]
+    assert metrics["adapter"]["layers"] == 4
+    assert os.path.getsize(os.path.join(out, "adapter.npz")) == \
+        metrics["adapter"]["bytes"]
+    # Trainable: adapters and the logits only.
+    assert metrics["stages"][0]["trainable_params"] == 4 * 2 * (8 + 8) + 8 * 2 + 2
+    assert "confusion_matrix" in metrics["final"]["val"]
+    model = keras.saving.load_model(os.path.join(out, "model.keras"))
+    from kft.lora import lora_layers
+
+    assert len(lora_layers(model)) == 4
+    assert any(np.abs(np.asarray(layer.lora_b)).max() > 0
+               for layer in lora_layers(model))
+
+
+def test_prompt_tuning_recipe_trains_only_the_prompt_and_head(tmp_path):
+    config = load_recipe(_recipe(
+        tmp_path, prompt_tuning={"num_virtual_tokens": 3, "init_text": "good"}))
+    out, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    assert metrics["stages"][0]["trainable_params"] == 3 * 8 + 8 * 2 + 2
+    assert "adapter" not in metrics
+    model = keras.saving.load_model(os.path.join(out, "model.keras"))
+    assert model.backbone.get_layer("prompt_tuning").num_virtual_tokens == 3
+
+
+def test_interrupted_lora_run_resumes_mid_stage(tmp_path, monkeypatch):
+    from kft.recipes import runner
+
+    class Interrupted(Exception):
+        pass
+
+    class StopAfterFirstEpoch(runner.RunCheckpoint):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            raise Interrupted
+
+    config = load_recipe(_recipe(tmp_path, lora={"rank": 2}, stages=[
+        {"name": "train", "epochs": 3, "learning_rate": 1e-2}]))
+    out = str(tmp_path / "run")
+    monkeypatch.setattr(runner, "RunCheckpoint", StopAfterFirstEpoch)
+    with pytest.raises(Interrupted):
+        run_recipe(config, out, verbose=0)
+    monkeypatch.undo()
+    out, metrics = run_recipe(config, out, verbose=0, resume=True)
+    rows = open(os.path.join(out, "history.csv")).read().splitlines()
+    assert [r.split(",")[0:2] for r in rows[1:]] == [
+        ["train", "1"], ["train", "2"], ["train", "3"]]
+    # Still only adapters and logits train after the reload.
+    assert metrics["stages"][0]["trainable_params"] == 4 * 2 * (8 + 8) + 8 * 2 + 2
+    assert json.load(open(os.path.join(out, "metrics.json")))["adapter"]
+
+
+def test_head_and_full_text_recipes(tmp_path):
+    config = load_recipe(_recipe(tmp_path, stages=[
+        {"name": "head", "epochs": 1, "trainable": "head"},
+        {"name": "full", "epochs": 2, "trainable": "all", "learning_rate": 1e-3}]))
+    out, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    head, full = metrics["stages"]
+    assert head["trainable_params"] == 8 * 2 + 2
+    assert full["trainable_params"] > 20 * head["trainable_params"]
+    history = open(os.path.join(out, "history.csv")).read().splitlines()
+    assert len(history) == 1 + 3
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"lora": {"rank": 0}}, "lora.rank"),
+    ({"lora": {"targets": ["nothing_like_this"]}}, "lora.targets"),
+    ({"augmentation": {"horizontal_flip": True}}, "augmentation"),
+    ({"lora": {}, "prompt_tuning": {}}, "not both"),
+    ({"model": {"text": "x", "backbone": "vgg16"}}, "exactly one"),
+    ({"model": {"text": "x", "head": {"dropout": 0.1}}}, "image models"),
+    ({"data": {"source": "numpy", "path": "x.npz"}}, "text data source"),
+])
+def test_bad_text_recipes_name_the_key(tmp_path, change, needle):
+    path = _recipe(tmp_path, **change)
+    with pytest.raises(RecipeError, match=needle):
+        config = load_recipe(path)
+        run_recipe(config, str(tmp_path / "run"), verbose=0)
+
+
+def test_image_data_with_text_model_and_lora_on_cnn_are_errors(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "x", "model": {"backbone": "vgg16"},
+        "data": {"source": "fortunes"}, "stages": [{"epochs": 1}]}))
+    with pytest.raises(RecipeError, match="model.text"):
+        load_recipe(str(path))
+    path.write_text(yaml.safe_dump({
+        "name": "x", "model": {"backbone": "vgg16"}, "lora": {},
+        "data": {"source": "builtin", "name": "fashion_mnist_holdout"},
+        "stages": [{"epochs": 1}]}))
+    with pytest.raises(RecipeError, match="text models"):
+        load_recipe(str(path))
+
+
+def test_fortunes_loader_reads_topics(tmp_path):
+    import kft
+
+    folder = tmp_path / "fortunes"
+    folder.mkdir()
+    (folder / "art").write_text("A painting is a poem without words.\n%\n"
+                                "Short\n%\nShared entry appears twice here.\n")
+    (folder / "science").write_text("Entropy always increases, they say.\n%\n"
+                                    "Shared entry appears twice here.\n")
+    texts, labels, names = kft.data.load_fortunes(
+        ["art", "science"], data_dir=str(folder))
+    assert names == ["art", "science"]
+    assert texts == ["A painting is a poem without words.",
+                     "Entropy always increases, they say."]
+    assert labels == [0, 1]
+    with pytest.raises(ValueError, match="Available: \\['art', 'science'\\]"):
+        kft.data.load_fortunes(["art", "sports"], data_dir=str(folder))
