@@ -157,3 +157,29 @@ def test_fortunes_loader_reads_topics(tmp_path):
     assert labels == [0, 1]
     with pytest.raises(ValueError, match="Available: \\['art', 'science'\\]"):
         kft.data.load_fortunes(["art", "sports"], data_dir=str(folder))
+
+
+def test_eval_and_export_of_a_lora_text_run(tmp_path):
+    from kft.cli import main
+
+    recipe = _recipe(tmp_path, lora={"rank": 2})
+    out = str(tmp_path / "run")
+    assert main(["run", recipe, "--quiet", "--output-dir", out]) == 0
+    assert main(["eval", out]) == 0
+    result = json.load(open(os.path.join(out, "eval.json")))
+    trained = json.load(open(os.path.join(out, "metrics.json")))
+    assert result["accuracy"] == pytest.approx(
+        trained["final"]["val"]["accuracy"])
+    assert np.sum(result["confusion_matrix"]) == 6
+    assert main(["eval", out, "--data", str(tmp_path / "reviews.csv")]) == 0
+    assert np.sum(json.load(open(os.path.join(out, "eval.json")))[
+        "confusion_matrix"]) == 24
+    assert main(["export", out, "--merge-lora"]) == 0
+    merged = keras.saving.load_model(os.path.join(out, "export", "model.keras"))
+    from kft.lora import lora_layers
+
+    assert not lora_layers(merged)
+    texts = ["good movie", "awful film"]
+    original = keras.saving.load_model(os.path.join(out, "model.keras"))
+    np.testing.assert_allclose(merged.predict(texts, verbose=0),
+                               original.predict(texts, verbose=0), atol=1e-5)

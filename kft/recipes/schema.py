@@ -52,9 +52,10 @@ class ModelConfig(_Strict):
             raise ValueError("give exactly one of model.backbone (an image "
                              "model) and model.text (a text model)")
         if self.text is not None:
+            fields = type(self).model_fields
             image_only = sorted(k for k in ("weights", "input_shape", "head",
                                             "backbone_kwargs")
-                                if k in self.model_fields_set)
+                                if getattr(self, k) != fields[k].default)
             if image_only:
                 raise ValueError(f"model keys {image_only} are for image "
                                  "models (model.backbone), not model.text")
