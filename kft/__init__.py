@@ -13,6 +13,7 @@ from kft import heads  # noqa: E402
 from kft import lora  # noqa: E402
 from kft import optimizers  # noqa: E402
 from kft import prompt  # noqa: E402
+from kft import report  # noqa: E402
 from kft.backbones import backbone_blocks  # noqa: E402
 from kft.backbones import list_backbones  # noqa: E402
 from kft.backbones import register_backbone  # noqa: E402
@@ -49,6 +50,7 @@ __all__ = [
     "optimizers",
     "prompt",
     "register_backbone",
+    "report",
     "trainable_summary",
     "unfreeze",
 ]

@@ -41,9 +41,12 @@ def code(text):
 
 
 def notebook(filename, title, intro, cells):
+    cells = [md(f"# {title}\n\n{badge(filename)}\n\n{intro.strip()}"),
+             code(INSTALL), *cells]
+    for number, cell in enumerate(cells):
+        cell["id"] = f"{filename[:2]}-{number:02d}"
     return filename, {
-        "cells": [md(f"# {title}\n\n{badge(filename)}\n\n{intro.strip()}"),
-                  code(INSTALL), *cells],
+        "cells": cells,
         "metadata": {
             "colab": {"provenance": []},
             "kernelspec": {"display_name": "Python 3", "language": "python",
@@ -81,8 +84,10 @@ keras.utils.set_random_seed(0)
 if SMOKE:
     (x, y), (x_val, y_val), class_names = kft.data.load_builtin(
         "fashion_mnist_holdout")
+    # 28x28 grayscale; the loader resizes and converts to 32x32 RGB.
     data = kft.data.from_numpy(x, y, x_val=x_val, y_val=y_val, batch_size=32,
-                               per_class=60, class_names=class_names)
+                               per_class=60, class_names=class_names,
+                               image_size=(32, 32), channels=3)
     model = kft.build_classifier(
         "mobilenet_v2", data.num_classes, weights="fashion_mnist",
         input_shape=(32, 32, 3), alpha=0.35, head={"hidden": [64], "dropout": 0.2})
@@ -173,7 +178,8 @@ from kft.augment import ImageAugmentation
 
 (x, y), _, class_names = kft.data.load_builtin("fashion_mnist_holdout")
 x = np.repeat(x[..., None], 3, axis=-1).astype("float32") if x.ndim == 3 else x
-x = x[:64] if SMOKE else x
+if SMOKE:
+    x, y = x[:64], y[:64]
 print(x.shape, class_names)
 '''),
         md("""
@@ -206,7 +212,7 @@ Or as a layer inside the model: active only while training, so
 `predict` sees the plain image.
 """),
         code('''
-inputs = keras.Input((32, 32, 3))
+inputs = keras.Input(x.shape[1:])
 features = augment.layer()(inputs)
 outputs = keras.layers.Dense(len(class_names), activation="softmax")(
     keras.layers.GlobalAveragePooling2D()(features))
@@ -384,7 +390,8 @@ import os
 
 epochs = "1" if SMOKE else "5"
 !kft run quickstart --smoke --quiet --output-dir runs/smoke --overwrite
-!kft run quickstart --set stages.0.epochs={epochs} --set stages.1.epochs={epochs} --output-dir runs/quickstart --overwrite
+!kft run quickstart --set stages.0.epochs={epochs} --set stages.1.epochs={epochs} \\
+    --output-dir runs/quickstart --overwrite
 '''),
         md("## The run directory"),
         code('''
