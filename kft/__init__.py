@@ -18,6 +18,7 @@ from kft.backbones import backbone_blocks  # noqa: E402
 from kft.backbones import list_backbones  # noqa: E402
 from kft.backbones import register_backbone  # noqa: E402
 from kft.callbacks import lr_find  # noqa: E402
+from kft.compare import compare  # noqa: E402
 from kft.finetune import Stage  # noqa: E402
 from kft.finetune import fine_tune  # noqa: E402
 from kft.freezing import format_trainable_summary  # noqa: E402
@@ -39,6 +40,7 @@ __all__ = [
     "build_classifier",
     "build_text_classifier",
     "callbacks",
+    "compare",
     "data",
     "fine_tune",
     "format_trainable_summary",

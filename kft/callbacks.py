@@ -325,12 +325,10 @@ class LRFinderResult:
 
     def plot(self, path):
         """Saves loss against learning rate (log scale), suggestion marked."""
-        import matplotlib
+        from kft.report import figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = figure(figsize=(6, 4))
+        ax = fig.subplots()
         ax.plot(self.learning_rates, self.losses)
         ax.axvline(self.suggestion, color="red", linestyle="--",
                    label=f"suggestion {self.suggestion:.2g}")
@@ -340,7 +338,6 @@ class LRFinderResult:
         ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=100)
-        plt.close(fig)
 
 
 class LRFinder(keras.callbacks.Callback):

@@ -1,4 +1,4 @@
-"""The `kft` command line: list, show, validate and run recipes.
+"""The `kft` command line: list, show, validate, run and compare recipes.
 
 Exit codes: 0 success; 2 bad usage or an invalid recipe (one message that
 names the key, no traceback); 1 a failure while running (message first,
@@ -52,6 +52,25 @@ def _parser():
                           "synthetic data, two steps per stage")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a non-empty --output-dir")
+    compare = sub.add_parser(
+        "compare", help="measure fine-tuning methods on a recipe's task")
+    compare.add_argument("recipe", help="packaged recipe name or path")
+    compare.add_argument("--methods", default="head,full,gradual,discriminative",
+                         help="comma-separated, from: head, full, gradual, "
+                              "discriminative, lora, prompt")
+    compare.add_argument("--epochs", type=int, default=None,
+                         help="epoch budget of every method (default: the "
+                              "recipe's total)")
+    compare.add_argument("--seeds", default="0",
+                         help="comma-separated seeds, one run per method and seed")
+    compare.add_argument("--set", dest="overrides", action="append", default=[],
+                         metavar="KEY.PATH=VALUE")
+    compare.add_argument("--output-dir", default=None,
+                         help="default: runs/compare-<recipe name>")
+    compare.add_argument("--rerun", action="store_true",
+                         help="run again methods that already have results")
+    compare.add_argument("--smoke", action="store_true",
+                         help="synthetic data, random weights, two steps per stage")
     evaluate = sub.add_parser("eval", help="evaluate a finished run")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--data", default=None,
@@ -87,8 +106,10 @@ def _cmd_validate(args):
     from kft.recipes.loader import load_recipe
 
     config = load_recipe(args.recipe, args.overrides)
-    print(f"{config.name}: valid ({len(config.stages)} stage(s), backbone "
-          f"{config.model.backbone}, data {config.data.source})")
+    model = (f"backbone {config.model.backbone}" if config.model.text is None
+             else f"text model {config.model.text}")
+    print(f"{config.name}: valid ({len(config.stages)} stage(s), {model}, "
+          f"data {config.data.source})")
 
 
 def _cmd_run(args):
@@ -109,6 +130,29 @@ def _cmd_run(args):
     print(f"Done in {metrics['timings']['total_seconds']:.0f} s: {shown}")
     print(f"Run directory: {output_dir} (model.keras, metrics.json, "
           "history.csv, plots/)")
+
+
+def _cmd_compare(args):
+    from kft.compare import compare
+    from kft.recipes.errors import RecipeError
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise RecipeError(
+            f"--seeds: expected comma-separated integers. Received: {args.seeds!r}"
+        ) from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    report = compare(args.recipe, methods, epochs=args.epochs, seeds=seeds,
+                     output_dir=args.output_dir, overrides=args.overrides,
+                     rerun=args.rerun, smoke=args.smoke)
+    with open(os.path.join(report["output_dir"], "compare.md")) as f:
+        print(f.read())
+    print(f"Wrote {report['output_dir']}/compare.json, compare.csv, compare.md, "
+          "compare.png")
+    failed = [m for m, s in report["methods"].items() if s["status"] == "failed"]
+    if failed:
+        raise RuntimeError(f"methods failed: {failed} (see their log.txt)")
 
 
 def _cmd_eval(args):
@@ -135,7 +179,8 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     commands = {"list": _cmd_list, "show": _cmd_show,
                 "validate": _cmd_validate, "run": _cmd_run,
-                "eval": _cmd_eval, "export": _cmd_export}
+                "compare": _cmd_compare, "eval": _cmd_eval,
+                "export": _cmd_export}
     from kft.recipes.errors import RecipeError
 
     try:

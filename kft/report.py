@@ -9,6 +9,7 @@ import numpy as np
 __all__ = [
     "classification_report",
     "confusion_matrix",
+    "figure",
     "plot_confusion_matrix",
     "plot_curves",
     "versions",
@@ -39,13 +40,12 @@ def write_metrics(path, metrics):
     os.replace(tmp, path)
 
 
-def _pyplot():
-    import matplotlib
+def figure(**kwargs):
+    """A matplotlib `Figure` outside pyplot: no global backend switch (a
+    notebook keeps its inline plots) and nothing to close."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def plot_curves(rows, path):
@@ -54,13 +54,13 @@ def plot_curves(rows, path):
     Args:
         rows: `history.csv` rows (dicts with `stage`, `epoch`, metrics).
     """
-    plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
     metric = next(
         (m for m in ("accuracy", "mae", "auc") if any(m in r for r in rows)), None
     )
     panels = ["loss"] + ([metric] if metric else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    fig = figure(figsize=(5.5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels))
     axes = np.atleast_1d(axes)
     boundaries = [
         (r["epoch"] - 1, r["stage"]) for i, r in enumerate(rows)
@@ -81,7 +81,6 @@ def plot_curves(rows, path):
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def confusion_matrix(model, dataset, num_classes):
@@ -103,9 +102,9 @@ def confusion_matrix(model, dataset, num_classes):
 
 def plot_confusion_matrix(matrix, class_names, path):
     """Saves the confusion matrix with counts in each cell."""
-    plt = _pyplot()
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
+    fig = figure(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
@@ -119,7 +118,6 @@ def plot_confusion_matrix(matrix, class_names, path):
                     fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def classification_report(matrix, class_names):

