@@ -15,8 +15,10 @@ import warnings
 import keras
 import numpy as np
 
-from kft.backbones import named_backbone_blocks
+from kft.freezing import _leaves
+from kft.freezing import backbone_blocks_of
 from kft.freezing import batch_norm_policy
+from kft.freezing import find_backbone
 from kft.freezing import unfreeze
 
 __all__ = ["GradualUnfreezing", "LRFinder", "LRFinderResult", "lr_find",
@@ -184,14 +186,9 @@ class GradualUnfreezing(keras.callbacks.Callback):
 
     def _blocks(self, model):
         try:
-            base = model.get_layer(self.backbone)
-        except ValueError:
-            raise ValueError(
-                f"GradualUnfreezing: model {model.name!r} has no layer "
-                f"{self.backbone!r}. Pass backbone=<name of the nested "
-                "backbone model>."
-            ) from None
-        return named_backbone_blocks(base)
+            return backbone_blocks_of(model, self.backbone)
+        except ValueError as error:
+            raise ValueError(f"GradualUnfreezing: {error}") from None
 
     def _batch_norm(self, model):
         policy = self.bn or batch_norm_policy(model, self.backbone)
@@ -205,16 +202,17 @@ class GradualUnfreezing(keras.callbacks.Callback):
         """
         blocks = self._blocks(model)
         batch_norm = self._batch_norm(model)
-        base = model.get_layer(self.backbone)
+        base = find_backbone(model, self.backbone)
         # What trains outside the backbone (the head) keeps training.
         outside = _count(model.trainable_weights) - _count(base.trainable_weights)
         total = _count(model.weights)
 
         def block_params(layers):
+            # Leaves: a transformer layer holds its weights in sublayers.
             return _count(
-                w for layer in layers
-                if batch_norm or not isinstance(layer, keras.layers.BatchNormalization)
-                for w in layer._trainable_variables
+                w for layer in layers for leaf in _leaves(layer)
+                if batch_norm or not isinstance(leaf, keras.layers.BatchNormalization)
+                for w in leaf._trainable_variables
             )
 
         rows, previous = [], 0

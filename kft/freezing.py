@@ -28,7 +28,9 @@ import numpy as np
 from kft.backbones import named_backbone_blocks
 
 __all__ = [
+    "backbone_blocks_of",
     "batch_norm_policy",
+    "find_backbone",
     "format_trainable_summary",
     "freeze",
     "set_trainable",
@@ -342,6 +344,19 @@ def trainable_summary(model, backbone=BACKBONE):
             row(name, block)
     row("head", others)
     return rows
+
+
+def find_backbone(model, backbone=BACKBONE):
+    """The model's backbone: the layer named `backbone`, or a keras-hub
+    task's `model.backbone`."""
+    return _get_backbone(model, backbone)
+
+
+def backbone_blocks_of(model, backbone=BACKBONE):
+    """`(name, layers)` blocks of the model's backbone, input to output:
+    CNN blocks, or a keras-hub transformer's embeddings, each
+    `transformer_layer_i` and the pooler."""
+    return _blocks(model, _get_backbone(model, backbone))
 
 
 def _blocks(model, base):

@@ -183,3 +183,28 @@ def test_eval_and_export_of_a_lora_text_run(tmp_path):
     original = keras.saving.load_model(os.path.join(out, "model.keras"))
     np.testing.assert_allclose(merged.predict(texts, verbose=0),
                                original.predict(texts, verbose=0), atol=1e-5)
+
+
+def test_gradual_unfreezing_opens_transformer_layers_inside_one_fit(tmp_path):
+    import kft
+
+    model = kft.build_text_classifier(_tiny_preset(tmp_path / "p"), 2,
+                                      sequence_length=8)
+    bundle = kft.data.from_texts(["good movie", "bad film"] * 8, [1, 0] * 8,
+                                 batch_size=4, validation_split=0.25)
+    seen = []
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(sum(int(np.prod(w.shape))
+                            for w in self.model.trainable_weights))
+
+    kft.freeze(model.backbone)
+    plan = kft.callbacks.GradualUnfreezing(every=1).plan(model, 3)
+    kft.fine_tune(model, bundle.train, bundle.val, stages=[
+        {"name": "gradual", "epochs": 3, "trainable": "head",
+         "unfreeze": {"every": 1}}], callbacks=[Count()], verbose=0)
+    # pooler, then transformer_layer_1: the plan's counts are what trained.
+    assert [r["unfrozen"] for r in plan] == [[], ["top"], ["transformer_layer_1"]]
+    assert seen == [r["trainable_params"] for r in plan]
+    assert seen[0] < seen[1] < seen[2]
