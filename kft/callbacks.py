@@ -21,8 +21,8 @@ from kft.freezing import batch_norm_policy
 from kft.freezing import find_backbone
 from kft.freezing import unfreeze
 
-__all__ = ["GradualUnfreezing", "LRFinder", "LRFinderResult", "lr_find",
-           "rebuild_optimizer"]
+__all__ = ["GradualUnfreezing", "LRFinder", "LRFinderResult", "NonFiniteLoss",
+           "StopOnNonFiniteLoss", "lr_find", "rebuild_optimizer"]
 
 
 def _count(weights):
@@ -291,6 +291,40 @@ class GradualUnfreezing(keras.callbacks.Callback):
         step += 1
         self.model.optimizer.learning_rate = target * min(1.0, step / self.warmup_steps)
         self._warmup = None if step >= self.warmup_steps else [step, target]
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss (`StopOnNonFiniteLoss`)."""
+
+    def __init__(self, message, epoch, batch, loss):
+        super().__init__(message)
+        self.epoch, self.batch, self.loss = epoch, batch, loss
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops `fit` at the first NaN or infinite loss, by raising.
+
+    Unlike `keras.callbacks.TerminateOnNaN`, which lets the epoch end (and
+    so lets checkpoint callbacks save the broken weights), this raises
+    `NonFiniteLoss` from the batch: callbacks after it in the list never
+    see the bad epoch end. Put it before checkpointing callbacks.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        loss = float(loss)
+        if not math.isfinite(loss):
+            epoch = getattr(self, "_epoch", 0) + 1
+            raise NonFiniteLoss(
+                f"the training loss became {loss} at epoch {epoch}, batch "
+                f"{batch + 1}: training stopped (lower the learning rate, "
+                "check the data for NaN or extreme values, or use float32)",
+                epoch, batch + 1, loss)
 
 
 class LRFinderResult:

@@ -53,11 +53,13 @@ class DataBundle:
         input_shape: `(height, width, channels)` of the images.
     """
 
-    def __init__(self, train, val, class_names, input_shape):
+    def __init__(self, train, val, class_names, input_shape, skipped_files=()):
         self.train = train
         self.val = val
         self.class_names = list(class_names)
         self.input_shape = tuple(input_shape)
+        # Unreadable files a loader left out (`from_image_folder`).
+        self.skipped_files = list(skipped_files)
 
     @property
     def num_classes(self):
@@ -166,6 +168,13 @@ def _split(x, y, validation_split, seed):
         )
     if validation_split == 0.0:
         return (x, y), None
+    labels, counts = np.unique(y, return_counts=True)
+    single = [int(label) for label, count in zip(labels, counts) if count < 2]
+    if single:
+        raise ValueError(
+            f"Class(es) {single} have a single example: a stratified "
+            f"validation split (validation_split={validation_split}) would "
+            "leave none to train on. Add examples or set validation_split=0.")
     rng = np.random.default_rng(seed)
     # Stratified: the same share of every class goes to validation.
     val_idx = []
@@ -274,6 +283,17 @@ def _list_class_folders(directory):
     return classes
 
 
+def _readable(path, channels):
+    """Whether TensorFlow decodes the whole file as an image."""
+    try:
+        tf.io.decode_image(tf.io.read_file(path), channels=channels,
+                           expand_animations=False)
+        return True
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+            tf.errors.UnknownError):
+        return False
+
+
 def from_image_folder(
     directory,
     *,
@@ -282,42 +302,98 @@ def from_image_folder(
     validation_split=0.2,
     seed=0,
     channels=3,
+    on_bad_file="skip",
+    verify=True,
 ):
-    """Loads `directory/<class_name>/*.jpg|png` with a validation split.
+    """Loads `directory/<class_name>/*.jpg|png|...` with a validation split.
 
-    Classes are the sub-folder names in alphabetical order. Built on
-    `keras.utils.image_dataset_from_directory`.
+    Classes are the sub-folder names in alphabetical order. Every file is
+    decoded once up front (`verify=True`), so a corrupt or truncated image
+    is found here, with its path, and not as a crash deep in `tf.data`.
+    Images of any size are resized to `image_size`; grayscale images are
+    converted to `channels` (RGB by default), as are RGBA ones.
+
+    Args:
+        directory: one sub-folder of images per class.
+        image_size: `(height, width)` after resizing.
+        batch_size: batch size.
+        validation_split: share of each class held out (stratified).
+        seed: shuffling and split seed.
+        channels: 1, 3 or 4.
+        on_bad_file: `"skip"` (leave unreadable files out, warn with their
+            count and paths, list them in `bundle.skipped_files`) or
+            `"error"` (raise, listing them).
+        verify: decode every file up front (set False for trusted data).
 
     Returns:
         A `DataBundle`.
     """
-    import keras
+    import warnings
 
+    if on_bad_file not in ("skip", "error"):
+        raise ValueError(
+            f"on_bad_file must be 'skip' or 'error'. Received: {on_bad_file!r}")
+    if channels not in (1, 3, 4):
+        raise ValueError(f"channels must be 1, 3 or 4. Received: {channels!r}")
     classes = _list_class_folders(directory)
-    color_mode = {1: "grayscale", 3: "rgb", 4: "rgba"}[channels]
-    kwargs = dict(
-        labels="inferred",
-        label_mode="int",
-        class_names=classes,
-        color_mode=color_mode,
-        image_size=tuple(image_size),
-        batch_size=batch_size,
-        seed=seed,
-        verbose=False,
-    )
-    if validation_split:
-        train, val = keras.utils.image_dataset_from_directory(
-            directory, validation_split=validation_split, subset="both",
-            shuffle=True, **kwargs,
-        )
-        val = val.prefetch(_AUTOTUNE)
-    else:
-        train = keras.utils.image_dataset_from_directory(
-            directory, shuffle=True, **kwargs
-        )
-        val = None
-    train = train.prefetch(_AUTOTUNE)
-    return DataBundle(train, val, classes, (*image_size, channels))
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        folder = os.path.join(directory, name)
+        for filename in sorted(os.listdir(folder)):
+            if filename.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(folder, filename))
+                labels.append(label)
+    bad = []
+    if verify:
+        progress = None
+        if len(paths) >= 2000:
+            import keras
+
+            print(f"Checking {len(paths)} images in {directory}")
+            progress = keras.utils.Progbar(len(paths))
+        for i, path in enumerate(paths):
+            if not _readable(path, channels):
+                bad.append(path)
+            if progress is not None and (i + 1) % 200 == 0:
+                progress.update(i + 1)
+    if bad:
+        listed = "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+        if on_bad_file == "error":
+            raise ValueError(
+                f"{len(bad)} unreadable image file(s) in {directory!r}:\n  {listed}")
+        warnings.warn(
+            f"Skipped {len(bad)} unreadable image file(s) in {directory!r}:"
+            f"\n  {listed}", stacklevel=2)
+        keep = [i for i, p in enumerate(paths) if p not in set(bad)]
+        paths = [paths[i] for i in keep]
+        labels = [labels[i] for i in keep]
+    left = set(labels)
+    emptied = [classes[i] for i in range(len(classes)) if i not in left]
+    if emptied:
+        raise ValueError(
+            f"Image folder {directory!r}: no readable images left in class "
+            f"folder(s) {emptied}.")
+    (train_x, train_y), val = _split(np.asarray(paths), np.asarray(labels, "int32"),
+                                     validation_split, seed)
+    size = tuple(int(v) for v in image_size)
+
+    def load(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
+                                   expand_animations=False)
+        image.set_shape((None, None, channels))
+        image = tf.image.resize(tf.cast(image, tf.float32), size)
+        return image, label
+
+    def pipeline(x, y, shuffle):
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        if shuffle:
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        return (ds.map(load, num_parallel_calls=_AUTOTUNE)
+                .batch(batch_size).prefetch(_AUTOTUNE))
+
+    train = pipeline(train_x, train_y, True)
+    val_ds = pipeline(*val, False) if val is not None else None
+    return DataBundle(train, val_ds, classes, (*size, channels), skipped_files=bad)
 
 
 def from_tfds(

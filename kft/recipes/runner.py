@@ -18,6 +18,8 @@ import yaml
 
 from kft import data as kft_data
 from kft import report
+from kft.callbacks import NonFiniteLoss
+from kft.callbacks import StopOnNonFiniteLoss
 from kft.finetune import fine_tune
 from kft.freezing import format_trainable_summary
 from kft.heads import head_kind
@@ -74,10 +76,14 @@ def build_data(data_config, input_shape):
             num_classes=len(names) if names else None, **common,
         )
     if source == "image_folder":
-        return kft_data.from_image_folder(
-            data_config.path, image_size=image_size, channels=channels,
-            validation_split=data_config.validation_split, **common,
-        )
+        try:
+            return kft_data.from_image_folder(
+                data_config.path, image_size=image_size, channels=channels,
+                validation_split=data_config.validation_split,
+                on_bad_file=data_config.on_bad_file, **common,
+            )
+        except ValueError as error:
+            raise RecipeError(f"data.path: {error}") from None
     return kft_data.from_tfds(
         data_config.name, data_dir=data_config.data_dir,
         train_split=data_config.train_split, val_split=data_config.val_split,
@@ -193,6 +199,16 @@ def synthetic_data(config, input_shape):
         batch_size=config.data.batch_size,
         class_names=[f"class_{i}" for i in range(classes)],
     )
+
+
+def _non_finite_message(error, output_dir):
+    state = read_state(output_dir)
+    if state is None or not state.get("path"):
+        kept = "No epoch had finished, so there is no checkpoint."
+    else:
+        kept = (f"The last good checkpoint (after epoch {state['epochs_done']}) "
+                f"is kept: {state['path']}.")
+    return f"{error}. {kept} history.csv holds the epochs before it."
 
 
 def build_model(config, num_classes, input_shape, load_weights=True):
@@ -347,6 +363,11 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
     keras.config.set_dtype_policy(config.precision)
     try:
         keras.utils.set_random_seed(config.seed)
+        if config.deterministic:
+            import tensorflow as tf
+
+            # Process-wide: same seed, same numbers (some GPU ops get slower).
+            tf.config.experimental.enable_op_determinism()
         input_shape = _input_shape(config)
         bundle = (synthetic_data(config, input_shape) if smoke
                   else build_data(config.data, input_shape))
@@ -369,16 +390,21 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
             print(f"Run directory: {output_dir}")
             print(format_trainable_summary(model))
 
-        callbacks = [RunCheckpoint(output_dir, config.callbacks.checkpoints)]
+        # The NaN guard first: a broken epoch never reaches the checkpoint.
+        callbacks = [StopOnNonFiniteLoss(),
+                     RunCheckpoint(output_dir, config.callbacks.checkpoints)]
         if config.callbacks.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(
                 os.path.join(output_dir, "tensorboard")))
         histories = []
         if resume_from is None or resume_from[0] < len(config.stages):
-            histories = fine_tune(
-                model, bundle.train, bundle.val, stages=config.stages,
-                callbacks=callbacks, verbose=verbose, resume_from=resume_from,
-            )
+            try:
+                histories = fine_tune(
+                    model, bundle.train, bundle.val, stages=config.stages,
+                    callbacks=callbacks, verbose=verbose, resume_from=resume_from,
+                )
+            except NonFiniteLoss as error:
+                raise RuntimeError(_non_finite_message(error, output_dir)) from None
 
         model.save(os.path.join(output_dir, "model.keras"))
         adapter = None
@@ -403,6 +429,7 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
                       if k in ("loss", "accuracy", "mae", "auc")} if rows else {},
             ("val" if bundle.val is not None else "train_eval"): evaluation,
         },
+        "data": {"skipped_files": bundle.skipped_files},
         "stages": _stage_summaries(rows, histories, config),
         **({"adapter": adapter} if adapter else {}),
         "params": {

@@ -97,6 +97,7 @@ class DataConfig(_Strict):
     validation_split: float = Field(default=0.2, ge=0.0, lt=1.0)
     per_class: int | None = Field(default=None, ge=1)
     image_size: tuple[int, int] | None = None
+    on_bad_file: Literal["skip", "error"] = "skip"
     text_column: str = "text"
     label_column: str = "label"
     topics: list[str] | None = None
@@ -182,6 +183,7 @@ class RecipeConfig(_Strict):
     name: str
     description: str = ""
     seed: int = 0
+    deterministic: bool = False
     output_dir: str | None = None
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     callbacks: CallbacksConfig = CallbacksConfig()
