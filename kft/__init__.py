@@ -9,6 +9,7 @@ from kft import augment  # noqa: E402
 from kft import backbones  # noqa: E402
 from kft import callbacks  # noqa: E402
 from kft import data  # noqa: E402
+from kft import distribute  # noqa: E402
 from kft import heads  # noqa: E402
 from kft import lora  # noqa: E402
 from kft import optimizers  # noqa: E402
@@ -42,6 +43,7 @@ __all__ = [
     "callbacks",
     "compare",
     "data",
+    "distribute",
     "fine_tune",
     "format_trainable_summary",
     "freeze",

@@ -9,12 +9,14 @@ state of those that were already training (Adam moments, iteration
 count, learning rate), and has `fit` trace a new train step.
 """
 
+import contextlib
 import math
 import warnings
 
 import keras
 import numpy as np
 
+from kft.finetune import model_strategy
 from kft.freezing import _leaves
 from kft.freezing import backbone_blocks_of
 from kft.freezing import batch_norm_policy
@@ -83,7 +85,11 @@ def _retrace(model):
     """Makes `fit` use the current trainable variables from its next step."""
     optimizer = model.optimizer
     if optimizer is not None and optimizer.built:
-        model.optimizer = rebuild_optimizer(optimizer, model.trainable_variables)
+        strategy = model_strategy(model)
+        # Under a tf.distribute strategy the new slots must be mirrored.
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model.optimizer = rebuild_optimizer(optimizer,
+                                                model.trainable_variables)
     model.make_train_function(force=True)
     # Keras warns at the next evaluate() that trainable flags changed
     # since compile; the change was deliberate and is now compiled in.

@@ -304,6 +304,7 @@ def from_image_folder(
     channels=3,
     on_bad_file="skip",
     verify=True,
+    shuffle=True,
 ):
     """Loads `directory/<class_name>/*.jpg|png|...` with a validation split.
 
@@ -324,6 +325,7 @@ def from_image_folder(
             count and paths, list them in `bundle.skipped_files`) or
             `"error"` (raise, listing them).
         verify: decode every file up front (set False for trusted data).
+        shuffle: reshuffle the training set every epoch.
 
     Returns:
         A `DataBundle`.
@@ -391,7 +393,7 @@ def from_image_folder(
         return (ds.map(load, num_parallel_calls=_AUTOTUNE)
                 .batch(batch_size).prefetch(_AUTOTUNE))
 
-    train = pipeline(train_x, train_y, True)
+    train = pipeline(train_x, train_y, shuffle)
     val_ds = pipeline(*val, False) if val is not None else None
     return DataBundle(train, val_ds, classes, (*size, channels), skipped_files=bad)
 
@@ -406,6 +408,7 @@ def from_tfds(
     image_size=None,
     channels=None,
     download=False,
+    shuffle=True,
 ):
     """Loads a TensorFlow Datasets image classification set.
 
@@ -415,6 +418,7 @@ def from_tfds(
         train_split, val_split: tfds split strings (`val_split=None` for
             no validation).
         download: allow tfds to download and prepare the data.
+        shuffle: shuffle the training files and examples every epoch.
 
     Returns:
         A `DataBundle`.
@@ -457,7 +461,7 @@ def from_tfds(
         ds = ds.batch(batch_size).map(transform, num_parallel_calls=_AUTOTUNE)
         return ds.prefetch(_AUTOTUNE)
 
-    train = load(train_split, True)
+    train = load(train_split, shuffle)
     val = load(val_split, False) if val_split else None
     return DataBundle(train, val, class_names, train.element_spec[0].shape[1:])
 

@@ -299,6 +299,25 @@ def _as_stage(value, index):
         ) from None
 
 
+def model_strategy(model):
+    """The `tf.distribute` strategy a model was built under, or None."""
+    return getattr(model, "_distribute_strategy", None)
+
+
+def _strategy_scope(model, strategy):
+    """A context factory: the strategy's scope, or nothing."""
+    import contextlib
+
+    built_under = model_strategy(model)
+    if strategy is not None and built_under is not strategy:
+        raise ValueError(
+            "fine_tune(strategy=...): the model was not built under this "
+            "strategy. Build it inside `with strategy.scope():` (kft recipes "
+            "do this for `distribution:`).")
+    strategy = strategy or built_under
+    return strategy.scope if strategy is not None else contextlib.nullcontext
+
+
 def _compiled_from_checkpoint(model):
     """Whether a loaded model came back with its training compile (keras-hub
     tasks come back compiled with their own defaults instead)."""
@@ -327,6 +346,7 @@ def fine_tune(
     every=1,
     learning_rate=1e-3,
     resume_from=None,
+    strategy=None,
 ):
     """Trains a model in stages, recompiling between them.
 
@@ -350,6 +370,13 @@ def fine_tune(
             continue an interrupted run: earlier stages are skipped, and a
             stage interrupted mid-way continues with the model as it is
             (compiled, with its optimizer state, e.g. from a checkpoint).
+        strategy: a `tf.distribute` strategy (`MirroredStrategy`,
+            `MultiWorkerMirroredStrategy`, `TPUStrategy`) the model was
+            built under (`with strategy.scope(): model = ...`). Optimizers
+            (per-group ones included) and metrics are created in its scope;
+            batches of the data are global batches, split across replicas,
+            and learning rates are used as given. Default: the strategy
+            the model was built under, if any.
 
     Callbacks with an `on_stage_begin(index, name, start_epoch)` method
     are told when each stage starts.
@@ -376,6 +403,7 @@ def fine_tune(
     if not stages:
         raise ValueError("stages is empty: give at least one stage.")
     stages = [_as_stage(s, i) for i, s in enumerate(stages)]
+    scope = _strategy_scope(model, strategy)
     x, y = train_data, None
     if isinstance(train_data, (tuple, list)) and len(train_data) == 2:
         x, y = train_data
@@ -415,14 +443,15 @@ def fine_tune(
                 loss = kind_loss
                 metrics = kind_metrics if metrics is None else metrics
             steps = _steps_per_epoch(train_data, stage)
-            if stage.lr_find and not resuming:
-                stage, found = _find_rate(model, stage, train_data, loss,
-                                          metrics, say)
-            model.compile(
-                optimizer=make_optimizer(stage, steps, model),
-                loss=loss,
-                metrics=metrics,
-            )
+            with scope():
+                if stage.lr_find and not resuming:
+                    stage, found = _find_rate(model, stage, train_data, loss,
+                                              metrics, say)
+                model.compile(
+                    optimizer=make_optimizer(stage, steps, model),
+                    loss=loss,
+                    metrics=metrics,
+                )
         # kft's own stage callbacks first, so that the caller's (a run
         # checkpoint, say) see the result of early stopping's restore.
         stage_callbacks = list(stage.callbacks)

@@ -20,6 +20,7 @@ from kft import data as kft_data
 from kft import report
 from kft.callbacks import NonFiniteLoss
 from kft.callbacks import StopOnNonFiniteLoss
+from kft.distribute import make_strategy
 from kft.finetune import fine_tune
 from kft.freezing import format_trainable_summary
 from kft.heads import head_kind
@@ -45,7 +46,7 @@ def build_data(data_config, input_shape):
         return _text_data(data_config)
     image_size = tuple(data_config.image_size or input_shape[:2])
     channels = input_shape[2]
-    common = dict(batch_size=data_config.batch_size)
+    common = dict(batch_size=data_config.batch_size, shuffle=data_config.shuffle)
     source = data_config.source
     if source in ("builtin", "numpy"):
         if source == "builtin":
@@ -118,6 +119,7 @@ def _text_data(data_config):
             raise RecipeError(f"data.topics: {error}") from None
     return kft_data.from_texts(
         texts, labels, batch_size=data_config.batch_size,
+        shuffle=data_config.shuffle,
         validation_split=data_config.validation_split, class_names=names)
 
 
@@ -376,15 +378,20 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
                 bundle.train, config.augmentation, config.seed)
         data_seconds = time.perf_counter() - started
 
+        strategy = make_strategy(config.distribution.strategy,
+                                 config.distribution.devices)
         if state is not None:
-            model = keras.saving.load_model(state["path"])
+            with strategy.scope():
+                model = keras.saving.load_model(state["path"])
             resume_from = (state["stage"], state["stage_start"], state["epochs_done"])
             if verbose != 0:
                 print(f"Resuming {output_dir} after epoch {state['epochs_done']} "
                       f"(stage {state['stage'] + 1})")
         else:
-            model = build_model(config, bundle.num_classes, input_shape,
-                                load_weights=not smoke)
+            # Built in the strategy's scope: variables are mirrored.
+            with strategy.scope():
+                model = build_model(config, bundle.num_classes, input_shape,
+                                    load_weights=not smoke)
             resume_from = None
         if verbose != 0:
             print(f"Run directory: {output_dir}")
@@ -402,6 +409,8 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
                 histories = fine_tune(
                     model, bundle.train, bundle.val, stages=config.stages,
                     callbacks=callbacks, verbose=verbose, resume_from=resume_from,
+                    strategy=(None if config.distribution.strategy == "none"
+                              else strategy),
                 )
             except NonFiniteLoss as error:
                 raise RuntimeError(_non_finite_message(error, output_dir)) from None
@@ -430,6 +439,8 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
             ("val" if bundle.val is not None else "train_eval"): evaluation,
         },
         "data": {"skipped_files": bundle.skipped_files},
+        "distribution": {"strategy": config.distribution.strategy,
+                         "replicas": int(strategy.num_replicas_in_sync)},
         "stages": _stage_summaries(rows, histories, config),
         **({"adapter": adapter} if adapter else {}),
         "params": {

@@ -94,6 +94,7 @@ class DataConfig(_Strict):
     train_split: str = "train"
     val_split: str | None = "test"
     batch_size: int = Field(default=32, ge=1)
+    shuffle: bool = True
     validation_split: float = Field(default=0.2, ge=0.0, lt=1.0)
     per_class: int | None = Field(default=None, ge=1)
     image_size: tuple[int, int] | None = None
@@ -156,6 +157,27 @@ class PromptTuningConfig(_Strict):
     init_text: str | None = None
 
 
+class DistributionConfig(_Strict):
+    """`distribution:` a `tf.distribute` strategy (`kft.distribute`).
+
+    `distribution: mirrored` is shorthand for `{strategy: mirrored}`.
+    """
+
+    strategy: Literal["none", "mirrored", "multi_worker", "tpu"] = "none"
+    devices: list[str] | None = None
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        return {"strategy": value} if isinstance(value, str) else value
+
+    @pydantic.model_validator(mode="after")
+    def _devices_for_mirrored(self):
+        if self.devices is not None and self.strategy != "mirrored":
+            raise ValueError("devices applies to strategy 'mirrored' only")
+        return self
+
+
 class CallbacksConfig(_Strict):
     """`callbacks:` what the run writes besides history and metrics."""
 
@@ -186,6 +208,7 @@ class RecipeConfig(_Strict):
     deterministic: bool = False
     output_dir: str | None = None
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    distribution: DistributionConfig = DistributionConfig()
     callbacks: CallbacksConfig = CallbacksConfig()
     augmentation: AugmentationConfig | None = None
     model: ModelConfig
