@@ -47,3 +47,14 @@ def tiny_classifier(num_classes=3, size=32, **kwargs):
         "mobilenet_v2", num_classes, weights=None,
         input_shape=(size, size, 3), alpha=0.35, **kwargs,
     )
+
+
+def changed_after_fit(model, x, y, epochs=1, learning_rate=1e-2):
+    """Compiles with Adam, fits, and returns the paths of the weights that
+    changed."""
+    before = {w.path: np.array(w) for w in model.weights}
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=epochs, verbose=0)
+    return {w.path for w in model.weights
+            if not np.array_equal(before[w.path], np.asarray(w))}

@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import changed_after_fit
 
 from kft.lora import LoRADense
 
@@ -120,12 +121,7 @@ def test_apply_lora_on_a_keras_hub_backbone_trains_only_adapters_and_head():
     assert all(p.endswith(("lora_a", "lora_b")) or p.startswith("head_output")
                for p in trainable)
     assert len(trainable) == 4 * 2 + 2
-    before = {w.path: np.array(w) for w in model.weights}
-    model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                  loss="sparse_categorical_crossentropy")
-    model.fit(x, np.arange(8) % 3, epochs=2, verbose=0)
-    changed = {w.path for w in model.weights
-               if not np.array_equal(before[w.path], np.asarray(w))}
+    changed = changed_after_fit(model, x, np.arange(8) % 3, epochs=2)
     # Only adapters and the head moved; every B and the head did move.
     assert changed <= trainable
     assert {p for p in trainable if p.endswith("lora_b")} <= changed
@@ -276,12 +272,7 @@ def test_keras_round_trip_inside_a_keras_hub_backbone_resumes_training(tmp_path)
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), want, atol=1e-6)
     assert sorted(w.path for w in reloaded.trainable_weights) == trainable
     # Training resumes on the adapters and head only, and it saves again.
-    before = {w.path: np.array(w) for w in reloaded.weights}
-    reloaded.compile(optimizer=keras.optimizers.Adam(1e-2),
-                     loss="sparse_categorical_crossentropy")
-    reloaded.fit(x, np.arange(8) % 3, epochs=1, verbose=0)
-    changed = {w.path for w in reloaded.weights
-               if not np.array_equal(before[w.path], np.asarray(w))}
+    changed = changed_after_fit(reloaded, x, np.arange(8) % 3)
     assert changed and changed <= set(trainable)
     again = str(tmp_path / "again.keras")
     reloaded.save(again)

@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import changed_after_fit
 
 from kft.prompt import prompt_tune
 
@@ -35,12 +36,7 @@ def test_prompt_tuning_trains_only_the_virtual_tokens_and_head(tmp_path):
     model = _classifier(prompted)
     trainable = {w.path for w in model.trainable_weights}
     assert trainable == {"prompt_tuning/prompt", "head/kernel", "head/bias"}
-    before = {w.path: np.array(w) for w in model.weights}
-    model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                  loss="sparse_categorical_crossentropy")
-    model.fit(x, np.arange(6) % 2, epochs=2, verbose=0)
-    changed = {w.path for w in model.weights
-               if not np.array_equal(before[w.path], np.asarray(w))}
+    changed = changed_after_fit(model, x, np.arange(6) % 2, epochs=2)
     assert changed == trainable
     path = str(tmp_path / "prompted.keras")
     model.save(path)

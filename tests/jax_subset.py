@@ -1,0 +1,71 @@
+"""kft on the JAX backend: run by test_backends.py as
+`KERAS_BACKEND=jax pytest tests/jax_subset.py` (not collected otherwise)."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import changed_after_fit
+from conftest import make_images
+
+import kft
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax",
+                                reason="runs under KERAS_BACKEND=jax")
+
+
+def test_fine_tune_with_per_group_rates_trains_only_what_it_should():
+    x, y = make_images(16, classes=2)
+    model = kft.build_classifier("mobilenet_v2", 2, input_shape=(32, 32, 3),
+                                 alpha=0.35, weights="fashion_mnist")
+    data = kft.data.from_numpy(x, y, batch_size=8, validation_split=0.25)
+    before = {w.path: np.array(w) for w in model.weights}
+    kft.fine_tune(model, data.train, data.val, stages=[
+        {"name": "head", "epochs": 1},
+        {"name": "top", "epochs": 1, "trainable": {"last_n_blocks": 2},
+         "learning_rate": {"head": 1e-3, "backbone": 1e-4}}], verbose=0)
+    changed = {w.path for w in model.weights
+               if not np.array_equal(before[w.path], np.asarray(w))}
+    assert any(p.startswith("head_output") for p in changed)
+    blocks = kft.backbone_blocks(model)
+    frozen = {w.path for layer in blocks[0] for w in layer.weights}
+    assert not changed & frozen
+
+
+def test_image_augmentation_layer_flips_only_flip():
+    image = np.zeros((1, 8, 8, 3), "float32")
+    image[0, :, :2] = 255.0
+    layer = kft.augment.ImageAugmentation(horizontal_flip=True, seed=1).layer()
+    outputs = np.asarray(layer(np.repeat(image, 16, axis=0), training=True))
+    mirrored = image[:, :, ::-1]
+    same = [np.allclose(o, image[0]) for o in outputs]
+    flipped = [np.allclose(o, mirrored[0]) for o in outputs]
+    assert all(s or f for s, f in zip(same, flipped)) and any(same) and any(flipped)
+
+
+def test_lora_trains_adapters_saves_reloads_and_merges(tmp_path):
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(5, name="query")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+    kft.lora.apply_lora(model, targets=("query",), rank=2, trainable=("head",))
+    data = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    changed = changed_after_fit(model, data, np.arange(8) % 2, epochs=2)
+    assert "query/kernel" not in changed and "query/lora_b" in changed
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(reloaded.predict(data, verbose=0),
+                               model.predict(data, verbose=0), atol=1e-5)
+    want = model.predict(data, verbose=0)
+    kft.lora.merge_lora(model)
+    np.testing.assert_allclose(model.predict(data, verbose=0), want, atol=1e-5)
+
+
+def test_tensorflow_only_features_say_so():
+    x, y = make_images(8, classes=2)
+    model = kft.build_classifier("mobilenet_v2", 2, input_shape=(32, 32, 3),
+                                 alpha=0.35)
+    with pytest.raises(RuntimeError, match="TensorFlow backend only"):
+        kft.fine_tune(model, (x, y), stages=[{"epochs": 1,
+                                              "unfreeze": {"every": 1}}],
+                      verbose=0)
+    with pytest.raises(ValueError, match="TensorFlow backend"):
+        kft.distribute.make_strategy("mirrored")
