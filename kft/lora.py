@@ -62,17 +62,20 @@ class _LoRAMixin:
     def _build_adapters(self):
         fan_in, fan_out = self._adapter_dims()
         self._dropout_seed = keras.random.SeedGenerator()
-        # float32 whatever the dtype policy: LoRA weights underflow in fp16.
+        # float32 whatever the dtype policy, and not cast to the compute
+        # dtype when read (autocast=False): LoRA updates underflow in fp16.
         self.lora_a = self.add_weight(
             name="lora_a", shape=(fan_in, self.rank),
-            initializer=keras.initializers.HeUniform(), dtype="float32")
+            initializer=keras.initializers.HeUniform(), dtype="float32",
+            autocast=False)
         self.lora_b = self.add_weight(
             name="lora_b", shape=(self.rank, fan_out), initializer="zeros",
-            dtype="float32")
+            dtype="float32", autocast=False)
         # A variable, not a Python flag: a train or predict function traced
         # before merge() must see the change.
         self.lora_active = self.add_weight(
             name="lora_active", shape=(), trainable=False, dtype="float32",
+            autocast=False,
             initializer=keras.initializers.Constant(0.0 if self.merged else 1.0))
 
     def _update(self, inputs, training):
