@@ -100,6 +100,18 @@ def test_same_seed_same_stream():
     a, _ = _batches(ImageAugmentation(**kwargs).flow(x, batch_size=8))
     b, _ = _batches(ImageAugmentation(**kwargs).flow(x, batch_size=8))
     np.testing.assert_allclose(a, b)
+    # Batches are augmented in parallel from per-batch seeds: new draws
+    # every epoch, the same epochs for the same seed, others for another.
+    flow = ImageAugmentation(**kwargs).flow(x, batch_size=8, shuffle=False)
+    first, _ = _batches(flow)
+    second, _ = _batches(flow)
+    again = ImageAugmentation(**kwargs).flow(x, batch_size=8, shuffle=False)
+    np.testing.assert_allclose(_batches(again)[0], first)
+    np.testing.assert_allclose(_batches(again)[0], second)
+    assert not np.allclose(first, second)
+    other, _ = _batches(ImageAugmentation(**{**kwargs, "seed": 8}).flow(
+        x, batch_size=8, shuffle=False))
+    assert not np.allclose(first, other)
 
 
 def test_layer_is_active_only_in_training_and_serializes(tmp_path):

@@ -22,6 +22,17 @@ CLASS_MODES = ("categorical", "binary", "sparse", "input", None)
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
+def _uniform(shape, low, high, generator, seed, offset, dtype="float32"):
+    """`keras.random.uniform` from the layer's generator or, given a `(2,)`
+    int32 seed tensor (tf.data pipelines), TensorFlow's stateless op, so
+    batches can be augmented in parallel and still reproducibly."""
+    if seed is None:
+        return keras.random.uniform(shape, low, high, seed=generator, dtype=dtype)
+    return tf.random.stateless_uniform(
+        shape, seed + tf.constant([0, offset], tf.int32), minval=low,
+        maxval=high, dtype=dtype)
+
+
 @keras.saving.register_keras_serializable(package="kft")
 class RandomBrightnessScale(keras.layers.Layer):
     """Multiplies each image by a factor drawn from `[low, high]`, as the
@@ -33,13 +44,12 @@ class RandomBrightnessScale(keras.layers.Layer):
         self.low, self.high, self.seed = float(low), float(high), seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def call(self, images, training=True):
+    def call(self, images, training=True, seed=None):
         if not training:
             return images
         batch = keras.ops.shape(images)[0]
-        factor = keras.random.uniform(
-            (batch, 1, 1, 1), self.low, self.high, seed=self.seed_generator,
-            dtype=self.compute_dtype)
+        factor = _uniform((batch, 1, 1, 1), self.low, self.high,
+                          self.seed_generator, seed, 1, self.compute_dtype)
         return keras.ops.clip(images * factor, 0.0, 255.0)
 
     def compute_output_shape(self, input_shape):
@@ -62,13 +72,12 @@ class RandomChannelShift(keras.layers.Layer):
         self.intensity, self.seed = float(intensity), seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def call(self, images, training=True):
+    def call(self, images, training=True, seed=None):
         if not training:
             return images
         batch = keras.ops.shape(images)[0]
-        shift = keras.random.uniform(
-            (batch, 1, 1, 1), -self.intensity, self.intensity,
-            seed=self.seed_generator, dtype=self.compute_dtype)
+        shift = _uniform((batch, 1, 1, 1), -self.intensity, self.intensity,
+                         self.seed_generator, seed, 1, self.compute_dtype)
         low = keras.ops.min(images, axis=(1, 2, 3), keepdims=True)
         high = keras.ops.max(images, axis=(1, 2, 3), keepdims=True)
         return keras.ops.minimum(keras.ops.maximum(images + shift, low), high)
@@ -124,23 +133,28 @@ class RandomAffine(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def _uniform(self, batch, low, high):
-        return keras.random.uniform((batch,), low, high, seed=self.seed_generator)
+    def _uniform(self, batch, low, high, seed, offset):
+        return _uniform((batch,), low, high, self.seed_generator, seed, offset)
 
-    def _shift(self, batch, spec):
+    def _shift(self, batch, spec, seed, offset):
         if isinstance(spec, tuple):
-            pick = keras.random.randint((batch,), 0, len(spec),
-                                        seed=self.seed_generator)
+            if seed is None:
+                pick = keras.random.randint((batch,), 0, len(spec),
+                                            seed=self.seed_generator)
+            else:
+                pick = tf.random.stateless_uniform(
+                    (batch,), seed + tf.constant([0, offset], tf.int32),
+                    minval=0, maxval=len(spec), dtype=tf.int32)
             return keras.ops.take(keras.ops.convert_to_tensor(spec), pick)
-        return self._uniform(batch, -spec, spec)
+        return self._uniform(batch, -spec, spec, seed, offset)
 
-    def _flip(self, batch, enabled):
+    def _flip(self, batch, enabled, seed, offset):
         if not enabled:
             return keras.ops.ones((batch,))
-        coin = keras.random.uniform((batch,), 0, 1, seed=self.seed_generator)
+        coin = self._uniform(batch, 0, 1, seed, offset)
         return keras.ops.where(coin < 0.5, -1.0, 1.0)
 
-    def call(self, images, training=True):
+    def call(self, images, training=True, seed=None):
         if not training:
             return images
         ops = keras.ops
@@ -148,14 +162,15 @@ class RandomAffine(keras.layers.Layer):
         batch = shape[0]
         height = ops.cast(shape[1], "float32")
         width = ops.cast(shape[2], "float32")
-        theta = self._uniform(batch, -self.rotation, self.rotation) * (math.pi / 180)
-        shear = self._uniform(batch, -self.shear, self.shear) * (math.pi / 180)
-        ty = self._shift(batch, self.shift[0]) * height
-        tx = self._shift(batch, self.shift[1]) * width
-        zy = self._uniform(batch, *self.zoom)
-        zx = self._uniform(batch, *self.zoom)
-        fx = self._flip(batch, self.horizontal_flip)
-        fy = self._flip(batch, self.vertical_flip)
+        theta = self._uniform(batch, -self.rotation, self.rotation, seed, 1) \
+            * (math.pi / 180)
+        shear = self._uniform(batch, -self.shear, self.shear, seed, 2) * (math.pi / 180)
+        ty = self._shift(batch, self.shift[0], seed, 3) * height
+        tx = self._shift(batch, self.shift[1], seed, 4) * width
+        zy = self._uniform(batch, *self.zoom, seed, 5)
+        zx = self._uniform(batch, *self.zoom, seed, 6)
+        fx = self._flip(batch, self.horizontal_flip, seed, 7)
+        fy = self._flip(batch, self.vertical_flip, seed, 8)
         cos, sin = ops.cos(theta), ops.sin(theta)
         # A maps an output point (about the centre) to its input point:
         # rotation @ shear @ zoom @ flip, as (x, y) = (column, row).
@@ -306,11 +321,24 @@ class ImageAugmentationLayer(keras.layers.Layer):
         for layer in self._random:
             layer.build(input_shape)
 
-    def call(self, images, training=None):
+    @property
+    def stateless(self):
+        """Whether every random transform can draw from a per-call seed
+        (RandAugment draws from its own generator)."""
+        return self.rand_augment is None
+
+    def call(self, images, training=None, seed=None):
+        """`seed`: an optional `(2,)` int32 tensor; the random draws then
+        come from it (stateless), not from the layers' generators."""
         images = keras.ops.cast(images, self.compute_dtype)
         if training:
-            for layer in self._random:
-                images = layer(images, training=True)
+            for number, layer in enumerate(self._random):
+                if seed is None or isinstance(layer, keras.layers.RandAugment):
+                    images = layer(images, training=True)
+                else:
+                    images = layer(images, training=True,
+                                   seed=seed + tf.constant([1000 * number, 0],
+                                                           tf.int32))
         if self.rescale:
             images = images * self.rescale
         if self.mean is not None:
@@ -467,8 +495,8 @@ class ImageAugmentation:
         if augment and self.cutmix:
             mixers.append(keras.layers.CutMix(factor=self.cutmix, seed=seed))
 
-        def apply(x, *rest):
-            x = layer(tf.cast(x, tf.float32), training=augment)
+        def apply(x, *rest, seed=None):
+            x = layer(tf.cast(x, tf.float32), training=augment, seed=seed)
             if mixers and rest:
                 labels = rest[0]
                 if labels.shape.rank == 1:
@@ -479,10 +507,27 @@ class ImageAugmentation:
                 x, rest = data["images"], (data["labels"], *rest[1:])
             return (x, *rest) if rest else x
 
-        # With a seed, batches are augmented one after another (each still
-        # vectorised) so the random stream is reproducible.
-        calls = _AUTOTUNE if (seed is None and self.seed is None) else None
-        return ds.map(apply, num_parallel_calls=calls).prefetch(_AUTOTUNE)
+        seed = self.seed if seed is None else seed
+        if seed is None:
+            return ds.map(apply, num_parallel_calls=_AUTOTUNE).prefetch(_AUTOTUNE)
+        if mixers or not layer.stateless:
+            # Keras' MixUp / CutMix / RandAugment draw from their own
+            # generators: one batch after another keeps the stream
+            # reproducible.
+            return ds.map(apply).prefetch(_AUTOTUNE)
+        # A seeded stream of per-batch seeds (new each epoch): batches are
+        # augmented in parallel and the result is still reproducible.
+        seeds = tf.data.Dataset.random(
+            seed=seed, rerandomize_each_iteration=True).batch(2).map(
+            lambda s: tf.cast(s % (2 ** 31 - 1), tf.int32))
+
+        def apply_seeded(batch, batch_seed):
+            parts = batch if isinstance(batch, tuple) else (batch,)
+            return apply(*parts, seed=batch_seed)
+
+        return (tf.data.Dataset.zip((ds, seeds))
+                .map(apply_seeded, num_parallel_calls=_AUTOTUNE, deterministic=True)
+                .prefetch(_AUTOTUNE))
 
     def _split(self, n, subset, seed, validation_split=None):
         if validation_split is None:
