@@ -51,7 +51,7 @@ def main():
                            args.steps, args.epochs)
     print(f"1 device: {one:.2f} steps/s; MirroredStrategy on 2 logical CPU "
           f"devices: {two:.2f} steps/s; ratio 2/1 = {two / one:.2f} "
-          "(same cores: overhead, not speed-up)")
+          "(the same 2 cores either way)")
 
 
 if __name__ == "__main__":

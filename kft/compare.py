@@ -215,13 +215,13 @@ def _advice(summary):
     reference = "full" if "full" in done else best_method
     ref = done[reference]
     for method, s in done.items():
-        parts = [f"{method} reached {100 * quality(s):.0f}% of the best "
+        parts = [f"{method} reached {100 * quality(s):.1f}% of the best "
                  f"validation {'accuracy' if higher else 'loss'} ({best_method})"]
         if method != reference:
             step_ratio = ((s["median_step_seconds"] or 0)
                           / (ref["median_step_seconds"] or 1))
             param_ratio = s["trainable_params"] / max(ref["trainable_params"], 1)
-            parts.append(f"with {100 * param_ratio:.1f}% of {reference}'s "
+            parts.append(f"with {100 * param_ratio:.2f}% of {reference}'s "
                          f"trainable parameters and {100 * step_ratio:.0f}% of "
                          "its step time")
         wall_ratio = s["wall_seconds"] / max(done[choice]["wall_seconds"], 1e-9)
