@@ -1,60 +1,70 @@
-"""kft: fine-tune pretrained Keras models with plain `model.fit`."""
+"""kft: fine-tune pretrained Keras models with plain `model.fit`.
 
-import os
+`import kft` is cheap and changes nothing global: the public names below
+load on first use, so the command line answers `kft list` without
+starting TensorFlow. The first use of any kft name loads all of kft, and
+with it kft's Keras objects, which `keras.saving.load_model` needs
+(`import keras` before `import kft`, as isort orders them, does the same).
+"""
 
-# Keep TensorFlow's C++ start-up chatter out of user output.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from kft import augment  # noqa: E402
-from kft import backbones  # noqa: E402
-from kft import callbacks  # noqa: E402
-from kft import data  # noqa: E402
-from kft import distribute  # noqa: E402
-from kft import heads  # noqa: E402
-from kft import lora  # noqa: E402
-from kft import optimizers  # noqa: E402
-from kft import prompt  # noqa: E402
-from kft import report  # noqa: E402
-from kft.backbones import backbone_blocks  # noqa: E402
-from kft.backbones import list_backbones  # noqa: E402
-from kft.backbones import register_backbone  # noqa: E402
-from kft.callbacks import lr_find  # noqa: E402
-from kft.compare import compare  # noqa: E402
-from kft.finetune import Stage  # noqa: E402
-from kft.finetune import fine_tune  # noqa: E402
-from kft.freezing import format_trainable_summary  # noqa: E402
-from kft.freezing import freeze  # noqa: E402
-from kft.freezing import trainable_summary  # noqa: E402
-from kft.freezing import unfreeze  # noqa: E402
-from kft.models import build_classifier  # noqa: E402
-from kft.preprocessing import ImagePreprocessing  # noqa: E402
-from kft.text import build_text_classifier  # noqa: E402
+import importlib
+import sys
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ImagePreprocessing",
-    "Stage",
-    "augment",
-    "backbone_blocks",
-    "backbones",
-    "build_classifier",
-    "build_text_classifier",
-    "callbacks",
-    "compare",
-    "data",
-    "distribute",
-    "fine_tune",
-    "format_trainable_summary",
-    "freeze",
-    "heads",
-    "list_backbones",
-    "lora",
-    "lr_find",
-    "optimizers",
-    "prompt",
-    "register_backbone",
-    "report",
-    "trainable_summary",
-    "unfreeze",
-]
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "ImagePreprocessing": "kft.preprocessing",
+    "Stage": "kft.stages",
+    "backbone_blocks": "kft.backbones",
+    "build_classifier": "kft.models",
+    "build_text_classifier": "kft.text",
+    "compare": "kft.recipes.compare",
+    "describe": "kft.anatomy",
+    "fine_tune": "kft.finetune",
+    "format_trainable_summary": "kft.freezing",
+    "freeze": "kft.freezing",
+    "list_backbones": "kft.families",
+    "lr_find": "kft.callbacks",
+    "register_backbone": "kft.families",
+    "trainable_summary": "kft.freezing",
+    "unfreeze": "kft.freezing",
+}
+_SUBMODULES = (
+    "anatomy", "augment", "backbones", "callbacks", "data", "distribute",
+    "families", "heads", "lora", "optimizers", "prompt", "report", "stages",
+)
+# What `import kft` loads on first use: the library, with every Keras
+# object it registers for `keras.saving.load_model`.
+_LIBRARY = tuple(f"kft.{name}" for name in _SUBMODULES) + (
+    "kft.finetune", "kft.freezing", "kft.models", "kft.preprocessing", "kft.text")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def _load_library():
+    for module in _LIBRARY:
+        importlib.import_module(module)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        _load_library()
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        _load_library()
+        value = importlib.import_module(f"kft.{name}")
+    else:
+        raise AttributeError(f"module 'kft' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+# Keras is already loaded (and TensorFlow with it): loading kft's objects
+# now costs nothing and lets `keras.saving.load_model` find them.
+if "keras" in sys.modules:
+    _load_library()

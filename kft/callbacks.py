@@ -16,19 +16,21 @@ import warnings
 import keras
 import numpy as np
 
-from kft.finetune import model_strategy
-from kft.freezing import _leaves
+from kft._keras_internals import WEIGHT_DECAY_ATTRIBUTES
+from kft._keras_internals import distribute_strategy
+from kft._keras_internals import mark_trainable_state_compiled
+from kft._keras_internals import own_trainable_variables
+from kft.anatomy import count_params
 from kft.freezing import backbone_blocks_of
 from kft.freezing import batch_norm_policy
 from kft.freezing import find_backbone
+from kft.freezing import leaves
 from kft.freezing import unfreeze
+from kft.stages import UnfreezeConfig
+from kft.stages import validate
 
 __all__ = ["GradualUnfreezing", "LRFinder", "LRFinderResult", "NonFiniteLoss",
            "StopOnNonFiniteLoss", "lr_find", "rebuild_optimizer"]
-
-
-def _count(weights):
-    return int(sum(math.prod(w.shape) for w in weights))
 
 
 def _children(optimizer):
@@ -39,13 +41,8 @@ def _children(optimizer):
     return []
 
 
-_OPTIMIZER_ATTRIBUTES = (
-    # Not in get_config(): weight-decay exclusions and kft's group labels.
-    "_exclude_from_weight_decay",
-    "_exclude_from_weight_decay_pattern",
-    "_exclude_from_weight_decay_names",
-    "kft_groups",
-)
+# Not in get_config(): weight-decay exclusions and kft's group labels.
+_OPTIMIZER_ATTRIBUTES = (*WEIGHT_DECAY_ATTRIBUTES, "kft_groups")
 
 
 def _copy_state(old, new):
@@ -85,18 +82,14 @@ def _retrace(model):
     """Makes `fit` use the current trainable variables from its next step."""
     optimizer = model.optimizer
     if optimizer is not None and optimizer.built:
-        strategy = model_strategy(model)
+        strategy = distribute_strategy(model)
         # Under a tf.distribute strategy the new slots must be mirrored.
         with strategy.scope() if strategy else contextlib.nullcontext():
             model.optimizer = rebuild_optimizer(optimizer,
                                                 model.trainable_variables)
     model.make_train_function(force=True)
-    # Keras warns at the next evaluate() that trainable flags changed
-    # since compile; the change was deliberate and is now compiled in.
-    if hasattr(model, "_compiled_trainable_state"):
-        model._compiled_trainable_state = {
-            layer: layer.trainable for layer in model._flatten_layers()
-        }
+    # The flags changed deliberately and are now compiled in.
+    mark_trainable_state_compiled(model)
 
 
 class GradualUnfreezing(keras.callbacks.Callback):
@@ -138,31 +131,13 @@ class GradualUnfreezing(keras.callbacks.Callback):
     def __init__(self, schedule=None, backbone="backbone", *, every=None,
                  bn=None, warmup_steps=0, start_epoch=0, verbose=1):
         super().__init__()
-        if (schedule is None) == (every is None):
-            raise ValueError(
-                "GradualUnfreezing needs either schedule={epoch: n_blocks} or "
-                "every=k, not both."
-            )
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(
-                f"every must be an integer >= 1. Received: every={every!r}")
-        if schedule is not None:
-            if not isinstance(schedule, dict) or not schedule:
-                raise ValueError(
-                    "schedule must be a non-empty dict {epoch: n_blocks}. "
-                    f"Received: schedule={schedule!r}"
-                )
-            for epoch, blocks in schedule.items():
-                if not isinstance(epoch, int) or epoch < 0:
-                    raise ValueError(
-                        f"schedule epochs must be integers >= 0. Received: {epoch!r}")
-                if blocks != "all" and (not isinstance(blocks, int) or blocks < 0):
-                    raise ValueError(
-                        "schedule values must be a number of blocks >= 0 or "
-                        f"'all'. Received: {epoch}: {blocks!r}")
-        if bn not in (None, "frozen", "train"):
-            raise ValueError(
-                f"bn must be None, 'frozen' or 'train'. Received: bn={bn!r}")
+        if schedule is not None and not isinstance(schedule, dict):
+            raise ValueError("schedule must be a non-empty dict {epoch: "
+                             f"n_blocks}}. Received: schedule={schedule!r}")
+        # One definition of a valid schedule: the one stages use.
+        validate(UnfreezeConfig, {"schedule": schedule, "every": every, "bn": bn,
+                                  "warmup_steps": warmup_steps},
+                 title="Invalid GradualUnfreezing arguments")
         self.schedule = dict(schedule) if schedule is not None else None
         self.backbone = backbone
         self.every = every
@@ -210,15 +185,15 @@ class GradualUnfreezing(keras.callbacks.Callback):
         batch_norm = self._batch_norm(model)
         base = find_backbone(model, self.backbone)
         # What trains outside the backbone (the head) keeps training.
-        outside = _count(model.trainable_weights) - _count(base.trainable_weights)
-        total = _count(model.weights)
+        outside = count_params(model.trainable_weights) - count_params(base.trainable_weights)
+        total = count_params(model.weights)
 
         def block_params(layers):
             # Leaves: a transformer layer holds its weights in sublayers.
-            return _count(
-                w for layer in layers for leaf in _leaves(layer)
+            return count_params(
+                w for layer in layers for leaf in leaves(layer)
                 if batch_norm or not isinstance(leaf, keras.layers.BatchNormalization)
-                for w in leaf._trainable_variables
+                for w in own_trainable_variables(leaf)
             )
 
         rows, previous = [], 0
@@ -267,7 +242,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
                  batch_norm=self._batch_norm(self.model))
         _retrace(self.model)
         self._unfrozen = target
-        trainable, total = _count(self.model.trainable_weights), _count(
+        trainable, total = count_params(self.model.trainable_weights), count_params(
             self.model.weights)
         event = {"epoch": epoch, "blocks": target, "unfrozen": names,
                  "trainable_params": trainable, "total_params": total}

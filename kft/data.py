@@ -24,7 +24,9 @@ __all__ = [
     "load_builtin",
     "load_fashion_mnist",
     "load_fortunes",
+    "load_npz",
     "load_text_file",
+    "scan_image_folder",
     "subset_per_class",
 ]
 
@@ -252,35 +254,81 @@ def from_numpy(
     return DataBundle(train, val, class_names, shape)
 
 
-def _list_class_folders(directory):
+def _hidden(name):
+    # ".DS_Store", ".ipynb_checkpoints", macOS' "._photo.jpg" twins.
+    return name.startswith(".")
+
+
+def scan_image_folder(directory, classes=None):
+    """Lists the images of a folder that holds one sub-folder per class.
+
+    The one definition of an image folder in kft, shared by
+    `from_image_folder` and `kft.augment.ImageAugmentation.
+    flow_from_directory`:
+
+    - a class is a sub-folder of `directory`; hidden ones (names starting
+      with `"."`, such as `.ipynb_checkpoints`) are not classes;
+    - an image is a file directly inside a class folder whose name ends
+      with one of `IMAGE_EXTENSIONS` (any case); hidden files (such as
+      macOS' `._photo.jpg`) are skipped and sub-folders are not searched;
+    - classes and files are sorted by name, so labels and order do not
+      depend on the file system.
+
+    The folder's contents are listed, not decoded.
+
+    Args:
+        directory: the folder of class folders.
+        classes: the class folders to read, in label order (default:
+            every class folder, in alphabetical order).
+
+    Returns:
+        `(class_names, paths, labels)`: the class names (label = index),
+        the image paths, and the integer label of each path. A class
+        folder without images keeps its label and has no paths.
+
+    Raises:
+        ValueError: `directory` is not a folder, it has no class
+            sub-folders, or a folder named in `classes` is missing.
+
+    Example:
+
+    ```python
+    class_names, paths, labels = kft.data.scan_image_folder("data/train")
+    # ["cat", "dog"], ["data/train/cat/001.jpg", ...], [0, ...]
+    ```
+    """
+    directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise ValueError(f"Image folder not found: {directory!r}")
-    classes = sorted(
-        d for d in os.listdir(directory)
-        if os.path.isdir(os.path.join(directory, d)) and not d.startswith(".")
+    found = sorted(
+        entry.name for entry in os.scandir(directory)
+        if entry.is_dir() and not _hidden(entry.name)
     )
+    if classes is None:
+        classes = found
+    else:
+        classes = [str(c) for c in classes]
+        missing = [c for c in classes
+                   if not os.path.isdir(os.path.join(directory, c))]
+        if missing:
+            raise ValueError(
+                f"Image folder {directory!r} has no class folder(s) "
+                f"{missing}. Class folders: {found}.")
     if not classes:
         raise ValueError(
             f"Image folder {directory!r} has no class sub-folders. Expected "
-            "one sub-folder of images per class."
+            "one sub-folder of images per class.")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        folder = os.path.join(directory, name)
+        files = sorted(
+            entry.name for entry in os.scandir(folder)
+            if entry.is_file() and not _hidden(entry.name)
+            and entry.name.lower().endswith(IMAGE_EXTENSIONS)
         )
-    empty = [
-        c for c in classes if not any(
-            f.lower().endswith(IMAGE_EXTENSIONS)
-            for f in os.listdir(os.path.join(directory, c))
-        )
-    ]
-    if empty:
-        raise ValueError(
-            f"Image folder {directory!r}: class folder(s) {empty} hold no "
-            "images (.png, .jpg, .jpeg, .bmp, .gif)."
-        )
-    if len(classes) < 2:
-        raise ValueError(
-            f"Image folder {directory!r} holds a single class {classes}; a "
-            "classifier needs at least two."
-        )
-    return classes
+        paths.extend(os.path.join(folder, f) for f in files)
+        labels.extend([label] * len(files))
+    return list(classes), paths, labels
 
 
 def _readable(path, channels):
@@ -308,7 +356,9 @@ def from_image_folder(
 ):
     """Loads `directory/<class_name>/*.jpg|png|...` with a validation split.
 
-    Classes are the sub-folder names in alphabetical order. Every file is
+    Classes are the sub-folder names in alphabetical order, and the images
+    are the files that `scan_image_folder` lists (hidden files and folders
+    skipped). Every file is
     decoded once up front (`verify=True`), so a corrupt or truncated image
     is found here, with its path, and not as a crash deep in `tf.data`.
     Images of any size are resized to `image_size`; grayscale images are
@@ -337,14 +387,17 @@ def from_image_folder(
             f"on_bad_file must be 'skip' or 'error'. Received: {on_bad_file!r}")
     if channels not in (1, 3, 4):
         raise ValueError(f"channels must be 1, 3 or 4. Received: {channels!r}")
-    classes = _list_class_folders(directory)
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        folder = os.path.join(directory, name)
-        for filename in sorted(os.listdir(folder)):
-            if filename.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(folder, filename))
-                labels.append(label)
+    classes, paths, labels = scan_image_folder(directory)
+    counts = np.bincount(np.asarray(labels, "int64"), minlength=len(classes))
+    empty = [name for name, count in zip(classes, counts) if count == 0]
+    if empty:
+        raise ValueError(
+            f"Image folder {directory!r}: class folder(s) {empty} hold no "
+            f"images ({', '.join(IMAGE_EXTENSIONS)}).")
+    if len(classes) < 2:
+        raise ValueError(
+            f"Image folder {directory!r} holds a single class {classes}; a "
+            "classifier needs at least two.")
     bad = []
     if verify:
         progress = None
@@ -524,6 +577,84 @@ def load_builtin(name):
             (data["x_val"], data["y_val"]),
             [str(c) for c in data["class_names"]],
         )
+
+
+_NPZ_REQUIRED = ("x_train", "y_train")
+_NPZ_OPTIONAL = ("x_val", "y_val", "class_names")
+
+
+def load_npz(path):
+    """Reads an image data set stored as NumPy arrays in one `.npz` file.
+
+    The file holds `x_train` and `y_train`, and optionally `x_val` with
+    `y_val` (both or neither) and `class_names` (strings). It is read with
+    `allow_pickle=False`: a data file never runs code.
+
+    Args:
+        path: the `.npz` file (e.g. written by `np.savez`).
+
+    Returns:
+        `(x, y, x_val, y_val, class_names)`: NumPy arrays; `x_val`,
+        `y_val` are `None` when absent and `class_names` is a list of
+        strings or `None`.
+
+    Raises:
+        ValueError: the file is missing or not an `.npz`, a required array
+            is missing (named), or an array holds Python objects.
+
+    Example:
+
+    ```python
+    np.savez("data.npz", x_train=x, y_train=y,
+             class_names=np.array(["cat", "dog"]))
+    x, y, x_val, y_val, class_names = kft.data.load_npz("data.npz")
+    bundle = kft.data.from_numpy(x, y, x_val=x_val, y_val=y_val,
+                                 class_names=class_names)
+    ```
+    """
+    path = os.fspath(path)
+    expected = (f"expected arrays {list(_NPZ_REQUIRED)}, optionally x_val "
+                "with y_val, and class_names")
+    if not os.path.isfile(path):
+        raise ValueError(f"No such .npz file: {path!r} ({expected}).")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path!r} is not a readable .npz file ({expected}): "
+            f"{error}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path!r} holds a single array, not an .npz archive "
+            f"({expected}). Write it with np.savez(path, x_train=..., "
+            "y_train=...).")
+    with npz:
+        names = set(npz.files)
+        missing = [k for k in _NPZ_REQUIRED if k not in names]
+        if ("x_val" in names) != ("y_val" in names):
+            missing.append("y_val" if "x_val" in names else "x_val")
+        if missing:
+            raise ValueError(
+                f"{path!r} lacks array(s) {missing}: {expected}. Found: "
+                f"{sorted(names)}.")
+        arrays = {}
+        for key in (*_NPZ_REQUIRED, *_NPZ_OPTIONAL):
+            if key not in names:
+                arrays[key] = None
+                continue
+            try:
+                arrays[key] = npz[key]
+            except ValueError:
+                raise ValueError(
+                    f"{path!r}: array {key!r} holds Python objects, which "
+                    "kft does not unpickle (allow_pickle=False). Save "
+                    "numbers, or strings as np.array(values, dtype=str)."
+                ) from None
+    names_array = arrays["class_names"]
+    class_names = (None if names_array is None
+                   else [str(c) for c in np.ravel(names_array)])
+    return (arrays["x_train"], arrays["y_train"], arrays["x_val"],
+            arrays["y_val"], class_names)
 
 
 def load_fortunes(topics=FORTUNES_TOPICS, *, data_dir=None, per_topic=None,

@@ -23,9 +23,15 @@ statistics and their scale and offset stay as pretrained. With
 import re
 
 import keras
-import numpy as np
 
-from kft.backbones import named_backbone_blocks
+from kft._keras_internals import all_layers
+from kft._keras_internals import child_layers
+from kft._keras_internals import set_trainable_flag
+from kft.anatomy import backbone_blocks as _named_blocks
+from kft.anatomy import count_params
+from kft.anatomy import describe
+from kft.anatomy import find_backbone
+from kft.stages import parse_trainable
 
 __all__ = [
     "backbone_blocks_of",
@@ -40,39 +46,17 @@ __all__ = [
     "unfreeze",
 ]
 
+# The name `kft.build_classifier` gives the nested backbone. Functions
+# that take `backbone=` default to the model's recorded anatomy instead.
 BACKBONE = "backbone"
 
 
-# The TensorFlow backend skips `layer.trainable = value` when the flag
-# already equals `value`, even if sublayers differ (a frozen backbone
-# inside a model whose own flag is True stays frozen). Calling the Layer
-# property setter directly always recurses.
-_set_flag = keras.layers.Layer.trainable.fset
-
-
-def set_trainable_flag(layer, value):
-    """`layer.trainable = value` that always reaches every sublayer."""
-    _set_flag(layer, bool(value))
-    return layer
-
-
-def _sublayers(layer):
-    return layer._flatten_layers(include_self=False, recursive=False)
-
-
-def _leaves(layer):
+def leaves(layer):
     """All layers under `layer` (itself included) that hold no sublayers."""
-    children = list(_sublayers(layer))
+    children = child_layers(layer)
     if not children:
         return [layer]
-    leaves = []
-    for child in children:
-        leaves.extend(_leaves(child))
-    return leaves
-
-
-def _count(weights):
-    return int(sum(np.prod(w.shape) for w in weights))
+    return [leaf for child in children for leaf in leaves(child)]
 
 
 def train_only(model, layers):
@@ -83,7 +67,7 @@ def train_only(model, layers):
     """
     set_trainable_flag(model, False)
     _trainable_after(model, {id(leaf): True for layer in layers
-                             for leaf in _leaves(layer)})
+                             for leaf in leaves(layer)})
     return model
 
 
@@ -92,39 +76,23 @@ def freeze(model_or_layer):
     return set_trainable_flag(model_or_layer, False)
 
 
-def _get_backbone(model, backbone):
-    try:
-        return model.get_layer(backbone)
-    except ValueError:
-        # keras-hub tasks (`kft.build_text_classifier`) hold theirs as
-        # `model.backbone`.
-        task_backbone = getattr(model, "backbone", None)
-        if backbone == BACKBONE and isinstance(task_backbone, keras.layers.Layer):
-            return task_backbone
-        raise ValueError(
-            f"Model {model.name!r} has no layer named {backbone!r}. Build it "
-            "with kft.build_classifier, or pass backbone=<name of the nested "
-            "backbone model>."
-        ) from None
-
-
 def _trainable_after(model, changes):
     """Sets flags so that leaf layers in `changes` get the given state and
     every other leaf keeps its current state."""
-    leaves = _leaves(model)
-    state = {id(leaf): leaf.trainable for leaf in leaves}
+    all_leaves = leaves(model)
+    state = {id(leaf): leaf.trainable for leaf in all_leaves}
     state.update(changes)
     # A layer only trains if all its parents do: open every container,
     # then set each leaf. Containers with no trainable leaf are closed
     # again so that summaries read naturally.
     set_trainable_flag(model, True)
-    for leaf in leaves:
+    for leaf in all_leaves:
         set_trainable_flag(leaf, state[id(leaf)])
     _close_empty_containers(model)
 
 
 def _close_empty_containers(layer):
-    children = list(_sublayers(layer))
+    children = list(child_layers(layer))
     if not children:
         return layer.trainable
     any_trainable = False
@@ -137,34 +105,22 @@ def _close_empty_containers(layer):
     return any_trainable
 
 
-def batch_norm_policy(model, backbone=BACKBONE):
+def batch_norm_policy(model, backbone=None):
     """Returns `"frozen"` or `"train"`: how the model treats backbone BatchNorm.
 
-    Read from the model's own graph: `build_classifier(bn="frozen")` calls
-    the backbone with `training=False`, which the saved config keeps, so
-    the policy survives `model.save()` and `load_model`.
+    Read from the model's anatomy (`kft.describe`), which
+    `build_classifier(bn=...)` records and `.keras` files keep.
     """
-    try:
-        layers = model.get_config().get("layers", [])
-    except (NotImplementedError, TypeError, AttributeError):
-        return "train"
-    for layer in layers:
-        if layer.get("name") != backbone:
-            continue
-        for node in layer.get("inbound_nodes", []):
-            if isinstance(node, dict) and node.get("kwargs", {}).get(
-                "training"
-            ) is False:
-                return "frozen"
-    return "train"
+    del backbone  # the policy is the model's, whatever the backbone name
+    return describe(model).batch_norm
 
 
 def _freeze_backbone_batch_norm(model, backbone):
     try:
-        base = model.get_layer(backbone)
+        base = find_backbone(model, backbone)
     except ValueError:
         return
-    for layer in base._flatten_layers(include_self=False):
+    for layer in all_layers(base):
         if isinstance(layer, keras.layers.BatchNormalization):
             set_trainable_flag(layer, False)
 
@@ -175,7 +131,7 @@ def unfreeze(
     last_n_blocks=None,
     layers=None,
     batch_norm=None,
-    backbone=BACKBONE,
+    backbone=None,
 ):
     """Makes parts of a model trainable, leaving the rest as it was.
 
@@ -204,9 +160,9 @@ def unfreeze(
     """
     targets = []
     if last_n_blocks is None and layers is None:
-        targets = _leaves(model)
+        targets = leaves(model)
     if last_n_blocks is not None:
-        blocks = _blocks(model, _get_backbone(model, backbone))
+        blocks = _named_blocks(model, backbone)
         if last_n_blocks == "all":
             last_n_blocks = len(blocks)
         if not isinstance(last_n_blocks, int) or last_n_blocks < 0:
@@ -221,7 +177,7 @@ def unfreeze(
             )
         for _, block in blocks[len(blocks) - last_n_blocks:]:
             for layer in block:
-                targets.extend(_leaves(layer))
+                targets.extend(leaves(layer))
     if layers is not None:
         try:
             pattern = re.compile(layers)
@@ -229,25 +185,22 @@ def unfreeze(
             raise ValueError(
                 f"layers={layers!r} is not a valid regex: {error}"
             ) from None
-        matched = [
-            layer
-            for layer in model._flatten_layers(include_self=False)
-            if pattern.search(layer.name)
-        ]
+        matched = [layer for layer in all_layers(model)
+                   if pattern.search(layer.name)]
         if not matched:
             raise ValueError(
                 f"layers={layers!r} matches no layer of model {model.name!r}."
             )
         for layer in matched:
-            targets.extend(_leaves(layer))
+            targets.extend(leaves(layer))
     if batch_norm is None:
         batch_norm = batch_norm_policy(model, backbone) == "train"
     if not batch_norm:
         try:
-            scope = model.get_layer(backbone)
+            scope = find_backbone(model, backbone)
         except ValueError:
             scope = model
-        in_scope = {id(layer) for layer in scope._flatten_layers(include_self=False)}
+        in_scope = {id(layer) for layer in all_layers(scope)}
         targets = [
             t for t in targets
             if not (isinstance(t, keras.layers.BatchNormalization)
@@ -257,7 +210,7 @@ def unfreeze(
     return len({id(t) for t in targets})
 
 
-def set_trainable(model, spec, backbone=BACKBONE):
+def set_trainable(model, spec, backbone=None):
     """Applies a stage's trainable spec to a kft model.
 
     Args:
@@ -267,8 +220,7 @@ def set_trainable(model, spec, backbone=BACKBONE):
             `{"last_n_blocks": k}` (head + top k blocks) or
             `{"layers": regex}` (head + matching layers).
     """
-    if hasattr(spec, "model_dump"):
-        spec = spec.model_dump()
+    spec = parse_trainable(spec)
     if spec == "keep":
         return
     if spec == "all":
@@ -280,22 +232,13 @@ def set_trainable(model, spec, backbone=BACKBONE):
         set_trainable_flag(model, False)
         return
     set_trainable_flag(model, True)
-    set_trainable_flag(_get_backbone(model, backbone), False)
+    set_trainable_flag(find_backbone(model, backbone), False)
     if spec == "head":
         return
-    if isinstance(spec, dict) and spec.get("last_n_blocks") is not None:
-        unfreeze(model, last_n_blocks=spec["last_n_blocks"], backbone=backbone)
-        return
-    if isinstance(spec, dict) and spec.get("layers") is not None:
-        unfreeze(model, layers=spec["layers"], backbone=backbone)
-        return
-    raise ValueError(
-        "trainable must be 'head', 'all', 'none', 'keep', {'last_n_blocks': k} or "
-        f"{{'layers': regex}}. Received: trainable={spec!r}"
-    )
+    unfreeze(model, backbone=backbone, **spec)
 
 
-def trainable_summary(model, backbone=BACKBONE):
+def trainable_summary(model, backbone=None):
     """Per block (and the head): layers, parameters, what trains.
 
     Returns:
@@ -306,12 +249,12 @@ def trainable_summary(model, backbone=BACKBONE):
     rows = []
 
     def row(name, layer_list):
-        params = _count(w for layer in layer_list for w in layer.weights)
+        params = count_params(w for layer in layer_list for w in layer.weights)
         if params == 0:
             return
-        train = _count(w for layer in layer_list for w in layer.trainable_weights)
+        train = count_params(w for layer in layer_list for w in layer.trainable_weights)
         weighted = [
-            leaf for layer in layer_list for leaf in _leaves(layer) if leaf.weights
+            leaf for layer in layer_list for leaf in leaves(layer) if leaf.weights
         ]
         if train == 0:
             state = "frozen"
@@ -326,16 +269,16 @@ def trainable_summary(model, backbone=BACKBONE):
 
     base = None
     try:
-        base = _get_backbone(model, backbone)
+        base = find_backbone(model, backbone)
     except ValueError:
         pass
     others = [layer for layer in model.layers if layer is not base
               and not isinstance(layer, keras.layers.InputLayer)]
     if base is not None:
         base_on = base.trainable
-        for name, block in _blocks(model, base):
+        for name, block in _named_blocks(model, backbone):
             if not base_on:
-                params = _count(w for layer in block for w in layer.weights)
+                params = count_params(w for layer in block for w in layer.weights)
                 if params:
                     rows.append({"block": name, "layers": len(block),
                                  "params": params, "trainable_params": 0,
@@ -346,33 +289,14 @@ def trainable_summary(model, backbone=BACKBONE):
     return rows
 
 
-def find_backbone(model, backbone=BACKBONE):
-    """The model's backbone: the layer named `backbone`, or a keras-hub
-    task's `model.backbone`."""
-    return _get_backbone(model, backbone)
-
-
-def backbone_blocks_of(model, backbone=BACKBONE):
+def backbone_blocks_of(model, backbone=None):
     """`(name, layers)` blocks of the model's backbone, input to output:
     CNN blocks, or a keras-hub transformer's embeddings, each
-    `transformer_layer_i` and the pooler."""
-    return _blocks(model, _get_backbone(model, backbone))
+    `transformer_layer_i` and the pooler (`kft.anatomy.backbone_blocks`)."""
+    return _named_blocks(model, backbone)
 
 
-def _blocks(model, base):
-    """Named blocks of a CNN backbone, or of a keras-hub transformer
-    (embeddings, each transformer layer, pooler)."""
-    from kft.optimizers import lr_blocks
-
-    if base is getattr(model, "backbone", None) and base is not None:
-        try:
-            return [(n, b) for n, b in lr_blocks(model) if n != "head"]
-        except ValueError:
-            pass
-    return named_backbone_blocks(base)
-
-
-def format_trainable_summary(model, backbone=BACKBONE):
+def format_trainable_summary(model, backbone=None):
     """Returns `trainable_summary` as a text table with a total line."""
     rows = trainable_summary(model, backbone)
     lines = [f"{'block':<28}{'layers':>7}{'params':>12}{'trainable':>12}  state"]
@@ -381,8 +305,8 @@ def format_trainable_summary(model, backbone=BACKBONE):
             f"{r['block']:<28}{r['layers']:>7}{r['params']:>12,}"
             f"{r['trainable_params']:>12,}  {r['state']}"
         )
-    total = _count(model.weights)
-    train = _count(model.trainable_weights)
+    total = count_params(model.weights)
+    train = count_params(model.trainable_weights)
     share = 100.0 * train / total if total else 0.0
     lines.append(f"trainable: {train:,} of {total:,} parameters ({share:.1f}%)")
     return "\n".join(lines)

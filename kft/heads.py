@@ -4,9 +4,12 @@ The head kind decides the output activation, the loss and the metrics, so
 a user picks a task, not three matching settings.
 """
 
-import dataclasses
-
 import keras
+
+from kft.anatomy import HEAD_OUTPUT
+from kft.anatomy import describe
+from kft.head_config import HEAD_KINDS
+from kft.head_config import HeadConfig
 
 __all__ = [
     "HEAD_KINDS",
@@ -17,78 +20,7 @@ __all__ = [
     "outputs_logits",
 ]
 
-HEAD_KINDS = ("multiclass", "binary", "multilabel", "regression")
-POOLINGS = ("avg", "max", "flatten")
-OUTPUT_LAYER = "head_output"
-
-
-@dataclasses.dataclass
-class HeadConfig:
-    """What goes on top of the backbone.
-
-    Args:
-        kind: `"multiclass"` (softmax), `"binary"` (one sigmoid unit),
-            `"multilabel"` (one sigmoid per class) or `"regression"`
-            (linear outputs).
-        pooling: `"avg"`, `"max"` or `"flatten"`.
-        hidden: sizes of hidden Dense layers, e.g. `[128]`.
-        activation: activation of the hidden layers.
-        dropout: dropout rate before each Dense layer (0 for none).
-        batch_norm: add BatchNormalization after each hidden layer.
-    """
-
-    kind: str = "multiclass"
-    pooling: str = "avg"
-    hidden: tuple = ()
-    activation: str = "relu"
-    dropout: float = 0.0
-    batch_norm: bool = False
-
-    def __post_init__(self):
-        if self.kind not in HEAD_KINDS:
-            raise ValueError(
-                f"Unknown head kind. Expected one of {HEAD_KINDS}. "
-                f"Received: kind={self.kind!r}"
-            )
-        if self.pooling not in POOLINGS:
-            raise ValueError(
-                f"Unknown pooling. Expected one of {POOLINGS}. "
-                f"Received: pooling={self.pooling!r}"
-            )
-        if isinstance(self.hidden, int):
-            self.hidden = (self.hidden,)
-        self.hidden = tuple(self.hidden or ())
-        if any(not isinstance(u, int) or u < 1 for u in self.hidden):
-            raise ValueError(
-                "head hidden sizes must be positive integers. Received: "
-                f"hidden={list(self.hidden)}"
-            )
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(
-                f"head dropout must be in [0, 1). Received: "
-                f"dropout={self.dropout!r}"
-            )
-
-    @classmethod
-    def from_value(cls, value):
-        """Accepts `None`, a `HeadConfig` or a dict of its fields."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            allowed = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(value) - allowed)
-            if unknown:
-                raise ValueError(
-                    f"Unknown head option(s) {unknown}. Allowed: "
-                    f"{sorted(allowed)}."
-                )
-            return cls(**value)
-        raise ValueError(
-            "head must be None, a dict or a kft.heads.HeadConfig. Received: "
-            f"head={value!r}"
-        )
+OUTPUT_LAYER = HEAD_OUTPUT
 
 
 def _output_units(kind, num_classes):
@@ -147,47 +79,28 @@ def build_head(features, num_classes, head=None):
     )(x)
 
 
-def _task_logits_layer(model):
-    """The output Dense of a keras-hub classifier task, if `model` is one."""
-    layer = getattr(model, "output_dense", None)
-    if isinstance(layer, keras.layers.Dense) and getattr(
-            model, "num_classes", None):
-        return layer
-    return None
-
-
 def head_kind(model):
-    """Infers the head kind of a kft model from its output layer.
+    """The head kind of a model (`kft.describe(model).head_kind`).
 
     keras-hub classifier tasks (`kft.build_text_classifier`) count as
-    `"multiclass"` (their logits are read with `outputs_logits`).
+    `"multiclass"` (`outputs_logits` says they output logits).
+
+    Raises:
+        ValueError: when the model has no head kft recognises.
     """
-    try:
-        output = model.get_layer(OUTPUT_LAYER)
-    except ValueError:
-        if _task_logits_layer(model) is not None:
-            return "multiclass"
+    kind = describe(model).head_kind
+    if kind is None:
         raise ValueError(
-            f"Model {model.name!r} has no layer {OUTPUT_LAYER!r}; it was not "
-            "built by kft.build_classifier. Pass loss and metrics yourself."
-        ) from None
-    activation = keras.activations.serialize(output.activation)
-    if isinstance(activation, dict):
-        activation = activation.get("config", {}).get("name", activation)
-    if activation == "softmax":
-        return "multiclass"
-    if activation == "sigmoid":
-        return "binary" if output.units == 1 else "multilabel"
-    return "regression"
+            f"Model {model.name!r} has no head kft recognises (no layer "
+            f"{OUTPUT_LAYER!r}, not a keras-hub classifier). Pass loss and "
+            "metrics yourself.")
+    return kind
 
 
 def outputs_logits(model):
     """Whether a classifier outputs logits (keras-hub tasks without an
     activation) rather than probabilities."""
-    layer = _task_logits_layer(model)
-    if layer is None:
-        return False
-    return keras.activations.serialize(layer.activation) in (None, "linear")
+    return describe(model).logits
 
 
 def loss_and_metrics(kind, one_hot=False, from_logits=False):

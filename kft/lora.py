@@ -21,6 +21,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from kft._keras_internals import all_layers
+from kft._keras_internals import kernel_variable
+from kft._keras_internals import trainable_variable_lists
+from kft._keras_internals import unlocked_tracker
+from kft.anatomy import is_keras_hub_backbone
 from kft.freezing import train_only
 
 __all__ = ["LoRADense", "LoRAEinsumDense", "active_adapter", "apply_lora",
@@ -92,21 +97,21 @@ class _LoRAMixin:
 
     def _delta_kernel(self):
         return ops.reshape(ops.matmul(self.lora_a, self.lora_b) * self.scale,
-                           self._kernel.shape)
+                           kernel_variable(self).shape)
 
     def merge(self):
         """Folds `scale * A @ B` into the kernel; outputs unchanged."""
         if not self.merged:
-            self._kernel.assign(self._kernel + ops.cast(self._delta_kernel(),
-                                                        self._kernel.dtype))
+            kernel_variable(self).assign(kernel_variable(self) + ops.cast(self._delta_kernel(),
+                                                        kernel_variable(self).dtype))
             self.lora_active.assign(0.0)
             self.merged = True
 
     def unmerge(self):
         """Takes the update back out of the kernel."""
         if self.merged:
-            self._kernel.assign(self._kernel - ops.cast(self._delta_kernel(),
-                                                        self._kernel.dtype))
+            kernel_variable(self).assign(kernel_variable(self) - ops.cast(self._delta_kernel(),
+                                                        kernel_variable(self).dtype))
             self.lora_active.assign(1.0)
             self.merged = False
 
@@ -165,14 +170,14 @@ class LoRADense(_LoRAMixin, keras.layers.Dense):
     def _adapter_dims(self):
         self._contracted = 1
         self._output_dims = (self.units,)
-        return self._kernel.shape[0], self.units
+        return kernel_variable(self).shape[0], self.units
 
     def build(self, input_shape):
         super().build(input_shape)
         self._build_adapters()
 
     def call(self, inputs, training=None):
-        outputs = ops.matmul(inputs, ops.cast(self._kernel, inputs.dtype))
+        outputs = ops.matmul(inputs, ops.cast(kernel_variable(self), inputs.dtype))
         outputs = outputs + ops.cast(self._update(inputs, training), outputs.dtype)
         return self._finish(outputs)
 
@@ -219,8 +224,8 @@ class LoRAEinsumDense(_LoRAMixin, keras.layers.EinsumDense):
 
     def _adapter_dims(self):
         self._contracted, self._output_dims = _einsum_structure(
-            self.equation, self._kernel.shape)
-        fan_in = math.prod(self._kernel.shape[: self._contracted])
+            self.equation, kernel_variable(self).shape)
+        fan_in = math.prod(kernel_variable(self).shape[: self._contracted])
         return fan_in, math.prod(self._output_dims)
 
     def build(self, input_shape):
@@ -229,7 +234,7 @@ class LoRAEinsumDense(_LoRAMixin, keras.layers.EinsumDense):
 
     def call(self, inputs, training=None):
         outputs = ops.einsum(self.equation, inputs,
-                             ops.cast(self._kernel, inputs.dtype))
+                             ops.cast(kernel_variable(self), inputs.dtype))
         outputs = outputs + ops.cast(self._update(inputs, training), outputs.dtype)
         return self._finish(outputs)
 
@@ -239,7 +244,7 @@ class LoRAEinsumDense(_LoRAMixin, keras.layers.EinsumDense):
 
 def lora_layers(model):
     """The LoRA layers inside a model, in order."""
-    return [layer for layer in model._flatten_layers(include_self=False)
+    return [layer for layer in all_layers(model)
             if isinstance(layer, _LoRAMixin)]
 
 
@@ -257,16 +262,16 @@ def _convert(layer, rank, alpha, dropout, use_rslora):
     target = LoRAEinsumDense if isinstance(layer, keras.layers.EinsumDense) \
         else LoRADense
     if isinstance(layer, keras.layers.EinsumDense):
-        _einsum_structure(layer.equation, layer._kernel.shape)  # supported?
-    layer._tracker.unlock()
-    layer.__class__ = target
-    layer._init_lora(rank, alpha, dropout, use_rslora, merged=False)
-    for variable in (layer._kernel, layer.bias):
-        if variable is not None and _drop(layer._trainable_variables, variable):
-            layer._non_trainable_variables.append(variable)
-            variable.trainable = False
-    layer._build_adapters()
-    layer._tracker.lock()
+        _einsum_structure(layer.equation, kernel_variable(layer).shape)  # supported?
+    trainable, non_trainable = trainable_variable_lists(layer)
+    with unlocked_tracker(layer):
+        layer.__class__ = target
+        layer._init_lora(rank, alpha, dropout, use_rslora, merged=False)
+        for variable in (kernel_variable(layer), layer.bias):
+            if variable is not None and _drop(trainable, variable):
+                non_trainable.append(variable)
+                variable.trainable = False
+        layer._build_adapters()
 
 
 # keras-hub backbones save their hyperparameters, not their layers, so a
@@ -278,18 +283,10 @@ _CONTAINER_NAME = "LoRAContainer"
 _CONTAINER_CLASSES = {}
 
 
-def _opaque(layer):
-    """Whether `layer`'s config omits its sublayers (keras-hub backbones)."""
-    import sys
-
-    keras_hub = sys.modules.get("keras_hub")
-    return keras_hub is not None and isinstance(layer, keras_hub.models.Backbone)
-
-
 class _LoRAContainerMixin:
     def get_config(self):
         base = self._kft_base_class
-        layers = list(self._flatten_layers(include_self=False))
+        layers = list(all_layers(self))
         return {
             "name": self.name,
             "base": {
@@ -321,12 +318,12 @@ def _container_class(base):
 def _mark_containers(model):
     """Gives every keras-hub backbone holding LoRA layers the wrapping
     config (see above); one that holds none gets its own class back."""
-    for layer in model._flatten_layers(include_self=True):
-        if not _opaque(layer):
+    for layer in all_layers(model, include_self=True):
+        if not is_keras_hub_backbone(layer):
             continue
         base = getattr(type(layer), "_kft_base_class", type(layer))
         holds = any(isinstance(sub, _LoRAMixin)
-                    for sub in layer._flatten_layers(include_self=False))
+                    for sub in all_layers(layer))
         layer.__class__ = _container_class(base) if holds else base
 
 
@@ -347,7 +344,7 @@ class LoRAContainer:
     @classmethod
     def from_config(cls, config):
         model = keras.saving.deserialize_keras_object(config["base"])
-        layers = list(model._flatten_layers(include_self=False))
+        layers = list(all_layers(model))
         for index, name, lora in config["lora"]:
             layer = layers[index] if index < len(layers) else None
             if layer is None or layer.name != name:
@@ -390,7 +387,7 @@ def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
     if isinstance(targets, str):
         targets = (targets,)
     candidates = [
-        layer for layer in model._flatten_layers(include_self=False)
+        layer for layer in all_layers(model)
         if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
         and not isinstance(layer, _LoRAMixin)
     ]
@@ -405,7 +402,7 @@ def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
         if not layer.built:
             raise ValueError(f"apply_lora: layer {layer.name!r} is not built yet.")
         _convert(layer, rank, alpha, dropout, use_rslora)
-    keep = [layer for layer in model._flatten_layers(include_self=False)
+    keep = [layer for layer in all_layers(model)
             if trainable and (_matches(layer.name, trainable))]
     train_only(model, chosen + keep)
     _mark_containers(model)
@@ -421,13 +418,13 @@ def merge_lora(model):
         layer.merge()
         plain = keras.layers.EinsumDense if isinstance(layer, LoRAEinsumDense) \
             else keras.layers.Dense
-        layer._tracker.unlock()
-        for variable in (layer.lora_a, layer.lora_b):
-            _drop(layer._trainable_variables, variable)
-        _drop(layer._non_trainable_variables, layer.lora_active)
-        del layer.lora_a, layer.lora_b, layer.lora_active
-        layer.__class__ = plain
-        layer._tracker.lock()
+        trainable, non_trainable = trainable_variable_lists(layer)
+        with unlocked_tracker(layer):
+            for variable in (layer.lora_a, layer.lora_b):
+                _drop(trainable, variable)
+            _drop(non_trainable, layer.lora_active)
+            del layer.lora_a, layer.lora_b, layer.lora_active
+            layer.__class__ = plain
     _mark_containers(model)
     return len(layers)
 
@@ -541,7 +538,7 @@ def load_adapter(model, path, name="default"):
             f"{_fingerprint(model)}).")
     existing = {layer.path: layer for layer in lora_layers(model)}
     if not existing:
-        by_path = {layer.path: layer for layer in model._flatten_layers()}
+        by_path = {layer.path: layer for layer in all_layers(model, include_self=True)}
         for layer_path, config in meta["layers"].items():
             _convert(by_path[layer_path], config["rank"], config["alpha"],
                      config["dropout"], config["use_rslora"])

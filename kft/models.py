@@ -2,14 +2,46 @@
 
 import keras
 
-from kft import backbones
+import kft.backbones as backbones
+from kft.anatomy import Anatomy
 from kft.freezing import freeze
+from kft.head_config import HeadConfig
 from kft.heads import build_head
 from kft.preprocessing import ImagePreprocessing
 
-__all__ = ["build_classifier", "BN_MODES"]
+__all__ = ["BN_MODES", "Classifier", "build_classifier"]
 
 BN_MODES = ("frozen", "train")
+
+
+@keras.saving.register_keras_serializable(package="kft")
+class Classifier(keras.Model):
+    """A functional model that records its `kft.anatomy.Anatomy`.
+
+    Built like any functional model (`Classifier(inputs, outputs,
+    anatomy=...)`); the record is part of its config, so it survives
+    `model.save` and `keras.saving.load_model(..., safe_mode=True)`.
+    """
+
+    def __init__(self, *args, anatomy=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(anatomy, dict):
+            anatomy = Anatomy.from_config(anatomy)
+        self.anatomy = anatomy
+
+    def get_config(self):
+        config = super().get_config()
+        if self.anatomy is not None:
+            config["anatomy"] = self.anatomy.get_config()
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        anatomy = config.pop("anatomy", None)
+        model = super().from_config(config, custom_objects=custom_objects)
+        model.anatomy = Anatomy.from_config(anatomy) if anatomy else None
+        return model
 
 
 def build_classifier(
@@ -51,7 +83,8 @@ def build_classifier(
             `alpha=0.35` for MobileNet.
 
     Returns:
-        A functional `keras.Model` with its backbone frozen.
+        A functional `keras.Model` (a `kft.models.Classifier`, which
+        records what it is: `kft.describe(model)`) with its backbone frozen.
 
     Example:
 
@@ -92,7 +125,12 @@ def build_classifier(
         x = base(x, training=False)
     else:
         x = base(x)
+    head = HeadConfig.from_value(head)
     outputs = build_head(x, num_classes, head)
-    return keras.Model(
-        inputs, outputs, name=name or f"{family.name}_classifier"
-    )
+
+    # === Config ===
+    anatomy = Anatomy(task="image_classifier", backbone=base.name,
+                      family=family.name, head_kind=head.kind,
+                      batch_norm=bn)
+    return Classifier(inputs, outputs, anatomy=anatomy,
+                      name=name or f"{family.name}_classifier")

@@ -8,12 +8,18 @@ it: rules by regex, layer name, block name or block index, fastai's
 and keras-hub transformer backbones.
 """
 
-import math
 import re
 
 import keras
 
-from kft.backbones import named_backbone_blocks
+from kft._keras_internals import all_layers
+from kft._keras_internals import optimizer_map
+from kft._keras_internals import optimizer_rate
+from kft.anatomy import backbone_blocks
+from kft.anatomy import count_params
+from kft.anatomy import describe as describe_model
+from kft.anatomy import head_layers
+from kft.stages import OPTIMIZERS
 
 __all__ = [
     "DEFAULT_WEIGHT_DECAY_EXCLUDES",
@@ -26,21 +32,12 @@ __all__ = [
     "lr_range_rules",
 ]
 
-OPTIMIZER_CLASSES = {
-    "adam": keras.optimizers.Adam,
-    "adamw": keras.optimizers.AdamW,
-    "sgd": keras.optimizers.SGD,
-    "rmsprop": keras.optimizers.RMSprop,
-    "nadam": keras.optimizers.Nadam,
-    "adamax": keras.optimizers.Adamax,
-    "adagrad": keras.optimizers.Adagrad,
-    "lion": keras.optimizers.Lion,
-    "lamb": keras.optimizers.Lamb,
-}
+# The names stages accept (`kft.stages.OPTIMIZERS`) -> Keras classes.
+OPTIMIZER_CLASSES = {name: getattr(keras.optimizers, class_name)
+                     for name, class_name in OPTIMIZERS.items()}
 # Variable names (searched in `variable.name`) that never get weight
 # decay: biases and normalisation scales and offsets.
 DEFAULT_WEIGHT_DECAY_EXCLUDES = ("bias", "gamma", "beta")
-_TRANSFORMER_LAYER = re.compile(r"transformer_layer_(\d+)$")
 
 
 @keras.saving.register_keras_serializable(package="kft")
@@ -87,16 +84,6 @@ def _layer_regex(layers):
     return "(?:" + "|".join(re.escape(n) for n in names) + ")/.*"
 
 
-def _backbone(model):
-    for layer in model._flatten_layers(include_self=False):
-        if layer.name == "backbone" or any(
-            _TRANSFORMER_LAYER.search(sub.name)
-            for sub in layer._flatten_layers(include_self=False, recursive=False)
-        ):
-            return layer
-    return None
-
-
 def lr_blocks(model):
     """The model's learning-rate groups, bottom to top: `(name, layers)`.
 
@@ -107,41 +94,16 @@ def lr_blocks(model):
     a pooler) when there are any. The head, everything outside the
     backbone, comes last as `head`.
     """
-    base = _backbone(model)
-    if base is None:
+    if describe_model(model).backbone is None:
         raise ValueError(
             f"Model {model.name!r} has no backbone kft recognises (a layer "
             "named 'backbone', or a keras-hub backbone with "
             "'transformer_layer_N' layers). Use `rules=` with regexes "
             "instead."
         )
-    children = [
-        layer for layer in base._flatten_layers(include_self=False, recursive=False)
-        if not isinstance(layer, keras.layers.InputLayer)
-    ]
-    if any(_TRANSFORMER_LAYER.search(c.name) for c in children):
-        blocks, before, after = [], [], []
-        for layer in children:
-            match = _TRANSFORMER_LAYER.search(layer.name)
-            if match:
-                blocks.append((int(match.group(1)), layer.name, [layer]))
-            elif blocks:
-                after.append(layer)
-            else:
-                before.append(layer)
-        blocks.sort()
-        named = [("embeddings", before)] + [(n, ls) for _, n, ls in blocks]
-        if after:
-            named.append(("top", after))
-    else:
-        named = named_backbone_blocks(base)
-    inside = {id(x) for x in base._flatten_layers(include_self=True)}
-    head = [
-        layer for layer in model._flatten_layers(include_self=False)
-        if id(layer) not in inside and layer.weights
-        and not layer._flatten_layers(include_self=False, recursive=False)
-    ]
-    named = [(n, ls) for n, ls in named if any(layer.weights for layer in ls)]
+    named = [(n, ls) for n, ls in backbone_blocks(model)
+             if any(layer.weights for layer in ls)]
+    head = head_layers(model)
     if head:
         named.append(("head", head))
     return named
@@ -169,7 +131,7 @@ def _resolve_rule(model, key, blocks):
     if key == "backbone":
         return key, _layer_regex(
             [layer for name, ls in blocks if name != "head" for layer in ls])
-    layer_names = {layer.name for layer in model._flatten_layers(include_self=False)}
+    layer_names = {layer.name for layer in all_layers(model)}
     if key in layer_names:
         return key, re.escape(key) + "/.*"
     try:
@@ -274,7 +236,8 @@ def discriminative(
     """
     if (rules is None) == (lr is None):
         raise ValueError("Pass either rules={...} or lr=(low, high), not both.")
-    blocks = lr_blocks(model) if lr is not None or _backbone(model) else []
+    blocks = (lr_blocks(model) if lr is not None or describe_model(model).backbone
+              else [])
     groups = []
     if lr is not None:
         if not isinstance(lr, (tuple, list)) or len(lr) != 2:
@@ -392,25 +355,25 @@ def describe(optimizer, model):
         groups = [("all", optimizer, list(model.trainable_weights))]
     else:
         by_opt = {}
-        optimizer_map = optimizer._optimizer_map
+        groups_map = optimizer_map(optimizer)
         for v in model.trainable_weights:
-            by_opt.setdefault(id(optimizer_map(v)), []).append(v)
+            by_opt.setdefault(id(groups_map(v)), []).append(v)
         labels = {}
         for label, regex in getattr(optimizer, "kft_groups", []):
-            labels[id(optimizer_map._optimizer_map[regex])] = label
+            labels[id(groups_map[regex])] = label
         groups = [
             (labels.get(id(opt), "default"), opt, by_opt.get(id(opt), []))
             for opt in optimizer.optimizers
         ]
     rows = []
     for label, opt, variables in groups:
-        rate = opt.learning_rate if not isinstance(
-            opt._learning_rate, keras.optimizers.schedules.LearningRateSchedule
-        ) else opt._learning_rate
+        rate = optimizer_rate(opt)
+        if not isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            rate = opt.learning_rate
         rows.append({
             "group": label,
             "variables": len(variables),
-            "params": int(sum(math.prod(v.shape) for v in variables)),
+            "params": count_params(variables),
             "learning_rate": (
                 float(keras.ops.convert_to_numpy(rate))
                 if not callable(rate) else type(rate).__name__

@@ -6,6 +6,8 @@ import platform
 
 import numpy as np
 
+from kft._keras_internals import distribute_strategy
+
 __all__ = [
     "classification_report",
     "confusion_matrix",
@@ -86,10 +88,8 @@ def plot_curves(rows, path):
 def confusion_matrix(model, dataset, num_classes):
     """Counts `[true, predicted]` over a dataset of `(x, y)` batches."""
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    from kft.finetune import model_strategy
-
     # predict_on_batch does not split a batch across tf.distribute replicas.
-    distributed = model_strategy(model) is not None
+    distributed = distribute_strategy(model) is not None
     for x, y in dataset:
         probs = (model.predict(x, verbose=0) if distributed
                  else model.predict_on_batch(x))

@@ -25,6 +25,19 @@ def _range(value, name, allow_negative=True):
     return (float(value[0]), float(value[1]))
 
 
+def _clip_shape(shape, name):
+    """`(clips, samples)`, both >= 1, as a tuple of ints."""
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        dims = ()
+    if len(dims) != 2 or min(dims) < 1:
+        raise ValueError(
+            f"{name} must be 2D, (clips, samples), with at least one clip of "
+            f"one sample. Received: shape {tuple(shape)}")
+    return dims
+
+
 def _power(x):
     return ops.mean(ops.square(x), axis=-1, keepdims=True) + 1e-12
 
@@ -37,10 +50,25 @@ def _mix_at_snr(signal, noise, snr_db):
 
 @keras.saving.register_keras_serializable(package="kft")
 class AudioAugmentationLayer(keras.layers.Layer):
-    """The layer behind `AudioAugmentation.layer()`; same arguments."""
+    """The layer behind `AudioAugmentation.layer()`; same arguments.
+
+    Background clips (`set_background`) are a non-trainable weight of the
+    layer, so they are saved with the model's weights and come back with
+    `keras.saving.load_model`; the config records only their shape
+    (`background_shape`).
+
+    Example:
+
+    ```python
+    layer = AudioAugmentationLayer(background_snr_db=[5, 20], seed=0)
+    layer.set_background(clips)                  # (n, samples) floats
+    waves = layer(waves, training=True)          # (batch, samples)
+    ```
+    """
 
     def __init__(self, noise_snr_db=None, time_shift=0.0, gain_db=None,
-                 speed=None, background_snr_db=None, seed=None, **kwargs):
+                 speed=None, background_snr_db=None, seed=None,
+                 background_shape=None, **kwargs):
         super().__init__(**kwargs)
         self.noise_snr_db = _range(noise_snr_db, "noise_snr_db")
         self.gain_db = _range(gain_db, "gain_db")
@@ -53,11 +81,41 @@ class AudioAugmentationLayer(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.background = None
+        if background_shape is not None:
+            # Loading a saved layer: the clips arrive with the weights.
+            self._add_background(_clip_shape(background_shape,
+                                              "background_shape"))
+
+    def _add_background(self, shape):
+        # float32 even under mixed precision: the mix is computed in
+        # float32 (`call` casts the waves), and autocast would hand a
+        # float16 copy to it.
+        self.background = self.add_weight(
+            name="background", shape=shape, initializer="zeros",
+            dtype="float32", trainable=False, autocast=False)
 
     def set_background(self, clips):
         """Background noise clips, `(n, samples)`, mixed in at
-        `background_snr_db` (each clip tiled or cut to the input length)."""
-        self.background = ops.convert_to_tensor(clips, "float32")
+        `background_snr_db` (each clip tiled or cut to the input length).
+
+        Call it before the layer is first used (`AudioAugmentation` does);
+        afterwards, only clips of the same shape can replace them.
+        """
+        clips = ops.convert_to_numpy(clips).astype("float32")
+        shape = _clip_shape(clips.shape, "background clips")
+        if self.background is None:
+            if self.built:
+                raise ValueError(
+                    f"Layer {self.name!r} is already built: call "
+                    "set_background before its first call (the clips are a "
+                    "weight, and a built layer takes no new weights).")
+            self._add_background(shape)
+        elif tuple(self.background.shape) != shape:
+            raise ValueError(
+                f"Layer {self.name!r} holds background clips of shape "
+                f"{tuple(self.background.shape)}; new clips must have the same "
+                f"shape. Received: shape {shape}")
+        self.background.assign(clips)
 
     def _uniform(self, batch, bounds):
         return keras.random.uniform((batch, 1), bounds[0], bounds[1],
@@ -92,7 +150,7 @@ class AudioAugmentationLayer(keras.layers.Layer):
         if self.gain_db is not None:
             waves = waves * ops.power(10.0, self._uniform(batch, self.gain_db) / 20.0)
         if self.background is not None and self.background_snr_db is not None:
-            clips = self.background
+            clips = ops.convert_to_tensor(self.background)
             pick = keras.random.randint((batch,), 0, ops.shape(clips)[0],
                                         seed=self.seed_generator)
             repeats = length // ops.shape(clips)[1] + 1
@@ -114,6 +172,8 @@ class AudioAugmentationLayer(keras.layers.Layer):
             "noise_snr_db": self.noise_snr_db, "time_shift": self.time_shift,
             "gain_db": self.gain_db, "speed": self.speed,
             "background_snr_db": self.background_snr_db, "seed": self.seed,
+            "background_shape": (None if self.background is None
+                                 else list(self.background.shape)),
         })
         return config
 

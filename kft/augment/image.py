@@ -7,13 +7,12 @@ inside a model or in a `tf.data` pipeline.
 """
 
 import math
-import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from kft.data import IMAGE_EXTENSIONS
+from kft.data import scan_image_folder
 
 __all__ = ["ImageAugmentation", "ImageAugmentationLayer"]
 
@@ -592,7 +591,9 @@ class ImageAugmentation:
 
         Classes are the sub-folder names in alphabetical order (or
         `classes`), as in the legacy class; `self.class_indices` maps them
-        to labels. `class_mode`: `"categorical"` (one-hot), `"binary"`
+        to labels. The images are the files `kft.data.scan_image_folder`
+        lists: hidden files and folders are skipped, and class folders are
+        not searched recursively. `class_mode`: `"categorical"` (one-hot), `"binary"`
         (0/1 floats), `"sparse"` (integers), `"input"` (the image itself)
         or `None` (images only). `validation_split`, when given, overrides
         the one passed to the constructor for this call.
@@ -605,25 +606,12 @@ class ImageAugmentation:
             raise ValueError(
                 f"class_mode must be one of {CLASS_MODES}. Received: "
                 f"class_mode={class_mode!r}")
-        if not os.path.isdir(directory):
-            raise ValueError(f"Image folder not found: {directory!r}")
-        classes = classes or sorted(
-            d for d in os.listdir(directory)
-            if os.path.isdir(os.path.join(directory, d)))
-        if not classes:
-            raise ValueError(f"{directory!r} has no class sub-folders.")
+        classes, paths, labels = scan_image_folder(directory, classes or None)
         if class_mode == "binary" and len(classes) != 2:
             raise ValueError(
                 f"class_mode='binary' needs exactly 2 classes; found "
                 f"{len(classes)}: {classes}")
         self.class_indices = {c: i for i, c in enumerate(classes)}
-        paths, labels = [], []
-        for c in classes:
-            folder = os.path.join(directory, c)
-            for name in sorted(os.listdir(folder)):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.join(folder, name))
-                    labels.append(self.class_indices[c])
         if not paths:
             raise ValueError(f"No images found under {directory!r}.")
         # Legacy splits each class folder; here the split is per class too.

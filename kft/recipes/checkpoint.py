@@ -16,7 +16,11 @@ import time
 
 import keras
 
-__all__ = ["RunCheckpoint", "read_history", "read_state", "write_history"]
+from kft._keras_internals import optimizer_map
+from kft._keras_internals import optimizer_rate
+
+__all__ = ["RunCheckpoint", "learning_rates", "read_history", "read_state",
+           "write_history"]
 
 STATE = "state.json"
 
@@ -29,7 +33,11 @@ def _atomic_write(path, text):
 
 
 def read_history(path):
-    """Rows of a run's `history.csv` (numbers as floats, epoch as int)."""
+    """Rows of a run's `history.csv` (numbers as floats, epoch as int).
+
+    A column a row has no value in (a per-group `learning_rate/<group>`
+    of another stage, say) is left out of that row's dict.
+    """
     if not os.path.exists(path):
         return []
     rows = []
@@ -48,7 +56,12 @@ def read_history(path):
 
 
 def write_history(path, rows):
-    """Writes rows (dicts) with `stage, epoch` first, atomically."""
+    """Writes rows (dicts) with `stage, epoch` first, atomically.
+
+    The columns are every key of any row, in the order they first appear;
+    a row without a column (stages with different learning-rate groups)
+    leaves that cell empty.
+    """
     keys = ["stage", "epoch"]
     for row in rows:
         keys.extend(k for k in row if k not in keys)
@@ -76,6 +89,78 @@ def read_state(run_dir):
 
 def _count(weights):
     return int(sum(math.prod(w.shape) for w in weights))
+
+
+def _rate_at(optimizer, step):
+    """One optimizer's learning rate at `step`, as a float."""
+    rate = optimizer_rate(optimizer)
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        value = rate(step)
+    else:
+        value = optimizer.learning_rate  # a variable, number or callable
+    return float(keras.ops.convert_to_numpy(value))
+
+
+def _group_labels(optimizer):
+    """`{id(inner optimizer): label}` for a `MultiOptimizer`'s groups.
+
+    kft's per-group optimizers (`kft.optimizers`) label their groups
+    (`kft_groups`: the rule, block or layer name); another `OptimizerMap`
+    group is labelled by its regex, and unmatched variables by `default`.
+    """
+    groups = optimizer_map(optimizer)
+    if not isinstance(groups, keras.optimizers.OptimizerMap):
+        return {}  # a selector function: groups are numbered
+    # `regex in groups` is always true: an OptimizerMap falls back to its
+    # default optimizer instead of raising KeyError. Compare the keys.
+    regexes = list(groups)
+    labels = {}
+    for label, regex in getattr(optimizer, "kft_groups", []):
+        if regex in regexes:
+            labels.setdefault(id(groups[regex]), str(label))
+    for regex in regexes:
+        labels.setdefault(id(groups[regex]), regex)
+    labels.setdefault(id(groups.default_optimizer), "default")
+    return labels
+
+
+def learning_rates(optimizer):
+    """The learning rates an optimizer trains at now, by history column.
+
+    Schedules are evaluated at the optimizer's iteration count (the steps
+    taken). A plain optimizer gives `{"learning_rate": rate}`; a
+    `keras.optimizers.MultiOptimizer` (`kft.optimizers`) gives one
+    `learning_rate/<group>` column per group plus `learning_rate`, the
+    largest of them (the rate `ReduceLROnPlateau` reads and scales). A
+    `LossScaleOptimizer` (mixed precision) reports its inner optimizer.
+
+    Args:
+        optimizer: a Keras optimizer, e.g. `model.optimizer`.
+
+    Returns:
+        A dict of column name -> float.
+
+    Example:
+
+    >>> learning_rates(keras.optimizers.SGD(0.5))
+    {'learning_rate': 0.5}
+    """
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    step = optimizer.iterations
+    if not isinstance(optimizer, keras.optimizers.MultiOptimizer):
+        return {"learning_rate": _rate_at(optimizer, step)}
+    labels = _group_labels(optimizer)
+    groups = {}
+    for index, inner in enumerate(optimizer.optimizers):
+        label = labels.get(id(inner), f"group_{index}")
+        column, suffix = f"learning_rate/{label}", 2
+        while column in groups:  # two groups under one label
+            column, suffix = f"learning_rate/{label}#{suffix}", suffix + 1
+        # Every group at the MultiOptimizer's step: a group whose
+        # variables are all frozen never steps its own counter.
+        groups[column] = _rate_at(inner, step)
+    return {"learning_rate": max(groups.values(), default=0.0), **groups}
 
 
 class RunCheckpoint(keras.callbacks.Callback):
@@ -110,6 +195,8 @@ class RunCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         row = {"stage": self.stage_name, "epoch": epoch + 1}
         row.update({k: float(v) for k, v in (logs or {}).items()})
+        if self.model.optimizer is not None:
+            row.update(learning_rates(self.model.optimizer))
         row["trainable_params"] = _count(self.model.trainable_weights)
         seconds = time.perf_counter() - self._started
         row["seconds"] = round(seconds, 3)

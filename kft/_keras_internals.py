@@ -1,0 +1,127 @@
+"""Every use of a Keras private attribute in kft, in one place.
+
+Keras offers no public way to do what these helpers do. Each says why kft
+needs it, and each was checked against Keras 3.15.0 and 3.15.1 (the
+versions kft tests on). When a Keras release changes one of them, this is
+the only module to mend, and `tests/test_layering.py` makes sure no other
+kft module reaches for a private attribute of a Keras object.
+"""
+
+import contextlib
+
+import keras
+
+__all__ = [
+    "all_layers",
+    "child_layers",
+    "distribute_strategy",
+    "kernel_variable",
+    "mark_trainable_state_compiled",
+    "optimizer_map",
+    "optimizer_rate",
+    "own_trainable_variables",
+    "set_trainable_flag",
+    "trainable_variable_lists",
+    "unlocked_tracker",
+    "WEIGHT_DECAY_ATTRIBUTES",
+]
+
+# `Layer.trainable`'s setter, called directly. On the TensorFlow backend
+# `layer.trainable = value` is skipped when the flag already equals `value`,
+# even if sublayers differ (a frozen backbone inside a model whose own flag
+# is True stays frozen); the Layer property setter always recurses.
+_SET_TRAINABLE = keras.layers.Layer.trainable.fset
+
+
+def set_trainable_flag(layer, value):
+    """`layer.trainable = value` that always reaches every sublayer."""
+    _SET_TRAINABLE(layer, bool(value))
+    return layer
+
+
+def child_layers(layer):
+    """The layers directly inside `layer` (not their children).
+
+    `Layer._flatten_layers` is the only accessor that works for every
+    layer, functional models and keras-hub backbones alike (`Model.layers`
+    exists on models only, and lists a functional model's InputLayers).
+    """
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def all_layers(layer, include_self=False):
+    """Every layer inside `layer`, depth first (`Layer._flatten_layers`)."""
+    return list(layer._flatten_layers(include_self=include_self))
+
+
+def own_trainable_variables(layer):
+    """The trainable variables `layer` itself created, whatever its flag.
+
+    `Layer.trainable_weights` is empty for a frozen layer; gradual
+    unfreezing must count the weights a block *would* train
+    (`Layer._trainable_variables`).
+    """
+    return list(layer._trainable_variables)
+
+
+def trainable_variable_lists(layer):
+    """`(trainable, non_trainable)`: the layer's own variable lists, which
+    LoRA edits to turn a pretrained kernel into a frozen one."""
+    return layer._trainable_variables, layer._non_trainable_variables
+
+
+@contextlib.contextmanager
+def unlocked_tracker(layer):
+    """Lets a built layer take new variables (LoRA adds A and B to a
+    pretrained Dense): Keras locks `Layer._tracker` after `build`."""
+    layer._tracker.unlock()
+    try:
+        yield layer
+    finally:
+        layer._tracker.lock()
+
+
+def kernel_variable(layer):
+    """The kernel variable of a Dense / EinsumDense (`layer.kernel` is a
+    property that merges Keras' own LoRA; kft needs the variable)."""
+    return layer._kernel
+
+
+def mark_trainable_state_compiled(model):
+    """Tells Keras the current trainable flags are compiled in.
+
+    After an in-fit unfreeze (train function rebuilt), Keras would warn at
+    the next `evaluate()` that flags changed since `compile`
+    (`Model._compiled_trainable_state`).
+    """
+    if hasattr(model, "_compiled_trainable_state"):
+        model._compiled_trainable_state = {
+            layer: layer.trainable for layer in all_layers(model, True)
+        }
+
+
+def distribute_strategy(model):
+    """The `tf.distribute` strategy a model was built under, or None
+    (`Model._distribute_strategy`, set by the TensorFlow trainer)."""
+    return getattr(model, "_distribute_strategy", None)
+
+
+# Optimizer attributes that `get_config()` leaves out (weight-decay
+# exclusions) and that kft copies when it rebuilds an optimizer in fit.
+WEIGHT_DECAY_ATTRIBUTES = (
+    "_exclude_from_weight_decay",
+    "_exclude_from_weight_decay_pattern",
+    "_exclude_from_weight_decay_names",
+)
+
+
+def optimizer_map(optimizer):
+    """The `keras.optimizers.OptimizerMap` of a `MultiOptimizer` (given to
+    its constructor and kept as `_optimizer_map`, with no public getter)."""
+    return optimizer._optimizer_map
+
+
+def optimizer_rate(optimizer):
+    """An optimizer's learning rate as given: a number or a schedule
+    (`optimizer.learning_rate` evaluates schedules; kft describes them)."""
+    return optimizer._learning_rate
