@@ -1,4 +1,4 @@
-"""Every use of a Keras private attribute in kft, in one place.
+"""Every use of a Keras (or TensorFlow) private attribute in kft, in one place.
 
 Keras offers no public way to do what these helpers do. Each says why kft
 needs it, and each was checked against Keras 3.15.0 and 3.15.1 (the
@@ -15,11 +15,14 @@ __all__ = [
     "all_layers",
     "child_layers",
     "distribute_strategy",
+    "freeze_variable",
     "kernel_variable",
     "mark_trainable_state_compiled",
+    "op_determinism",
     "optimizer_map",
     "optimizer_rate",
     "own_trainable_variables",
+    "requantized_kernel",
     "set_trainable_flag",
     "trainable_variable_lists",
     "unlocked_tracker",
@@ -125,3 +128,79 @@ def optimizer_rate(optimizer):
     """An optimizer's learning rate as given: a number or a schedule
     (`optimizer.learning_rate` evaluates schedules; kft describes them)."""
     return optimizer._learning_rate
+
+
+@contextlib.contextmanager
+def op_determinism(enabled):
+    """TensorFlow op determinism for the duration of a `with` block.
+
+    TensorFlow offers `tf.config.experimental.enable_op_determinism()` but
+    no public way to read or undo it; `tensorflow.python.framework.config`
+    has both (checked on TensorFlow 2.20 and 2.21). A deterministic run
+    must not leave a notebook deterministic (and slower) after it ends.
+    """
+    if not enabled:
+        yield
+        return
+    from tensorflow.python.framework import config
+
+    was_enabled = config.is_op_determinism_enabled()
+    config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            config.disable_op_determinism()
+
+
+def requantized_kernel(layer, delta):
+    """`(kernel, kernel_scale, kernel_zero)` of an int8 / int4 Dense or
+    EinsumDense whose kernel gets the float `delta` (in the kernel's
+    unpacked shape) added, requantized exactly as Keras requantizes.
+
+    Keras' own LoRA merge (`_get_kernel_with_merged_lora`, which Keras
+    runs when it saves a LoRA-enabled quantized layer) dequantizes the
+    kernel, adds `lora_alpha / lora_rank * lora_kernel_a @ lora_kernel_b`
+    and requantizes with the layer's settings (int4 block size, EinsumDense
+    scale layout: `_adjust_scale_for_dequant`). kft runs it on a stand-in
+    that reads every attribute from `layer` except Keras' LoRA ones, which
+    carry `delta` as `delta @ I` (exact in float32; TF32 on a GPU may round
+    `delta` to 10 mantissa bits, far below an int8 step). `layer` itself is
+    not changed; `kernel_zero` is None unless int4 has groups. Checked on
+    Keras 3.15.1.
+    """
+    lora = {"lora_enabled": True, "lora_rank": 1, "lora_alpha": 1.0,
+            "lora_kernel_a": delta,
+            "lora_kernel_b": keras.ops.eye(delta.shape[-1], dtype="float32")}
+
+    class StandIn:
+        def __getattr__(self, name):
+            return lora[name] if name in lora else getattr(layer, name)
+
+    plain = keras.layers.EinsumDense if isinstance(
+        layer, keras.layers.EinsumDense) else keras.layers.Dense
+    return plain._get_kernel_with_merged_lora(StandIn())
+
+
+def freeze_variable(layer, variable):
+    """Makes one of `layer`'s own variables non-trainable and files it
+    under the layer's non-trainable variables, through `Layer._tracker`.
+
+    Moving it between the two lists by hand leaves the tracker's record
+    pointing at the trainable list, so a later `del` (Keras' `quantize()`
+    deletes the float kernel of a LoRA layer quantized after `apply_lora`)
+    would leave the float kernel in `layer.weights`. Checked on Keras
+    3.15.1.
+    """
+    tracker = layer._tracker
+    variable.trainable = False
+    if tracker.is_in_store("trainable_variables", variable):
+        was_locked = tracker.locked
+        tracker.unlock()
+        try:
+            tracker.untrack(variable)
+            tracker.add_to_store("non_trainable_variables", variable)
+        finally:
+            if was_locked:
+                tracker.lock()
+    return variable

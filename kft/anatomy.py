@@ -228,11 +228,15 @@ def find_backbone(model, name=None):
 def split_backbone(base, family=None):
     """A backbone's layers as ordered `(block_name, layers)` pairs.
 
-    keras-hub transformers: `embeddings` (what comes before the first
-    transformer layer), each `transformer_layer_i`, then `top` (a pooler,
-    a final norm) when there is one. CNNs: the family's block splitter
-    (`family` a `kft.families` name; guessed from layer names if None).
+    keras-hub image backbones (`family` a class name in
+    `kft.families.KERAS_HUB_SPLITTERS`): their table entry. keras-hub text
+    transformers: `embeddings` (what comes before the first transformer
+    layer), each `transformer_layer_i`, then `top` (a pooler, a final
+    norm) when there is one. CNNs: the family's block splitter (`family` a
+    `kft.families` name; guessed from layer names if None).
     """
+    if family in families.KERAS_HUB_SPLITTERS:
+        return families.KERAS_HUB_SPLITTERS[family].split(base)
     children = [c for c in child_layers(base)
                 if not isinstance(c, keras.layers.InputLayer)]
     if any(_TRANSFORMER_LAYER.search(c.name) for c in children):

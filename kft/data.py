@@ -8,6 +8,7 @@ of `(images, labels)` batches, with images as float32 raw pixels in
 
 import gzip
 import os
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -380,14 +381,45 @@ def from_image_folder(
     Returns:
         A `DataBundle`.
     """
-    import warnings
-
     if on_bad_file not in ("skip", "error"):
         raise ValueError(
             f"on_bad_file must be 'skip' or 'error'. Received: {on_bad_file!r}")
     if channels not in (1, 3, 4):
         raise ValueError(f"channels must be 1, 3 or 4. Received: {channels!r}")
     classes, paths, labels = scan_image_folder(directory)
+    _check_image_classes(directory, classes, labels)
+    bad = _unreadable_images(directory, paths, channels) if verify else []
+    if bad:
+        listed = "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+        if on_bad_file == "error":
+            raise ValueError(
+                f"{len(bad)} unreadable image file(s) in {directory!r}:\n  {listed}")
+        warnings.warn(
+            f"Skipped {len(bad)} unreadable image file(s) in {directory!r}:"
+            f"\n  {listed}", stacklevel=2)
+        unreadable = set(bad)
+        labels = [label for p, label in zip(paths, labels) if p not in unreadable]
+        paths = [p for p in paths if p not in unreadable]
+    emptied = [name for i, name in enumerate(classes) if i not in set(labels)]
+    if emptied:
+        raise ValueError(
+            f"Image folder {directory!r}: no readable images left in class "
+            f"folder(s) {emptied}.")
+    (train_x, train_y), val = _split(np.asarray(paths), np.asarray(labels, "int32"),
+                                     validation_split, seed)
+    size = tuple(int(v) for v in image_size)
+
+    def pipeline(x, y, shuffle):
+        return _image_file_pipeline(x, y, size, channels, batch_size,
+                                    seed if shuffle else None)
+
+    train = pipeline(train_x, train_y, shuffle)
+    val_ds = pipeline(*val, False) if val is not None else None
+    return DataBundle(train, val_ds, classes, (*size, channels), skipped_files=bad)
+
+
+def _check_image_classes(directory, classes, labels):
+    """At least two classes, none of them empty."""
     counts = np.bincount(np.asarray(labels, "int64"), minlength=len(classes))
     empty = [name for name, count in zip(classes, counts) if count == 0]
     if empty:
@@ -398,39 +430,28 @@ def from_image_folder(
         raise ValueError(
             f"Image folder {directory!r} holds a single class {classes}; a "
             "classifier needs at least two.")
-    bad = []
-    if verify:
-        progress = None
-        if len(paths) >= 2000:
-            import keras
 
-            print(f"Checking {len(paths)} images in {directory}")
-            progress = keras.utils.Progbar(len(paths))
-        for i, path in enumerate(paths):
-            if not _readable(path, channels):
-                bad.append(path)
-            if progress is not None and (i + 1) % 200 == 0:
-                progress.update(i + 1)
-    if bad:
-        listed = "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
-        if on_bad_file == "error":
-            raise ValueError(
-                f"{len(bad)} unreadable image file(s) in {directory!r}:\n  {listed}")
-        warnings.warn(
-            f"Skipped {len(bad)} unreadable image file(s) in {directory!r}:"
-            f"\n  {listed}", stacklevel=2)
-        keep = [i for i, p in enumerate(paths) if p not in set(bad)]
-        paths = [paths[i] for i in keep]
-        labels = [labels[i] for i in keep]
-    left = set(labels)
-    emptied = [classes[i] for i in range(len(classes)) if i not in left]
-    if emptied:
-        raise ValueError(
-            f"Image folder {directory!r}: no readable images left in class "
-            f"folder(s) {emptied}.")
-    (train_x, train_y), val = _split(np.asarray(paths), np.asarray(labels, "int32"),
-                                     validation_split, seed)
-    size = tuple(int(v) for v in image_size)
+
+def _unreadable_images(directory, paths, channels):
+    """The paths TensorFlow cannot decode, with progress for large folders."""
+    progress = None
+    if len(paths) >= 2000:
+        import keras
+
+        print(f"Checking {len(paths)} images in {directory}")
+        progress = keras.utils.Progbar(len(paths))
+    bad = []
+    for i, path in enumerate(paths):
+        if not _readable(path, channels):
+            bad.append(path)
+        if progress is not None and (i + 1) % 200 == 0:
+            progress.update(i + 1)
+    return bad
+
+
+def _image_file_pipeline(paths, labels, size, channels, batch_size, shuffle_seed):
+    """Batches of `(image, label)` decoded from `paths` and resized to
+    `size`; reshuffled every epoch unless `shuffle_seed` is None."""
 
     def load(path, label):
         image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
@@ -439,16 +460,11 @@ def from_image_folder(
         image = tf.image.resize(tf.cast(image, tf.float32), size)
         return image, label
 
-    def pipeline(x, y, shuffle):
-        ds = tf.data.Dataset.from_tensor_slices((x, y))
-        if shuffle:
-            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        return (ds.map(load, num_parallel_calls=_AUTOTUNE)
-                .batch(batch_size).prefetch(_AUTOTUNE))
-
-    train = pipeline(train_x, train_y, shuffle)
-    val_ds = pipeline(*val, False) if val is not None else None
-    return DataBundle(train, val_ds, classes, (*size, channels), skipped_files=bad)
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.map(load, num_parallel_calls=_AUTOTUNE).batch(batch_size).prefetch(
+        _AUTOTUNE)
 
 
 def from_tfds(

@@ -16,6 +16,7 @@ from collections.abc import Callable
 __all__ = [
     "BackboneFamily",
     "BlockSplitter",
+    "KERAS_HUB_SPLITTERS",
     "PREPROCESSING_MODES",
     "PackagedWeights",
     "get_backbone",
@@ -52,11 +53,15 @@ class BlockSplitter:
         patterns: regexes searched at the start of layer names.
         top: regex for layers after the last block (final conv, norm).
         boundary: regex that ends a block at the matching layer.
+        containers: regexes (full match) naming layers whose sublayers are
+            split instead of the layer itself (a keras-hub ViT keeps its
+            transformer blocks inside one `vit_encoder` layer).
     """
 
     patterns: tuple = ()
     top: str | None = None
     boundary: str | None = None
+    containers: tuple = ()
 
     def _key(self, name):
         for pattern in self.patterns:
@@ -67,11 +72,21 @@ class BlockSplitter:
             return "top"
         return None
 
+    def _visit(self, model):
+        for layer in _layers(model):
+            if any(re.fullmatch(c, layer.name) for c in self.containers):
+                # Only reached with a built model, so Keras is loaded.
+                from kft._keras_internals import child_layers
+
+                yield from child_layers(layer)
+            else:
+                yield layer
+
     def split(self, model):
         blocks = {}
         current = "stem"
         boundary_count = 0
-        for layer in _layers(model):
+        for layer in self._visit(model):
             if self.boundary:
                 blocks.setdefault(f"block_{boundary_count}", []).append(layer)
                 if re.fullmatch(self.boundary, layer.name):
@@ -262,6 +277,22 @@ _CONVNEXT = BlockSplitter(
     ),
     top=r"^layer_normalization",
 )
+
+# keras-hub image backbones, by class name: their blocks. The preset's own
+# image converter does their preprocessing (`kft.image_presets`).
+KERAS_HUB_SPLITTERS = {
+    "ResNetBackbone": BlockSplitter(
+        patterns=(r"^(stack\d+_block\d+)_",), top=r"^post_(bn|relu)$"),
+    "EfficientNetBackbone": _EFFICIENTNET,
+    "ViTBackbone": BlockSplitter(
+        patterns=(r"^(transformer_block_\d+)$",), top=r"^ln$",
+        containers=(r"vit_encoder",)),
+    # DINOv2 names its parts after the backbone ("backbone_encoder" once
+    # kft names it "backbone" and it is reloaded).
+    "DINOV2Backbone": BlockSplitter(
+        patterns=(r"^(layers_\d+)$",), top=r"^(\w+_)?layernorm$",
+        containers=(r"(\w+_)?encoder",)),
+}
 
 # name, constructor, preprocessing, default size, min size, splitter
 _FAMILIES = [

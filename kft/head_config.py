@@ -9,7 +9,7 @@ import dataclasses
 __all__ = ["HEAD_KINDS", "POOLINGS", "HeadConfig"]
 
 HEAD_KINDS = ("multiclass", "binary", "multilabel", "regression")
-POOLINGS = ("avg", "max", "flatten")
+POOLINGS = ("avg", "max", "flatten", "token")
 
 
 @dataclasses.dataclass
@@ -20,7 +20,10 @@ class HeadConfig:
         kind: `"multiclass"` (softmax), `"binary"` (one sigmoid unit),
             `"multilabel"` (one sigmoid per class) or `"regression"`
             (linear outputs).
-        pooling: `"avg"`, `"max"` or `"flatten"`.
+        pooling: `"avg"`, `"max"`, `"flatten"`, or `"token"` (the first
+            token of a transformer's sequence output: a ViT's class
+            token). On a sequence output `"avg"` and `"max"` pool over
+            the tokens.
         hidden: sizes of hidden Dense layers, e.g. `[128]`.
         activation: activation of the hidden layers.
         dropout: dropout rate before each Dense layer (0 for none).

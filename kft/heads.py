@@ -12,6 +12,7 @@ from kft.head_config import HEAD_KINDS
 from kft.head_config import HeadConfig
 
 __all__ = [
+    "FirstToken",
     "HEAD_KINDS",
     "HeadConfig",
     "build_head",
@@ -41,7 +42,8 @@ def build_head(features, num_classes, head=None):
     float32 so that mixed precision never rounds the probabilities.
 
     Args:
-        features: the backbone output tensor (a 4D feature map).
+        features: the backbone output: a 4D feature map (CNN) or a 3D
+            token sequence (ViT, DINOv2).
         num_classes: number of classes (or regression targets).
         head: a `HeadConfig` or a dict of its fields.
 
@@ -49,12 +51,7 @@ def build_head(features, num_classes, head=None):
         The output tensor.
     """
     head = HeadConfig.from_value(head)
-    pooling = {
-        "avg": keras.layers.GlobalAveragePooling2D,
-        "max": keras.layers.GlobalMaxPooling2D,
-        "flatten": keras.layers.Flatten,
-    }[head.pooling]
-    x = pooling(name="head_pool")(features)
+    x = _pool(features, head.pooling)
     for i, units in enumerate(head.hidden):
         if head.dropout:
             x = keras.layers.Dropout(head.dropout, name=f"head_dropout_{i}")(x)
@@ -77,6 +74,41 @@ def build_head(features, num_classes, head=None):
         dtype="float32",
         name=OUTPUT_LAYER,
     )(x)
+
+
+@keras.saving.register_keras_serializable(package="kft")
+class FirstToken(keras.layers.Layer):
+    """`(batch, tokens, features) -> (batch, features)`: the first token (a
+    ViT's class token), as a layer that saves and reloads in safe mode."""
+
+    def call(self, inputs):
+        return inputs[:, 0]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+
+def _pool(features, pooling):
+    """Feature map or token sequence -> one vector per example."""
+    rank = len(features.shape)
+    if rank not in (3, 4):
+        raise ValueError(
+            "The backbone output must be a feature map (batch, height, width, "
+            "channels) or a token sequence (batch, tokens, features). "
+            f"Received shape: {features.shape}")
+    if pooling == "token":
+        if rank != 3:
+            raise ValueError(
+                "pooling='token' needs a token sequence (a transformer "
+                f"backbone); this backbone outputs {features.shape}.")
+        return FirstToken(name="head_pool")(features)
+    layer = {
+        ("avg", 4): keras.layers.GlobalAveragePooling2D,
+        ("max", 4): keras.layers.GlobalMaxPooling2D,
+        ("avg", 3): keras.layers.GlobalAveragePooling1D,
+        ("max", 3): keras.layers.GlobalMaxPooling1D,
+    }.get((pooling, rank), keras.layers.Flatten)
+    return layer(name="head_pool")(features)
 
 
 def head_kind(model):

@@ -80,8 +80,15 @@ def _optimizer_class(name):
 
 
 def _layer_regex(layers):
+    """A regex on variable.path for the variables of `layers`: by layer
+    name where their paths start with it, else the exact paths (layers
+    nested in a container, such as a keras-hub ViT's encoder blocks)."""
     names = sorted({layer.name for layer in layers})
-    return "(?:" + "|".join(re.escape(n) for n in names) + ")/.*"
+    by_name = "(?:" + "|".join(re.escape(n) for n in names) + ")/.*"
+    paths = sorted({v.path for layer in layers for v in layer.weights})
+    if all(re.fullmatch(by_name, path) for path in paths):
+        return by_name
+    return "(?:" + "|".join(re.escape(path) for path in paths) + ")"
 
 
 def lr_blocks(model):

@@ -137,3 +137,27 @@ def test_spec_augment_masks_time_and_frequency_bands():
         assert zero_rows <= 10 and zero_cols <= 8
     assert (out == 0).any()
     np.testing.assert_array_equal(SpecAugment()(spec, training=False), spec)
+
+
+def test_background_clips_are_a_weight_saved_with_the_model(tmp_path):
+    import keras
+
+    from kft.augment import AudioAugmentationLayer
+
+    clips = np.random.default_rng(0).normal(size=(2, 300)).astype("float32")
+    layer = AudioAugmentation(background_noise=clips, seed=0).layer()
+    assert [w.name for w in layer.non_trainable_weights] == ["background"]
+    assert layer.get_config()["background_shape"] == [2, 300]
+    inputs = keras.Input((1000,))
+    keras.Model(inputs, layer(inputs)).save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_array_equal(
+        loaded.get_layer("audio_augmentation").background, clips)
+    with pytest.raises(ValueError, match=r"same shape. Received: shape \(3, 5\)"):
+        layer.set_background(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="must be 2D"):
+        AudioAugmentationLayer().set_background(np.zeros(5))
+    built = AudioAugmentationLayer()
+    built(_tone(1))
+    with pytest.raises(ValueError, match="before its first call"):
+        built.set_background(clips)

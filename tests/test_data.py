@@ -128,3 +128,87 @@ def test_bundle_unpacks_like_a_pair():
     train, val = bundle
     assert train is bundle.train and val is bundle.val
     assert sum(len(b) for _, b in train) + sum(len(b) for _, b in val) == 12
+
+
+def test_scan_image_folder_skips_hidden_files_and_folders(tmp_path):
+    _write_folder(tmp_path, ["dog", "cat"], per_class=2)
+    os.makedirs(tmp_path / ".ipynb_checkpoints")
+    (tmp_path / ".ipynb_checkpoints" / "0.png").write_bytes(b"not read")
+    (tmp_path / "cat" / "._0.png").write_bytes(b"macOS metadata")
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "cat" / "UPPER.PNG").write_bytes(b"listed, not decoded")
+    os.makedirs(tmp_path / "cat" / "nested.png")  # a folder, not an image
+    names, paths, labels = data.scan_image_folder(tmp_path)
+    assert names == ["cat", "dog"]
+    assert [os.path.relpath(p, tmp_path) for p in paths] == [
+        os.path.join("cat", "0.png"), os.path.join("cat", "1.png"),
+        os.path.join("cat", "UPPER.PNG"),
+        os.path.join("dog", "0.png"), os.path.join("dog", "1.png")]
+    assert labels == [0, 0, 0, 1, 1]
+    # Chosen classes keep their order as labels.
+    names, _, labels = data.scan_image_folder(tmp_path, classes=["dog", "cat"])
+    assert names == ["dog", "cat"] and labels == [0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match=r"no class folder\(s\) \['emu'\]"):
+        data.scan_image_folder(tmp_path, classes=["cat", "emu"])
+
+
+def test_image_folder_and_flow_from_directory_read_the_same_files(tmp_path):
+    from kft.augment import ImageAugmentation
+
+    _write_folder(tmp_path, ["cat", "dog"], per_class=3)
+    os.makedirs(tmp_path / ".hidden")
+    _write_folder(tmp_path / ".hidden", ["x"], per_class=1)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 40, 3), "uint8")).save(tmp_path / "cat" / ".9.png")
+    bundle = data.from_image_folder(str(tmp_path), image_size=(8, 8),
+                                    validation_split=0.0)
+    assert bundle.class_names == ["cat", "dog"] and not bundle.skipped_files
+    assert sum(len(y) for _, y in bundle.train) == 6
+    augmentation = ImageAugmentation()
+    augmentation.flow_from_directory(str(tmp_path), target_size=(8, 8),
+                                     class_mode="sparse")
+    assert augmentation.class_indices == {"cat": 0, "dog": 1}
+    assert augmentation.samples == 6
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_load_npz(tmp_path):
+    x, y = make_images(6, classes=2)
+    path = _npz(tmp_path / "full.npz", x_train=x, y_train=y, x_val=x[:2],
+                y_val=y[:2], class_names=np.array(["cat", "dog"]))
+    x_out, y_out, x_val, y_val, names = data.load_npz(path)
+    np.testing.assert_array_equal(x_out, x)
+    np.testing.assert_array_equal(y_val, y[:2])
+    assert x_val.shape == (2, 32, 32, 3) and names == ["cat", "dog"]
+    assert all(isinstance(n, str) for n in names)
+    path = _npz(tmp_path / "train_only.npz", x_train=x, y_train=y)
+    assert data.load_npz(path)[2:] == (None, None, None)
+
+
+@pytest.mark.parametrize("arrays,match", [
+    ({"x_train": 1}, r"lacks array\(s\) \['y_train'\]"),
+    ({"images": 1}, r"lacks array\(s\) \['x_train', 'y_train'\]"),
+    ({"x_train": 1, "y_train": 1, "x_val": 1}, r"lacks array\(s\) \['y_val'\]"),
+    ({"x_train": 1, "y_train": 1,
+      "class_names": np.array([{"a": 1}], dtype=object)}, "Python objects"),
+])
+def test_load_npz_names_what_is_missing_or_refused(tmp_path, arrays, match):
+    path = _npz(tmp_path / "data.npz", **arrays)
+    with pytest.raises(ValueError, match=match):
+        data.load_npz(path)
+
+
+def test_load_npz_missing_or_wrong_file(tmp_path):
+    with pytest.raises(ValueError, match="No such .npz file"):
+        data.load_npz(tmp_path / "missing.npz")
+    (tmp_path / "text.npz").write_text("not numpy")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        data.load_npz(tmp_path / "text.npz")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="single array"):
+        data.load_npz(tmp_path / "one.npy")

@@ -122,7 +122,7 @@ def test_one_hot_labels_pick_categorical_loss():
 def test_cosine_schedule_with_warmup():
     stage = Stage(epochs=2, learning_rate=1e-2, schedule="cosine",
                   warmup_epochs=0.5, optimizer="adamw", weight_decay=0.01)
-    optimizer = make_optimizer(stage, steps_per_epoch=10)
+    optimizer = make_optimizer(stage, steps=10)
     schedule = optimizer._learning_rate
     assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
     assert float(schedule(0)) == pytest.approx(0.0)
@@ -130,7 +130,7 @@ def test_cosine_schedule_with_warmup():
     assert float(schedule(19)) < 1e-3
     assert optimizer.weight_decay == pytest.approx(0.01)
     warm = make_optimizer(Stage(epochs=2, learning_rate=1e-2, warmup_epochs=1),
-                          steps_per_epoch=10)._learning_rate
+                          steps=10)._learning_rate
     assert float(warm(5)) == pytest.approx(5e-3)
     assert float(warm(15)) == pytest.approx(1e-2)
 
@@ -138,7 +138,7 @@ def test_cosine_schedule_with_warmup():
 def test_schedule_without_known_length_is_a_clear_error():
     stage = Stage(epochs=1, schedule="cosine")
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        make_optimizer(stage, steps_per_epoch=None)
+        make_optimizer(stage, steps=None)
 
 
 @pytest.mark.parametrize("stage,match", [

@@ -78,6 +78,24 @@ def test_invalid_recipes_name_the_key(tmp_path, change, needle):
     assert needle in str(info.value)
 
 
+@pytest.mark.parametrize("override,needle,wrong", [
+    # batch_size is a data: key, seed a top-level one: neither is offered
+    # for a typo in another section.
+    ("model.batch_size=8", "model.batch_size: unknown key; allowed: backbone",
+     "did you mean"),
+    ("stages.0.seeds=1", "stages.0.seeds: unknown key; allowed: callbacks",
+     "'seed'"),
+    ("data.batch_sise=8", "data.batch_sise: unknown key (did you mean "
+     "'batch_size'?)", "allowed"),
+])
+def test_did_you_mean_offers_only_keys_of_the_same_section(override, needle,
+                                                           wrong):
+    with pytest.raises(RecipeError) as info:
+        load_recipe("quickstart", [override])
+    assert needle in str(info.value)
+    assert wrong not in str(info.value)
+
+
 def test_unknown_recipe_lists_packaged_ones():
     with pytest.raises(RecipeError, match="quickstart"):
         load_recipe("no_such_recipe")

@@ -88,8 +88,8 @@ class AudioAugmentationLayer(keras.layers.Layer):
 
     def _add_background(self, shape):
         # float32 even under mixed precision: the mix is computed in
-        # float32 (`call` casts the waves), and autocast would hand a
-        # float16 copy to it.
+        # float32 (`call` casts the waves), and autocast would hand it a
+        # half-precision copy.
         self.background = self.add_weight(
             name="background", shape=shape, initializer="zeros",
             dtype="float32", trainable=False, autocast=False)

@@ -624,31 +624,8 @@ class ImageAugmentation:
         keep = np.array(sorted(keep), dtype="int64")
         paths, labels = paths[keep], labels[keep]
         channels = {"rgb": 3, "grayscale": 1, "rgba": 4}[color_mode]
-
-        def load(path, label):
-            image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
-                                       expand_animations=False)
-            image = tf.image.resize(image, target_size, method=interpolation)
-            image.set_shape((*target_size, channels))
-            return image, label
-
-        ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-        ds = ds.map(load, num_parallel_calls=_AUTOTUNE)
-        num_classes = len(classes)
-
-        def encode(x, y):
-            if class_mode == "categorical":
-                return x, tf.one_hot(y, num_classes)
-            if class_mode == "binary":
-                return x, tf.cast(y, tf.float32)
-            if class_mode == "sparse":
-                return x, y
-            return x, x
-
-        if class_mode is None:
-            ds = ds.map(lambda x, y: x)
-        else:
-            ds = ds.map(encode)
+        ds = _decoded_images(paths, labels, target_size, channels, interpolation)
+        ds = _with_class_mode(ds, class_mode, len(classes))
         seed = self.seed if seed is None else seed
         if (self.mixup or self.cutmix) and class_mode not in (
                 "categorical", "sparse"):
@@ -657,8 +634,39 @@ class ImageAugmentation:
                 f"or 'sparse'. Received: class_mode={class_mode!r}")
         ds = self._pipeline(ds, batch_size, shuffle, seed, len(paths),
                             augment=subset != "validation",
-                            num_classes=num_classes)
+                            num_classes=len(classes))
         if class_mode == "input":
             ds = ds.map(lambda x, y: (x, x))
         self.samples = len(paths)
         return ds
+
+
+def _decoded_images(paths, labels, target_size, channels, interpolation):
+    """`(image, label)` pairs decoded from `paths`, resized to `target_size`."""
+
+    def load(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
+                                   expand_animations=False)
+        image = tf.image.resize(image, target_size, method=interpolation)
+        image.set_shape((*target_size, channels))
+        return image, label
+
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    return ds.map(load, num_parallel_calls=_AUTOTUNE)
+
+
+def _with_class_mode(ds, class_mode, num_classes):
+    """Labels as the legacy `class_mode` gives them (`None`: images only)."""
+    if class_mode is None:
+        return ds.map(lambda x, y: x)
+
+    def encode(x, y):
+        if class_mode == "categorical":
+            return x, tf.one_hot(y, num_classes)
+        if class_mode == "binary":
+            return x, tf.cast(y, tf.float32)
+        if class_mode == "sparse":
+            return x, y
+        return x, x
+
+    return ds.map(encode)

@@ -10,7 +10,6 @@ so a crash never leaves a half-written "latest" checkpoint.
 import csv
 import glob
 import json
-import math
 import os
 import time
 
@@ -18,6 +17,7 @@ import keras
 
 from kft._keras_internals import optimizer_map
 from kft._keras_internals import optimizer_rate
+from kft.anatomy import count_params
 
 __all__ = ["RunCheckpoint", "learning_rates", "read_history", "read_state",
            "write_history"]
@@ -33,7 +33,8 @@ def _atomic_write(path, text):
 
 
 def read_history(path):
-    """Rows of a run's `history.csv` (numbers as floats, epoch as int).
+    """Rows of a run's `history.csv` (integers as int, other numbers as
+    float).
 
     A column a row has no value in (a per-group `learning_rate/<group>`
     of another stage, say) is left out of that row's dict.
@@ -50,7 +51,10 @@ def read_history(path):
                 elif key == "epoch":
                     out[key] = int(value)
                 elif value not in ("", None):
-                    out[key] = float(value)
+                    # Counts (trainable_params) were written as integers:
+                    # keep them so, so that a rewrite leaves the file as is.
+                    out[key] = (int(value) if value.lstrip("-").isdigit()
+                                else float(value))
             rows.append(out)
     return rows
 
@@ -87,10 +91,6 @@ def read_state(run_dir):
     return state
 
 
-def _count(weights):
-    return int(sum(math.prod(w.shape) for w in weights))
-
-
 def _rate_at(optimizer, step):
     """One optimizer's learning rate at `step`, as a float."""
     rate = optimizer_rate(optimizer)
@@ -98,7 +98,9 @@ def _rate_at(optimizer, step):
         value = rate(step)
     else:
         value = optimizer.learning_rate  # a variable, number or callable
-    return float(keras.ops.convert_to_numpy(value))
+    # 7 significant digits: what a float32 rate holds, without the
+    # float32 -> float64 noise (0.0010000000474974513).
+    return float(f"{float(keras.ops.convert_to_numpy(value)):.7g}")
 
 
 def _group_labels(optimizer):
@@ -131,7 +133,8 @@ def learning_rates(optimizer):
     taken). A plain optimizer gives `{"learning_rate": rate}`; a
     `keras.optimizers.MultiOptimizer` (`kft.optimizers`) gives one
     `learning_rate/<group>` column per group plus `learning_rate`, the
-    largest of them (the rate `ReduceLROnPlateau` reads and scales). A
+    largest of them (for kft's optimizers, the rate `ReduceLROnPlateau`
+    reads and scales). A
     `LossScaleOptimizer` (mixed precision) reports its inner optimizer.
 
     Args:
@@ -197,7 +200,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         row.update({k: float(v) for k, v in (logs or {}).items()})
         if self.model.optimizer is not None:
             row.update(learning_rates(self.model.optimizer))
-        row["trainable_params"] = _count(self.model.trainable_weights)
+        row["trainable_params"] = count_params(self.model.trainable_weights)
         seconds = time.perf_counter() - self._started
         row["seconds"] = round(seconds, 3)
         steps = (self.params or {}).get("steps")

@@ -3,21 +3,26 @@
 import json
 import os
 
-import numpy as np
+import keras
 import yaml
 
-from kft import data as kft_data
+import kft.data as kft_data
+from kft.heads import head_kind
+from kft.heads import loss_and_metrics
+from kft.heads import outputs_logits
+from kft.lora import lora_layers
+from kft.lora import merge_lora
+from kft.recipes.builders import build_data
+from kft.recipes.builders import evaluate
+from kft.recipes.builders import load_arrays
 from kft.recipes.errors import RecipeError
+from kft.recipes.schema import RecipeConfig
 
 __all__ = ["evaluate_run", "export_run", "load_run"]
 
 
 def load_run(run_dir):
     """`(config, model)` of a finished run."""
-    import keras
-
-    from kft.recipes.schema import RecipeConfig
-
     model_path = os.path.join(run_dir, "model.keras")
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(model_path) or not os.path.exists(config_path):
@@ -52,13 +57,9 @@ def _data_from_path(path, input_shape, batch_size):
             batch_size=batch_size, validation_split=0.0)
     if not os.path.isfile(path):
         raise RecipeError(f"--data: no such file or folder {path!r}")
-    with np.load(path) as npz:
-        key = "x_val" if "x_val" in npz else "x_train"
-        if key not in npz:
-            raise RecipeError(f"--data: {path!r} has neither x_val nor x_train")
-        x, y = npz[key], npz[key.replace("x_", "y_")]
-        names = ([str(c) for c in npz["class_names"]]
-                 if "class_names" in npz else None)
+    x, y, x_val, y_val, names = load_arrays(path, "--data")
+    if x_val is not None:
+        x, y = x_val, y_val
     bundle = kft_data.from_numpy(
         x, y, batch_size=batch_size, shuffle=False, image_size=input_shape[:2],
         channels=input_shape[2], class_names=names,
@@ -80,18 +81,11 @@ def evaluate_run(run_dir, data_path=None):
         The metrics dict (also in `RUN_DIR/eval.json`), with `per_class`
         precision / recall / F1 and `confusion_matrix` for classifiers.
     """
-    from kft.recipes.runner import build_data
-    from kft.recipes.runner import evaluate
-
     config, model = load_run(run_dir)
     text = config.model.text is not None
     input_shape = () if text else tuple(model.input_shape[1:])
     if text:
         # keras-hub models come back compiled with their own defaults.
-        from kft.heads import head_kind
-        from kft.heads import loss_and_metrics
-        from kft.heads import outputs_logits
-
         loss, metrics = loss_and_metrics(head_kind(model),
                                          from_logits=outputs_logits(model))
         model.compile(loss=loss, metrics=metrics)
@@ -111,16 +105,14 @@ def evaluate_run(run_dir, data_path=None):
     return result
 
 
-def export_run(run_dir, format="keras", merge_lora=False, output=None):
+def export_run(run_dir, format="keras", merge=False, output=None):
     """Writes the run's model as a `.keras` file or a TF SavedModel."""
     _, model = load_run(run_dir)
-    if merge_lora:
-        from kft import lora
-
-        if not lora.lora_layers(model):
+    if merge:
+        if not lora_layers(model):
             raise RecipeError(
                 "--merge-lora: this model has no LoRA adapters to merge.")
-        lora.merge_lora(model)
+        merge_lora(model)
     output = output or os.path.join(run_dir, "export")
     os.makedirs(output, exist_ok=True)
     if format == "keras":

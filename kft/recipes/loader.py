@@ -1,6 +1,8 @@
 """Finding, reading and overriding recipes."""
 
 import copy
+import hashlib
+import json
 import os
 
 import pydantic
@@ -13,10 +15,12 @@ from kft.recipes.schema import RecipeConfig
 __all__ = [
     "PACKAGED_DIR",
     "apply_overrides",
+    "config_hash",
     "list_recipes",
     "load_recipe",
     "recipe_description",
     "resolve_recipe_path",
+    "resolved",
 ]
 
 PACKAGED_DIR = os.path.join(os.path.dirname(__file__), "packaged")
@@ -123,5 +127,19 @@ def load_recipe(name_or_path, overrides=None):
         return RecipeConfig.model_validate(raw)
     except pydantic.ValidationError as error:
         raise RecipeError(
-            f"{path}: " + format_validation_error(error)
+            f"{path}: " + format_validation_error(error, model=RecipeConfig)
         ) from None
+
+
+_PYTHON_ONLY = {"stages": {"__all__": {"callbacks", "loss", "metrics"}}}
+
+
+def resolved(config):
+    """The recipe with every default filled in, as plain data."""
+    return config.model_dump(mode="json", exclude=_PYTHON_ONLY)
+
+
+def config_hash(config):
+    """sha256 of the resolved recipe (what the run really used)."""
+    text = json.dumps(resolved(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -7,14 +7,13 @@ families, optimizers, data sources); it can never import code.
 from typing import Literal
 
 import pydantic
-from pydantic import ConfigDict
 from pydantic import Field
 
-from kft import backbones
-from kft.finetune import Stage
-from kft.finetune import policy_stages
-from kft.heads import HeadConfig
-from kft.recipes.errors import known_keys
+import kft.families as backbones
+from kft.head_config import HeadConfig
+from kft.stages import Stage
+from kft.stages import policy_stages
+from kft.validation import Strict
 
 __all__ = ["DataConfig", "LoRAConfig", "ModelConfig", "PromptTuningConfig",
            "RecipeConfig"]
@@ -25,11 +24,7 @@ DATA_SOURCES = IMAGE_SOURCES + TEXT_SOURCES
 _PYTHON_ONLY_STAGE_KEYS = ("callbacks", "loss", "metrics")
 
 
-class _Strict(pydantic.BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """`model:` the backbone, its weights and the head.
 
     An image model names a registered CNN `backbone`; a text model names a
@@ -77,7 +72,7 @@ class ModelConfig(_Strict):
         return value
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """`data:` where the images or texts come from and how they are batched.
 
     Image sources: `builtin`, `numpy`, `image_folder`, `tfds`. Text sources:
@@ -113,7 +108,7 @@ class DataConfig(_Strict):
         return self
 
 
-class AugmentationConfig(_Strict):
+class AugmentationConfig(Strict):
     """`augmentation:` `kft.augment.ImageAugmentation` arguments, applied
     to the training batches only."""
 
@@ -137,7 +132,7 @@ class AugmentationConfig(_Strict):
         return self
 
 
-class LoRAConfig(_Strict):
+class LoRAConfig(Strict):
     """`lora:` `kft.lora.apply_lora` on a text model; stages then train the
     adapters and what `trainable` names (the classifier's `logits`)."""
 
@@ -149,7 +144,7 @@ class LoRAConfig(_Strict):
     trainable: list[str] = ["logits"]
 
 
-class PromptTuningConfig(_Strict):
+class PromptTuningConfig(Strict):
     """`prompt_tuning:` virtual tokens on a frozen BERT-family text model
     (`kft.build_text_classifier(prompt_tuning=...)`)."""
 
@@ -157,7 +152,7 @@ class PromptTuningConfig(_Strict):
     init_text: str | None = None
 
 
-class DistributionConfig(_Strict):
+class DistributionConfig(Strict):
     """`distribution:` a `tf.distribute` strategy (`kft.distribute`).
 
     `distribution: mirrored` is shorthand for `{strategy: mirrored}`.
@@ -178,14 +173,14 @@ class DistributionConfig(_Strict):
         return self
 
 
-class CallbacksConfig(_Strict):
+class CallbacksConfig(Strict):
     """`callbacks:` what the run writes besides history and metrics."""
 
     checkpoints: bool = True
     tensorboard: bool = False
 
 
-class PolicyConfig(_Strict):
+class PolicyConfig(Strict):
     """`policy:` a named training policy instead of explicit `stages:`.
 
     `gradual`: the head alone for `freeze_epochs`, then `epochs` more in
@@ -199,7 +194,7 @@ class PolicyConfig(_Strict):
     learning_rate: float | tuple[float, float] = 1e-3
 
 
-class RecipeConfig(_Strict):
+class RecipeConfig(Strict):
     """A whole recipe: model, data, stages and run settings."""
 
     name: str
@@ -254,7 +249,7 @@ class RecipeConfig(_Strict):
                 raise ValueError("give either stages: or policy:, not both")
             policy = self.policy
             self.stages = [Stage.model_validate(s) for s in policy_stages(
-                policy.name, None, policy.epochs, policy.freeze_epochs,
+                policy.name, policy.epochs, policy.freeze_epochs,
                 policy.every, policy.learning_rate)]
         if not self.stages:
             raise ValueError("give at least one stage (or a policy:)")
@@ -289,5 +284,3 @@ class RecipeConfig(_Strict):
                     )
         return value
 
-
-known_keys(RecipeConfig)

@@ -18,7 +18,12 @@ import time
 
 import yaml
 
+from kft.recipes.checkpoint import read_history
 from kft.recipes.errors import RecipeError
+from kft.recipes.loader import load_recipe
+from kft.recipes.loader import resolved
+from kft.report import figure
+from kft.stages import policy_stages
 
 __all__ = ["METHODS", "compare", "method_stages"]
 
@@ -71,10 +76,8 @@ def method_stages(method, epochs, text):
         stages = [{"name": "full", "epochs": epochs, "trainable": "all",
                    "learning_rate": rate}]
     elif method == "gradual":
-        stages = [{"name": "head", "epochs": 1, "trainable": "head",
-                   "learning_rate": rate},
-                  {"name": "gradual", "epochs": epochs - 1, "trainable": "head",
-                   "learning_rate": rate, "unfreeze": {"every": 1}}]
+        stages = policy_stages("gradual", epochs - 1, freeze_epochs=1, every=1,
+                               learning_rate=rate)
     elif method == "discriminative":
         stage = {"name": "discriminative", "epochs": epochs, "trainable": "all"}
         if text:
@@ -119,7 +122,6 @@ def _error_from_log(log_path):
 def _measure(run_dir, peak_mb, wall):
     with open(os.path.join(run_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    from kft.recipes.checkpoint import read_history
 
     rows = read_history(os.path.join(run_dir, "history.csv"))
     monitor = "val_accuracy" if any("val_accuracy" in r for r in rows) else "val_loss"
@@ -265,7 +267,6 @@ def _markdown(summary, advice):
 
 
 def _plot(results, path):
-    from kft.report import figure
 
     fig = figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -307,18 +308,8 @@ def compare(recipe, methods=("head", "full", "gradual", "discriminative"),
         The comparison as a dict (also `compare.json`; `compare.csv`,
         `compare.md` and `compare.png` beside it).
     """
-    from kft.recipes.loader import load_recipe
-    from kft.recipes.runner import resolved
-
     config = load_recipe(recipe, overrides)
-    methods = list(dict.fromkeys(methods))
-    if not methods:
-        raise RecipeError("--methods: give at least one method")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise RecipeError(f"--methods: unknown {unknown}; allowed: "
-                          f"{', '.join(METHODS)}")
-    seeds = [int(s) for s in seeds]
+    methods, seeds = _check_methods(methods), [int(s) for s in seeds]
     epochs = epochs or sum(stage.epochs for stage in config.stages)
     if epochs < 1:
         raise RecipeError(f"--epochs must be >= 1. Received: {epochs}")
@@ -331,62 +322,84 @@ def compare(recipe, methods=("head", "full", "gradual", "discriminative"),
     for method in methods:
         changes, reason = method_stages(method, epochs, text)
         for seed in seeds:
-            folder = os.path.join(output_dir, method, f"seed_{seed}")
-            result_path = os.path.join(folder, _RESULT)
             if changes is None:
                 results.append({"method": method, "seed": seed,
                                 "status": "skipped", "reason": reason})
                 continue
-            if os.path.exists(result_path) and not rerun:
-                with open(result_path) as f:
-                    results.append(json.load(f))
-                if verbose:
-                    print(f"{method} seed {seed}: kept ({result_path})")
-                continue
-            os.makedirs(folder, exist_ok=True)
             derived = {**base, **changes, "seed": seed,
                        "name": f"{config.name}-{method}"}
-            recipe_path = os.path.join(folder, "recipe.yaml")
-            with open(recipe_path, "w") as f:
-                yaml.safe_dump(derived, f, sort_keys=False)
-            run_dir = os.path.join(folder, "run")
-            log_path = os.path.join(folder, "log.txt")
-            code, peak_mb, wall = _run_one(recipe_path, run_dir, smoke, log_path)
-            result = {"method": method, "seed": seed}
-            if code == 0:
-                result.update(_measure(run_dir, peak_mb, wall))
-            else:
-                result.update(status="failed", exit_code=code,
-                              error=_error_from_log(log_path),
-                              log=log_path, wall_seconds=round(wall, 2))
-            with open(result_path, "w") as f:
-                json.dump(result, f, indent=2)
-            results.append(result)
-            if verbose:
-                shown = (f"best {result['monitor']} {result['best']:.4f}, "
-                         f"{result['wall_seconds']:.0f} s"
-                         if result["status"] == "ok" and result["best"] is not None
-                         else result.get("error", result["status"]))
-                print(f"{method} seed {seed}: {shown}", flush=True)
-
+            folder = os.path.join(output_dir, method, f"seed_{seed}")
+            results.append(_method_result(method, seed, derived, folder,
+                                          rerun=rerun, smoke=smoke,
+                                          verbose=verbose))
     summary = _summaries(results, methods)
-    advice = _advice(summary)
     report = {"recipe": config.name, "epochs": epochs, "seeds": seeds,
-              "smoke": smoke, "methods": summary, "advice": advice,
+              "smoke": smoke, "methods": summary, "advice": _advice(summary),
               "runs": results,
               "descriptions": {m: _DESCRIPTIONS[m] for m in methods}}
+    _write_report(report, results, output_dir)
+    report["output_dir"] = output_dir
+    return report
+
+
+def _check_methods(methods):
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise RecipeError("--methods: give at least one method")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise RecipeError(f"--methods: unknown {unknown}; allowed: "
+                          f"{', '.join(METHODS)}")
+    return methods
+
+
+def _method_result(method, seed, derived, folder, *, rerun, smoke, verbose):
+    """One method and seed: its kept result, or a fresh `kft run` of the
+    derived recipe in its own process."""
+    result_path = os.path.join(folder, _RESULT)
+    if os.path.exists(result_path) and not rerun:
+        if verbose:
+            print(f"{method} seed {seed}: kept ({result_path})")
+        with open(result_path) as f:
+            return json.load(f)
+    os.makedirs(folder, exist_ok=True)
+    recipe_path = os.path.join(folder, "recipe.yaml")
+    with open(recipe_path, "w") as f:
+        yaml.safe_dump(derived, f, sort_keys=False)
+    run_dir, log_path = os.path.join(folder, "run"), os.path.join(folder, "log.txt")
+    code, peak_mb, wall = _run_one(recipe_path, run_dir, smoke, log_path)
+    result = {"method": method, "seed": seed}
+    if code == 0:
+        result.update(_measure(run_dir, peak_mb, wall))
+    else:
+        result.update(status="failed", exit_code=code,
+                      error=_error_from_log(log_path),
+                      log=log_path, wall_seconds=round(wall, 2))
+    with open(result_path, "w") as f:
+        json.dump(result, f, indent=2)
+    if verbose:
+        shown = (f"best {result['monitor']} {result['best']:.4f}, "
+                 f"{result['wall_seconds']:.0f} s"
+                 if result["status"] == "ok" and result["best"] is not None
+                 else result.get("error", result["status"]))
+        print(f"{method} seed {seed}: {shown}", flush=True)
+    return result
+
+
+_CSV_FIELDS = ["method", "seed", "status", "monitor", "best", "final",
+               "trainable_params", "total_params", "trainable_share",
+               "peak_memory_mb", "median_step_seconds", "train_seconds",
+               "wall_seconds", "stored_bytes", "stored", "reason", "error"]
+
+
+def _write_report(report, results, output_dir):
+    """compare.json, compare.csv, compare.md and compare.png."""
     with open(os.path.join(output_dir, "compare.json"), "w") as f:
         json.dump(report, f, indent=2)
-    fields = ["method", "seed", "status", "monitor", "best", "final",
-              "trainable_params", "total_params", "trainable_share",
-              "peak_memory_mb", "median_step_seconds", "train_seconds",
-              "wall_seconds", "stored_bytes", "stored", "reason", "error"]
     with open(os.path.join(output_dir, "compare.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
     with open(os.path.join(output_dir, "compare.md"), "w") as f:
-        f.write(_markdown(summary, advice))
+        f.write(_markdown(report["methods"], report["advice"]))
     _plot(results, os.path.join(output_dir, "compare.png"))
-    report["output_dir"] = output_dir
-    return report

@@ -1,0 +1,197 @@
+"""From a recipe's sections to kft objects: data, model, evaluation.
+
+Shared by `kft run` (the runner), `kft eval` and `kft export`; each
+function turns one section into the library call a Keras script would
+make, and library errors into `RecipeError`s that name the key.
+"""
+
+import os
+
+import numpy as np
+
+import kft.data as kft_data
+import kft.families as families
+from kft import report
+from kft.augment import ImageAugmentation
+from kft.head_config import HeadConfig
+from kft.heads import head_kind
+from kft.lora import apply_lora
+from kft.models import build_classifier
+from kft.recipes.errors import RecipeError
+from kft.text import build_text_classifier
+from kft.text import prompt_tune_classifier
+
+__all__ = ["augment_training_data", "build_data", "build_model", "evaluate",
+           "input_shape_of", "load_arrays", "synthetic_data"]
+
+
+def input_shape_of(config):
+    """The image shape a recipe's model takes (`()` for text models)."""
+    model = config.model
+    if model.text is not None:
+        return ()
+    if model.input_shape:
+        return tuple(model.input_shape)
+    packaged = families.get_packaged_weights(model.weights)
+    if packaged:
+        return tuple(packaged.input_shape)
+    size = families.get_backbone(model.backbone).default_input_size
+    return (size, size, 3)
+
+
+def load_arrays(path, key):
+    """`kft.data.load_npz`, with errors naming the recipe key."""
+    try:
+        return kft_data.load_npz(path)
+    except ValueError as error:
+        raise RecipeError(f"{key}: {error}") from None
+
+
+def build_data(data_config, input_shape):
+    """Builds the `DataBundle` a recipe's `data:` section describes."""
+    if data_config.source in ("text_file", "fortunes"):
+        return _text_data(data_config)
+    common = dict(batch_size=data_config.batch_size, shuffle=data_config.shuffle,
+                  image_size=tuple(data_config.image_size or input_shape[:2]),
+                  channels=input_shape[2])
+    source = data_config.source
+    if source in ("builtin", "numpy"):
+        if source == "builtin":
+            (x, y), (x_val, y_val), names = kft_data.load_builtin(data_config.name)
+        else:
+            x, y, x_val, y_val, names = load_arrays(data_config.path, "data.path")
+        return kft_data.from_numpy(
+            x, y, x_val=x_val, y_val=y_val,
+            validation_split=data_config.validation_split,
+            per_class=data_config.per_class, class_names=names,
+            num_classes=len(names) if names else None, **common)
+    if source == "image_folder":
+        try:
+            return kft_data.from_image_folder(
+                data_config.path, validation_split=data_config.validation_split,
+                on_bad_file=data_config.on_bad_file, **common)
+        except ValueError as error:
+            raise RecipeError(f"data.path: {error}") from None
+    return kft_data.from_tfds(
+        data_config.name, data_dir=data_config.data_dir,
+        train_split=data_config.train_split, val_split=data_config.val_split,
+        download=data_config.download, **common)
+
+
+def _text_data(data_config):
+    if data_config.source == "text_file":
+        if not os.path.isfile(data_config.path):
+            raise RecipeError(f"data.path: no such file {data_config.path!r}")
+        try:
+            texts, labels, names = kft_data.load_text_file(
+                data_config.path, data_config.text_column,
+                data_config.label_column)
+        except ValueError as error:
+            raise RecipeError(f"data.path: {error}") from None
+        if data_config.per_class:
+            labels_array = np.asarray(labels)
+            keep = kft_data.subset_per_class(
+                np.arange(len(labels)), labels_array, data_config.per_class)[0]
+            texts = [texts[i] for i in keep]
+            labels = labels_array[keep].tolist()
+    else:
+        topics = data_config.topics or kft_data.FORTUNES_TOPICS
+        try:
+            texts, labels, names = kft_data.load_fortunes(
+                topics, data_dir=data_config.data_dir,
+                per_topic=data_config.per_class)
+        except ValueError as error:
+            raise RecipeError(f"data.topics: {error}") from None
+    return kft_data.from_texts(
+        texts, labels, batch_size=data_config.batch_size,
+        shuffle=data_config.shuffle,
+        validation_split=data_config.validation_split, class_names=names)
+
+
+def augment_training_data(train, augmentation, seed):
+    """Applies a recipe's `augmentation:` to the training batches."""
+    import tensorflow as tf
+
+    layer = ImageAugmentation(**augmentation.model_dump(), seed=seed).layer()
+    return train.map(lambda x, y: (layer(x, training=True), y),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def synthetic_data(config, input_shape):
+    """Random images (or texts) of the recipe's shape, 2 or 3 classes, for
+    `--smoke`."""
+    head = HeadConfig.from_value(config.model.head)
+    classes = 2 if head.kind == "binary" else 3
+    rng = np.random.default_rng(config.seed)
+    n = 4 * classes
+    names = [f"class_{i}" for i in range(classes)]
+    if config.model.text is not None:
+        words = ["alpha", "beta", "gamma", "delta", "data", "model", "text"]
+        texts = [" ".join(rng.choice(words, 6)) for _ in range(n)]
+        return kft_data.from_texts(
+            texts, np.arange(n) % classes, batch_size=config.data.batch_size,
+            validation_split=0.25, class_names=names)
+    x = rng.uniform(0, 255, (n, *input_shape)).astype("float32")
+    y = np.arange(n) % classes
+    return kft_data.from_numpy(x, y, x_val=x[:classes], y_val=y[:classes],
+                               batch_size=config.data.batch_size,
+                               class_names=names)
+
+
+def build_model(config, num_classes, input_shape, load_weights=True):
+    """The model a recipe's `model:` (and `lora:` / `prompt_tuning:`)
+    describe: a kft image classifier, or a keras-hub text classifier."""
+    model_config = config.model
+    if model_config.text is None:
+        return build_classifier(
+            model_config.backbone, num_classes,
+            weights=model_config.weights, input_shape=input_shape,
+            head=model_config.head, bn=model_config.bn,
+            **model_config.backbone_kwargs)
+    try:
+        model = build_text_classifier(
+            model_config.text, num_classes,
+            sequence_length=model_config.sequence_length,
+            load_weights=load_weights)
+    except (RuntimeError, ValueError) as error:
+        raise RecipeError(f"model.text: {error}") from None
+    return _adapt(config, model)
+
+
+def _adapt(config, model):
+    """Prompt tuning or LoRA, as the recipe's sections say."""
+    if config.prompt_tuning is not None:
+        prompt = config.prompt_tuning
+        try:
+            model = prompt_tune_classifier(model, prompt.num_virtual_tokens,
+                                           prompt.init_text)
+        except ValueError as error:
+            raise RecipeError(f"prompt_tuning: {error}") from None
+    if config.lora is not None:
+        lora = config.lora
+        try:
+            apply_lora(model, targets=tuple(lora.targets), rank=lora.rank,
+                       alpha=lora.alpha, dropout=lora.dropout,
+                       use_rslora=lora.use_rslora,
+                       trainable=tuple(lora.trainable))
+        except ValueError as error:
+            raise RecipeError(f"lora.targets: {error}") from None
+    return model
+
+
+def evaluate(model, data, class_names, output_dir, prefix=""):
+    """Metrics, and for classifiers the confusion matrix (with its plot)
+    and a per-class report, on `data`."""
+    evaluation = model.evaluate(data, return_dict=True, verbose=0)
+    evaluation = {k: float(v) for k, v in evaluation.items()}
+    kind = head_kind(model)
+    if kind in ("multiclass", "binary"):
+        classes = class_names if kind == "multiclass" else class_names[:2]
+        matrix = report.confusion_matrix(model, data, len(classes))
+        report.plot_confusion_matrix(
+            matrix, classes,
+            os.path.join(output_dir, "plots", f"{prefix}confusion_matrix.png"),
+        )
+        evaluation["confusion_matrix"] = matrix.tolist()
+        evaluation["per_class"] = report.classification_report(matrix, classes)
+    return evaluation
