@@ -17,6 +17,7 @@ _EXPORTS = {
     "ImagePreprocessing": "kft.preprocessing",
     "Stage": "kft.stages",
     "backbone_blocks": "kft.backbones",
+    "build_causal_lm": "kft.causal_lm",
     "build_classifier": "kft.models",
     "build_text_classifier": "kft.text",
     "compare": "kft.recipes.compare",
@@ -31,13 +32,15 @@ _EXPORTS = {
     "unfreeze": "kft.freezing",
 }
 _SUBMODULES = (
-    "anatomy", "augment", "backbones", "callbacks", "data", "distribute",
-    "families", "heads", "lora", "optimizers", "prompt", "report", "stages",
+    "anatomy", "augment", "backbones", "callbacks", "causal_lm", "data",
+    "distribute", "families", "heads", "lora", "optimizers", "prompt",
+    "report", "sft", "stages",
 )
 # What `import kft` loads on first use: the library, with every Keras
 # object it registers for `keras.saving.load_model`.
 _LIBRARY = tuple(f"kft.{name}" for name in _SUBMODULES) + (
-    "kft.finetune", "kft.freezing", "kft.models", "kft.preprocessing", "kft.text")
+    "kft.finetune", "kft.freezing", "kft.models", "kft.preprocessing",
+    "kft.text")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

@@ -150,8 +150,9 @@ def _cmd_validate(args):
     from kft.recipes.loader import load_recipe
 
     config = load_recipe(args.recipe, args.overrides)
-    model = (f"backbone {config.model.backbone}" if config.model.text is None
-             else f"text model {config.model.text}")
+    kind = next(k for k in ("backbone", "preset", "text")
+                if getattr(config.model, k) is not None)
+    model = f"{kind} {getattr(config.model, kind)}".replace("text", "text model")
     print(f"{config.name}: valid ({len(config.stages)} stage(s), {model}, "
           f"data {config.data.source})")
 

@@ -26,6 +26,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_fortunes",
     "load_npz",
+    "sft_dataset",
     "load_text_file",
     "scan_image_folder",
     "subset_per_class",
@@ -811,3 +812,17 @@ def from_texts(texts, labels, *, batch_size=32, validation_split=0.2,
     val_ds = pipeline(*val, False) if val is not None else None
     names = class_names or [str(i) for i in range(num_classes)]
     return DataBundle(train, val_ds, names, ())
+
+
+def sft_dataset(records_or_path, lm, *, format="prompt_completion", batch_size=8,
+                packing=False, shuffle=True, **kwargs):
+    """Supervised fine-tuning batches for a causal LM: `kft.sft.sft_dataset`.
+
+    Yields `(x, y, sample_weight)` as keras-hub's `CausalLMPreprocessor`
+    does, with weight 1 on completion (assistant) tokens only; train with
+    `kft.sft.SFTCausalLM(lm)`. See `kft.sft.sft_dataset` for every argument.
+    """
+    from kft.sft import sft_dataset as build
+
+    return build(records_or_path, lm, format=format, batch_size=batch_size,
+                 packing=packing, shuffle=shuffle, **kwargs)

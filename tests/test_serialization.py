@@ -188,6 +188,26 @@ def case_first_token(tmp_path):
     _close(layer(x), x[:, 0])
 
 
+def case_sft_causal_lm(tmp_path):
+    from llm_fixtures import tiny_causal_lm
+
+    from kft.sft import SFTCausalLM
+
+    # Untied and without a preprocessor: keras-hub 0.32 cannot reload a tied
+    # Llama 3 backbone or a tokenizer with custom special tokens from .keras.
+    lm = tiny_causal_lm(sequence_length=8, tie_word_embeddings=False)
+    lm.preprocessor = None
+    model = SFTCausalLM(lm)
+    ids = np.array([[1, 5, 7, 9], [1, 6, 8, 0]], "int32")
+    x = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32")}
+    expected = model.predict_on_batch(x)
+    path = tmp_path / "sft.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded) is SFTCausalLM
+    _close(loaded.predict_on_batch(x), expected)
+
+
 def _through_json(obj):
     """Serialized, written as JSON text (as in a `.keras` file), read back
     and deserialized. (Keras' `from_config` edits the config it is given:
@@ -255,6 +275,7 @@ CASES = {
     "kft>_InsertIds": case_insert_ids,
     "kft>Classifier": case_classifier,
     "kft>FirstToken": case_first_token,
+    "kft>SFTCausalLM": case_sft_causal_lm,
     "kft>DiscriminativeOptimizer": case_discriminative_optimizer,
     "kft>ScaledSchedule": case_scaled_schedule,
 }

@@ -15,7 +15,9 @@ from kft import report
 from kft.augment import ImageAugmentation
 from kft.head_config import HeadConfig
 from kft.heads import head_kind
+from kft.image_presets import PresetUnavailableError
 from kft.lora import apply_lora
+from kft.models import PRESET_WEIGHTS
 from kft.models import build_classifier
 from kft.recipes.errors import RecipeError
 from kft.text import build_text_classifier
@@ -32,6 +34,8 @@ def input_shape_of(config):
         return ()
     if model.input_shape:
         return tuple(model.input_shape)
+    if model.preset is not None:
+        return (*(model.image_size or (224, 224)), 3)
     packaged = families.get_packaged_weights(model.weights)
     if packaged:
         return tuple(packaged.input_shape)
@@ -142,6 +146,8 @@ def build_model(config, num_classes, input_shape, load_weights=True):
     """The model a recipe's `model:` (and `lora:` / `prompt_tuning:`)
     describe: a kft image classifier, or a keras-hub text classifier."""
     model_config = config.model
+    if model_config.preset is not None:
+        return _preset_classifier(model_config, num_classes, input_shape)
     if model_config.text is None:
         return build_classifier(
             model_config.backbone, num_classes,
@@ -156,6 +162,19 @@ def build_model(config, num_classes, input_shape, load_weights=True):
     except (RuntimeError, ValueError) as error:
         raise RecipeError(f"model.text: {error}") from None
     return _adapt(config, model)
+
+
+def _preset_classifier(model_config, num_classes, input_shape):
+    weights = PRESET_WEIGHTS if model_config.weights == "preset" else None
+    extra = ({"image_size": model_config.image_size}
+             if model_config.image_size else {})
+    try:
+        return build_classifier(
+            model_config.preset, num_classes, weights=weights,
+            input_shape=input_shape, head=model_config.head, bn=model_config.bn,
+            **extra)
+    except (PresetUnavailableError, ValueError) as error:
+        raise RecipeError(f"model.preset: {error}") from None
 
 
 def _adapt(config, model):

@@ -27,12 +27,17 @@ _PYTHON_ONLY_STAGE_KEYS = ("callbacks", "loss", "metrics")
 class ModelConfig(Strict):
     """`model:` the backbone, its weights and the head.
 
-    An image model names a registered CNN `backbone`; a text model names a
-    keras-hub `text` checkpoint instead (`minilm`, a keras-hub preset name,
-    `hf://...`, or a local directory), read by `kft.build_text_classifier`.
+    An image model names a registered CNN `backbone`, or a keras-hub image
+    `preset` (a preset name, `hf://...`, a local directory, or a short name
+    such as `efficientnet_lite0_imagenet`; `image_size` sets the size its
+    image converter resizes to); a text model names a keras-hub `text`
+    checkpoint instead (`minilm`, a keras-hub preset name, `hf://...`, or a
+    local directory), read by `kft.build_text_classifier`.
     """
 
     backbone: str | None = None
+    preset: str | None = None
+    image_size: tuple[int, int] | None = None
     text: str | None = None
     sequence_length: int = Field(default=128, ge=8)
     weights: str | None = None
@@ -43,9 +48,25 @@ class ModelConfig(Strict):
 
     @pydantic.model_validator(mode="after")
     def _one_kind(self):
-        if (self.backbone is None) == (self.text is None):
-            raise ValueError("give exactly one of model.backbone (an image "
-                             "model) and model.text (a text model)")
+        kinds = [k for k in ("backbone", "preset", "text")
+                 if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of model.backbone (a "
+                             "keras.applications family), model.preset (a "
+                             "keras-hub image preset, hf:// or a directory) and "
+                             "model.text (a text model)")
+        if self.preset is not None:
+            if self.backbone_kwargs:
+                raise ValueError("model.backbone_kwargs are for model.backbone "
+                                 "families, not model.preset")
+            if self.weights not in (None, "preset"):
+                raise ValueError("model.weights of a preset is 'preset' (its "
+                                 "own, the default) or null (random)")
+            if "weights" not in self.model_fields_set:
+                self.weights = "preset"
+        elif self.image_size is not None:
+            raise ValueError("model.image_size is for model.preset (the size "
+                             "its image converter resizes to)")
         if self.text is not None:
             fields = type(self).model_fields
             image_only = sorted(k for k in ("weights", "input_shape", "head",
