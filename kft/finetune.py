@@ -17,6 +17,7 @@ import keras
 
 from kft._keras_internals import distribute_strategy
 from kft.anatomy import count_params
+from kft.anatomy import describe
 from kft.callbacks import GradualUnfreezing
 from kft.callbacks import lr_find
 from kft.freezing import set_trainable
@@ -155,6 +156,12 @@ def _compiled_from_checkpoint(model):
 def _loss_and_metrics(session, stage):
     if stage.loss is not None:
         return stage.loss, stage.metrics
+    if describe(session.model).task == "causal_lm":
+        # SFT batches weight completion tokens only: the loss is averaged
+        # over weighted tokens, the token accuracy weighted the same way.
+        loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="mean_with_sample_weight")
+        return loss, [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     loss, metrics = loss_and_metrics(
         head_kind(session.model), _labels_one_hot(session.train_data),
         from_logits=outputs_logits(session.model))
@@ -169,8 +176,11 @@ def _compile(session, stage, resuming):
     with session.scope():
         if stage.lr_find and not resuming:
             stage, found = _find_rate(session, stage, loss, metrics)
+        # Metrics see the sample weights where batches carry them (SFT).
+        metric_key = ("weighted_metrics"
+                      if describe(session.model).task == "causal_lm" else "metrics")
         session.model.compile(optimizer=make_optimizer(stage, steps, session.model),
-                              loss=loss, metrics=metrics)
+                              loss=loss, **{metric_key: metrics})
     return stage, found
 
 

@@ -31,6 +31,7 @@ from kft.anatomy import backbone_blocks as _named_blocks
 from kft.anatomy import count_params
 from kft.anatomy import describe
 from kft.anatomy import find_backbone
+from kft.anatomy import head_layers
 from kft.stages import parse_trainable
 
 __all__ = [
@@ -274,6 +275,10 @@ def trainable_summary(model, backbone=None):
         pass
     others = [layer for layer in model.layers if layer is not base
               and not isinstance(layer, keras.layers.InputLayer)]
+    if base is not None and not any(layer is base for layer in model.layers):
+        # The backbone sits deeper (a task inside a wrapper, such as
+        # kft.sft.SFTCausalLM): the head is what lies outside it.
+        others = head_layers(model, backbone)
     if base is not None:
         base_on = base.trainable
         for name, block in _named_blocks(model, backbone):

