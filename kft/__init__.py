@@ -17,6 +17,7 @@ _EXPORTS = {
     "ImagePreprocessing": "kft.preprocessing",
     "Stage": "kft.stages",
     "backbone_blocks": "kft.backbones",
+    "build_audio_classifier": "kft.audio",
     "build_causal_lm": "kft.causal_lm",
     "build_classifier": "kft.models",
     "build_text_classifier": "kft.text",
@@ -39,8 +40,8 @@ _SUBMODULES = (
 # What `import kft` loads on first use: the library, with every Keras
 # object it registers for `keras.saving.load_model`.
 _LIBRARY = tuple(f"kft.{name}" for name in _SUBMODULES) + (
-    "kft.finetune", "kft.freezing", "kft.models", "kft.preprocessing",
-    "kft.text")
+    "kft.audio", "kft.audio_data", "kft.finetune", "kft.freezing", "kft.models",
+    "kft.preprocessing", "kft.text")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

@@ -35,7 +35,8 @@ __all__ = [
     "split_backbone",
 ]
 
-TASKS = ("image_classifier", "text_classifier", "causal_lm", "task", "model")
+TASKS = ("image_classifier", "text_classifier", "audio_classifier", "causal_lm",
+         "task", "model")
 HEAD_OUTPUT = "head_output"
 _TRANSFORMER_LAYER = re.compile(r"transformer_layer_(\d+)$")
 

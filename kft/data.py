@@ -17,6 +17,7 @@ __all__ = [
     "BUILTIN_DATASETS",
     "DataBundle",
     "FASHION_MNIST_CLASSES",
+    "from_audio_folder",
     "check_labels",
     "from_image_folder",
     "from_numpy",
@@ -868,3 +869,11 @@ def load_wordnet_glosses(path=None, *, max_examples=None, seed=0):
         keep = sorted(rng.choice(len(records), max_examples, replace=False))
         records = [records[i] for i in keep]
     return records
+
+
+def from_audio_folder(directory, **kwargs):
+    """WAV class folders -> fixed-length mono waveforms, a `DataBundle`; see
+    `kft.audio_data.from_audio_folder` for the arguments."""
+    from kft.audio_data import from_audio_folder as load
+
+    return load(directory, **kwargs)

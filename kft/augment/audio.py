@@ -163,9 +163,6 @@ class AudioAugmentationLayer(keras.layers.Layer):
                                 self._uniform(batch, self.noise_snr_db))
         return waves
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         config = super().get_config()
         config.update({

@@ -144,10 +144,10 @@ class TextAugmentation:
             raise ValueError(
                 "back_translate_probability > 0 needs back_translate, a "
                 "callable text -> text.")
-        self.synonym_replacement = synonym_replacement
-        self.random_insertion = random_insertion
-        self.random_swap = random_swap
-        self.random_deletion = random_deletion
+        # The four EDA operations' rates.
+        (self.synonym_replacement, self.random_insertion, self.random_swap,
+         self.random_deletion) = (synonym_replacement, random_insertion,
+                                  random_swap, random_deletion)
         self.back_translate = back_translate
         self.back_translate_probability = back_translate_probability
         self.stopwords = frozenset(stopwords)

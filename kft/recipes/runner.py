@@ -64,8 +64,12 @@ def smoke_config(config):
             update["lr_find"] = {"start_lr": 1e-6, "end_lr": 1.0, "num_steps": 3}
         stages.append(stage.model_copy(update=update))
     model = config.model
-    if model.text is None:
+    if model.text is None and model.causal_lm is None:
         model = model.model_copy(update={"weights": None})
+    if config.generate is not None:
+        # One short completion: the wiring, not the text.
+        config = config.model_copy(update={"generate": config.generate.model_copy(
+            update={"prompts": config.generate.prompts[:1], "max_length": 8})})
     data = config.data.model_copy(update={"batch_size": min(config.data.batch_size, 4)})
     return config.model_copy(update={"model": model, "data": data, "stages": stages})
 
