@@ -204,3 +204,14 @@ def freeze_variable(layer, variable):
             if was_locked:
                 tracker.lock()
     return variable
+
+
+def embeddings_variable(layer):
+    """The table variable of an Embedding (`Embedding.embeddings` is a
+    property that unpacks int4 and merges Keras' own LoRA; kft's LoRA
+    layers need the variable itself, to freeze it and to merge into it).
+    `Embedding._embeddings`, checked on Keras 3.15.1."""
+    return layer._embeddings
+
+
+__all__ += ["embeddings_variable"]

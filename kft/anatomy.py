@@ -28,6 +28,7 @@ __all__ = [
     "backbone_blocks",
     "count_params",
     "describe",
+    "family_entry",
     "find_backbone",
     "head_layers",
     "infer_anatomy",
@@ -82,6 +83,20 @@ class Anatomy:
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def family_entry(layer, table, missing=None):
+    """`table[name]` for the first class along `type(layer).__mro__` whose
+    name is a key (a LoRA container subclass keeps its base's entry).
+
+    Without an entry: None, or a `ValueError(missing)` when `missing` (a
+    sentence) is given."""
+    for cls in type(layer).__mro__:
+        if cls.__name__ in table:
+            return table[cls.__name__]
+    if missing is not None:
+        raise ValueError(missing)
+    return None
 
 
 def count_params(variables):

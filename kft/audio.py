@@ -52,10 +52,7 @@ _TASK = "audio_classifier"
 def _whisper_tiny_path():
     from kft.convert.assets import converted_path
 
-    try:
-        return converted_path("whisper-tiny", "whisper_tiny")
-    except FileNotFoundError as error:
-        raise PresetUnavailableError(str(error)) from None
+    return converted_path("whisper-tiny", "whisper_tiny", PresetUnavailableError)
 
 
 # Short names for checkpoints converted from pip packages; anything else

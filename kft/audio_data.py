@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from kft.data import DataBundle
 from kft.data import _split
+from kft.data import without_files
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -310,14 +311,8 @@ def from_audio_folder(directory, *, sample_rate=16000, max_seconds=30.0,
     classes, paths, labels = scan_audio_folder(directory)
     bad, reasons = _unreadable_audio(paths)
     _report_bad(directory, bad, reasons, on_bad_file)
-    unreadable = set(bad)
-    labels = [label for p, label in zip(paths, labels) if p not in unreadable]
-    paths = [p for p in paths if p not in unreadable]
-    empty = [name for i, name in enumerate(classes) if i not in set(labels)]
-    if empty:
-        raise ValueError(
-            f"Audio folder {directory!r}: class folder(s) {empty} hold no readable "
-            f".wav files.")
+    paths, labels = without_files(directory, classes, paths, labels, bad,
+                                  "Audio folder", ".wav files")
     (train_x, train_y), val = _split(np.asarray(paths), np.asarray(labels, "int32"),
                                      validation_split, seed)
     num_samples = int(round(max_seconds * sample_rate))

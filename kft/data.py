@@ -28,6 +28,7 @@ __all__ = [
     "load_fortunes",
     "load_npz",
     "load_wordnet_glosses",
+    "without_files",
     "sft_dataset",
     "load_text_file",
     "scan_image_folder",
@@ -400,14 +401,8 @@ def from_image_folder(
         warnings.warn(
             f"Skipped {len(bad)} unreadable image file(s) in {directory!r}:"
             f"\n  {listed}", stacklevel=2)
-        unreadable = set(bad)
-        labels = [label for p, label in zip(paths, labels) if p not in unreadable]
-        paths = [p for p in paths if p not in unreadable]
-    emptied = [name for i, name in enumerate(classes) if i not in set(labels)]
-    if emptied:
-        raise ValueError(
-            f"Image folder {directory!r}: no readable images left in class "
-            f"folder(s) {emptied}.")
+    paths, labels = without_files(directory, classes, paths, labels, bad,
+                                  "Image folder", "images")
     (train_x, train_y), val = _split(np.asarray(paths), np.asarray(labels, "int32"),
                                      validation_split, seed)
     size = tuple(int(v) for v in image_size)
@@ -419,6 +414,20 @@ def from_image_folder(
     train = pipeline(train_x, train_y, shuffle)
     val_ds = pipeline(*val, False) if val is not None else None
     return DataBundle(train, val_ds, classes, (*size, channels), skipped_files=bad)
+
+
+def without_files(directory, classes, paths, labels, bad, kind, what):
+    """`(paths, labels)` without the `bad` files; a class folder left with
+    none is an error (`kind`: "Image folder"; `what`: "images")."""
+    unreadable = set(bad)
+    labels = [label for p, label in zip(paths, labels) if p not in unreadable]
+    paths = [p for p in paths if p not in unreadable]
+    emptied = [name for i, name in enumerate(classes) if i not in set(labels)]
+    if emptied:
+        raise ValueError(
+            f"{kind} {directory!r}: class folder(s) {emptied} hold no readable "
+            f"{what}.")
+    return paths, labels
 
 
 def _check_image_classes(directory, classes, labels):

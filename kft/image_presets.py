@@ -28,10 +28,8 @@ class PresetUnavailableError(RuntimeError):
 def _efficientnet_lite0_path():
     from kft.convert.assets import converted_path
 
-    try:
-        return converted_path("efficientnet-lite0", "efficientnet_lite0_imagenet")
-    except FileNotFoundError as error:
-        raise PresetUnavailableError(str(error)) from None
+    return converted_path("efficientnet-lite0", "efficientnet_lite0_imagenet",
+                          PresetUnavailableError)
 
 
 # Short names for checkpoints converted from pip packages; anything else

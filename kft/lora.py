@@ -1,4 +1,5 @@
-"""LoRA for Keras: low-rank adapters on frozen Dense and EinsumDense layers.
+"""LoRA for Keras: low-rank adapters on frozen Dense, EinsumDense, Conv2D
+and Embedding layers.
 
 A LoRA layer computes `x @ W + b + (alpha / rank) * dropout(x) @ A @ B`
 with `W` (and `b`) frozen, so the full weight gradient is never formed
@@ -8,8 +9,15 @@ of their own. `apply_lora` adapts the matching layers of a built model in
 place (keras-hub backbones included); `save_adapter` / `load_adapter`
 write and read the adapters alone.
 
+Variants, as PEFT names them: DoRA (`use_dora=True`, see
+`kft.lora_base`), the initialisations `init="default" | "gaussian" |
+"pissa" | "olora"` (`kft.lora_init`), LoRA for Conv2D (`kft.lora_conv`)
+and Embedding (`kft.lora_embedding`), and LoRA+ learning rates
+(`kft.optimizers.loraplus`).
+
 Several adapters can live on one base under names (`load_adapter(...,
-name=)`, `set_adapter`), and `disable_adapters` runs the plain base.
+name=)`, `set_adapter`, `combine_adapters`: `kft.lora_adapters`), and
+`disable_adapters` runs the plain base.
 
 QLoRA: the base may be quantized by Keras (`model.quantize("int8")` or
 `"int4"`), before `apply_lora` (the usual order) or after it. The frozen
@@ -17,13 +25,17 @@ base then runs through Keras' own int8 / int4 path and the float32
 adapters are added to its output; `merge` requantizes (see `merge_lora`
 for the error this adds). `.keras` files keep such a model as it is (int8
 or packed int4 kernel, scales, adapters); adapter files load onto a base
-quantized the same way.
+quantized the same way. DoRA and PiSSA / OLoRA need a float kernel when
+they start (PiSSA then QLoRA: `apply_lora(init="pissa")` on the float
+model, then `model.quantize(...)` quantizes the residual); a DoRA layer
+stays float when the model is quantized later.
 """
 
 import hashlib
 import json
 import math
 import re
+import warnings
 
 import keras
 import numpy as np
@@ -32,209 +44,77 @@ from keras import ops
 from kft._keras_internals import all_layers
 from kft._keras_internals import freeze_variable
 from kft._keras_internals import kernel_variable
-from kft._keras_internals import requantized_kernel
 from kft._keras_internals import trainable_variable_lists
 from kft._keras_internals import unlocked_tracker
 from kft.anatomy import is_keras_hub_backbone
 from kft.freezing import train_only
+from kft.lora_adapters import active_adapter
+from kft.lora_adapters import assign_adapter
+from kft.lora_adapters import combine_adapters
+from kft.lora_adapters import disable_adapters
+from kft.lora_adapters import enable_adapters
+from kft.lora_adapters import mark_active
+from kft.lora_adapters import set_adapter
+from kft.lora_adapters import stash_active
+from kft.lora_base import ADAPTER_VARIABLES
+from kft.lora_base import QUANTIZED_MODES
+from kft.lora_base import _LoRAMixin
+from kft.lora_base import drop_variable
+from kft.lora_base import lora_layers
+from kft.lora_base import retrace
+from kft.lora_conv import LoRAConv2D
+from kft.lora_embedding import LoRAEmbedding
+from kft.lora_embedding import LoRAReversibleEmbedding
+from kft.lora_init import INITS
+from kft.lora_init import KERNEL_INITS
+from kft.lora_init import check_init
+from kft.lora_init import plain_lora_weights
 
-__all__ = ["LORA_TARGET_PRESETS", "LoRADense", "LoRAEinsumDense",
-           "active_adapter", "apply_lora", "disable_adapters", "enable_adapters",
-           "load_adapter", "lora_layers", "merge_lora", "save_adapter",
-           "set_adapter"]
+__all__ = ["INITS", "LORA_TARGET_PRESETS", "LoRAConv2D", "LoRADense",
+           "LoRAEinsumDense", "LoRAEmbedding", "LoRAReversibleEmbedding",
+           "active_adapter", "apply_lora", "combine_adapters",
+           "disable_adapters", "enable_adapters", "load_adapter", "lora_layers",
+           "merge_lora", "plain_lora_weights", "save_adapter", "set_adapter"]
 
-_FROZEN = ("kernel", "bias")
 _ADAPTER_FORMAT = "kft-lora-adapter/1"
-# The Keras quantization modes a LoRA base may have (besides float).
-_QUANTIZED_MODES = ("int8", "int4")
-
-
-class _LoRAMixin:
-    """What LoRADense and LoRAEinsumDense share."""
-
-    def _init_lora(self, rank, alpha, dropout, use_rslora, merged):
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(
-                f"rank must be an integer >= 1. Received: rank={rank!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(
-                f"dropout must be in [0, 1). Received: dropout={dropout!r}")
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.dropout = float(dropout)
-        self.use_rslora = bool(use_rslora)
-        self.merged = bool(merged)
-
-    @property
-    def scale(self):
-        root = math.sqrt(self.rank) if self.use_rslora else self.rank
-        return self.alpha / root
-
-    def add_weight(self, *args, **kwargs):
-        # The pretrained kernel and bias are created non-trainable, so no
-        # `trainable = True` (Keras' or kft.unfreeze) can unfreeze them.
-        if kwargs.get("name") in _FROZEN:
-            kwargs["trainable"] = False
-        return super().add_weight(*args, **kwargs)
-
-    def _kernel_shape(self):
-        # `kernel` (public) is the unpacked kernel: int4 stores it packed.
-        return tuple(int(d) for d in self.kernel.shape)
-
-    def _build_adapters(self):
-        fan_in, fan_out = self._adapter_dims()
-        self._dropout_seed = keras.random.SeedGenerator()
-        # float32 whatever the dtype policy, and not cast to the compute
-        # dtype when read (autocast=False): LoRA updates underflow in fp16.
-        self.lora_a = self.add_weight(
-            name="lora_a", shape=(fan_in, self.rank),
-            initializer=keras.initializers.HeUniform(), dtype="float32",
-            autocast=False)
-        self.lora_b = self.add_weight(
-            name="lora_b", shape=(self.rank, fan_out), initializer="zeros",
-            dtype="float32", autocast=False)
-        # A variable, not a Python flag: a train or predict function traced
-        # before merge() must see the change.
-        self.lora_active = self.add_weight(
-            name="lora_active", shape=(), trainable=False, dtype="float32",
-            autocast=False,
-            initializer=keras.initializers.Constant(0.0 if self.merged else 1.0))
-
-    def _update(self, inputs, training):
-        """scale * dropout(x) @ A @ B, in the output's layout."""
-        x = inputs
-        if training and self.dropout:
-            x = keras.random.dropout(x, self.dropout, seed=self._dropout_seed)
-        free = len(x.shape) - self._contracted
-        batch_shape = ops.shape(x)[:free]
-        flat = ops.reshape(ops.cast(x, "float32"), (*batch_shape, -1))
-        update = ops.matmul(ops.matmul(flat, self.lora_a), self.lora_b)
-        update = update * (self.scale * self.lora_active)
-        return ops.reshape(update, (*batch_shape, *self._output_dims))
-
-    def quantized_call(self, inputs, training=None):
-        """The int8 / int4 base through Keras' own quantized path, plus the
-        float32 update (added before the activation, as in `call`)."""
-        if self.quantization_mode not in _QUANTIZED_MODES:
-            raise NotImplementedError(
-                f"LoRA layer {self.name!r} supports float, 'int8' and 'int4' "
-                f"bases. Received: quantization_mode={self.quantization_mode!r}")
-        activation = self.activation
-        nonlinear = activation not in (None, keras.activations.linear)
-        if nonlinear:
-            # Keras applies the activation inside its quantized call; the
-            # update must join the base before it (GPT-2 / BERT MLPs: gelu).
-            self.activation = None
-        try:
-            outputs = super().quantized_call(inputs, training=training)
-        finally:
-            self.activation = activation
-        outputs = outputs + ops.cast(self._update(inputs, training), outputs.dtype)
-        return activation(outputs) if nonlinear else outputs
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        """Quantizes the frozen base (`"int8"` or `"int4"`, as Keras'
-        Dense / EinsumDense do); the adapters stay float32."""
-        _check_quantize_mode(self, mode, config)
-        _plain_class(self).quantize(self, mode, type_check=False, config=config)
-
-    def _delta_kernel(self):
-        """`scale * A @ B` in the kernel's (unpacked) layout."""
-        delta = ops.reshape(ops.matmul(self.lora_a, self.lora_b) * self.scale,
-                            self._delta_shape)
-        if self._delta_axes is not None:
-            delta = ops.transpose(delta, self._delta_axes)
-        return delta
-
-    def merge(self):
-        """Folds `scale * A @ B` into the kernel. Exact for a float base; an
-        int8 / int4 base is dequantized, updated and requantized, which
-        changes outputs by the error `merge_lora` documents."""
-        if self.merged:
-            return
-        if self.quantization_mode:
-            # Kept on the host so that unmerge() can restore them exactly.
-            self._kft_unmerged = [np.array(v) for v in self._quantized_state()]
-            values = requantized_kernel(self, self._delta_kernel())
-            for variable, value in zip(self._quantized_state(), values):
-                variable.assign(value)
-        else:
-            kernel = kernel_variable(self)
-            kernel.assign(kernel + ops.cast(self._delta_kernel(), kernel.dtype))
-        self.lora_active.assign(0.0)
-        self.merged = True
-
-    def unmerge(self):
-        """Takes the update back out of the kernel (a quantized kernel gets
-        its values from before `merge()` back, exactly)."""
-        if not self.merged:
-            return
-        if self.quantization_mode:
-            saved = getattr(self, "_kft_unmerged", None)
-            if saved is None:
-                raise ValueError(
-                    f"Cannot unmerge layer {self.path!r}: its "
-                    f"{self.quantization_mode} kernel was merged by requantizing, "
-                    "which cannot be undone exactly, and the kernel from before "
-                    "the merge is not kept (it is kept in memory from `merge()` "
-                    "on, not saved). Reload the unmerged base and load_adapter.")
-            for variable, value in zip(self._quantized_state(), saved):
-                variable.assign(value)
-            self._kft_unmerged = None
-        else:
-            kernel = kernel_variable(self)
-            kernel.assign(kernel - ops.cast(self._delta_kernel(), kernel.dtype))
-        self.lora_active.assign(1.0)
-        self.merged = False
-
-    def _quantized_state(self):
-        """The variables `merge()` rewrites on a quantized base."""
-        names = ("kernel_scale", "kernel_zero")
-        return [kernel_variable(self)] + [getattr(self, n) for n in names
-                                          if getattr(self, n, None) is not None]
-
-    def _finish(self, outputs):
-        if self.bias is not None:
-            outputs = outputs + ops.cast(self.bias, outputs.dtype)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
-
-    # Dense and EinsumDense customise weight saving for their own LoRA and
-    # quantization; store every variable by name instead.
-    def save_own_variables(self, store):
-        for variable in self.variables:
-            store[variable.name] = variable
-
-    def load_own_variables(self, store):
-        for variable in self.variables:
-            if variable.name in store:
-                variable.assign(store[variable.name])
-
-    def _lora_config(self):
-        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "use_rslora": self.use_rslora, "merged": self.merged}
-
-
-def _plain_class(layer):
-    """The Keras class a LoRA layer extends (EinsumDense or Dense)."""
-    if isinstance(layer, keras.layers.EinsumDense):
-        return keras.layers.EinsumDense
-    return keras.layers.Dense
+# Written when an adapter holds what version 1 readers would drop (DoRA).
+_ADAPTER_FORMAT_DORA = "kft-lora-adapter/2"
+_ADAPTER_FORMATS = (_ADAPTER_FORMAT, _ADAPTER_FORMAT_DORA)
 
 
 def _check_quantize_mode(layer, mode, config):
     mode = mode or getattr(config, "mode", None)
-    if mode not in _QUANTIZED_MODES:
-        # NotImplementedError: `Model.quantize` then warns and skips the
-        # layer, as it does for every layer that lacks a mode.
+    # NotImplementedError: `Model.quantize` then warns and skips the layer,
+    # as it does for every layer that lacks a mode.
+    if mode not in QUANTIZED_MODES:
         raise NotImplementedError(
             f"LoRA layer {layer.name!r} can quantize its frozen base to "
-            f"{list(_QUANTIZED_MODES)} only. Received: mode={mode!r}")
+            f"{list(QUANTIZED_MODES)} only. Received: mode={mode!r}")
+    if layer.use_dora:
+        raise NotImplementedError(
+            f"LoRA layer {layer.name!r} uses DoRA, whose column norms need the "
+            f"float kernel at every step: it stays float. Received: mode={mode!r}")
+
+
+class _QuantizableLoRA(_LoRAMixin):
+    """Dense and EinsumDense LoRA: adapters built with the layer, and a base
+    that Keras' int8 / int4 modes can quantize."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_adapters()
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the frozen base (`"int8"` or `"int4"`, as the Keras
+        layer it extends does); the adapters stay float32."""
+        _check_quantize_mode(self, mode, config)
+        keras_class = next(c for c in type(self).__mro__
+                           if c.__module__.startswith("keras."))
+        keras_class.quantize(self, mode, type_check=False, config=config)
 
 
 @keras.saving.register_keras_serializable(package="kft")
-class LoRADense(_LoRAMixin, keras.layers.Dense):
+class LoRADense(_QuantizableLoRA, keras.layers.Dense):
     """A Dense layer with a frozen kernel and a trainable low-rank update.
 
     Args:
@@ -245,6 +125,10 @@ class LoRADense(_LoRAMixin, keras.layers.Dense):
         dropout: dropout on the adapter's input, while training.
         use_rslora: rank-stabilised scaling (Kalajdzievski, 2023).
         merged: whether the update is folded into the kernel.
+        use_dora: DoRA (Liu et al. 2024): a trainable magnitude per output
+            unit rescales `W + scale * A @ B` (`kft.lora_base`).
+        init: how `A` and `B` start: `"default"`, `"gaussian"`, `"pissa"`
+            or `"olora"` (PEFT's names; `kft.lora_init`).
         **kwargs: `keras.layers.Dense` arguments.
 
     `A` starts He-uniform and `B` at zeros, so a fresh adapter changes
@@ -259,9 +143,9 @@ class LoRADense(_LoRAMixin, keras.layers.Dense):
     """
 
     def __init__(self, units, rank=8, alpha=16, dropout=0.0, use_rslora=False,
-                 merged=False, **kwargs):
+                 merged=False, use_dora=False, init="default", **kwargs):
         super().__init__(units, **kwargs)
-        self._init_lora(rank, alpha, dropout, use_rslora, merged)
+        self._init_lora(rank, alpha, dropout, use_rslora, merged, use_dora, init)
 
     def _adapter_dims(self):
         self._contracted = 1
@@ -270,14 +154,12 @@ class LoRADense(_LoRAMixin, keras.layers.Dense):
         self._delta_axes = None
         return self._delta_shape[0], self.units
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_adapters()
+
+    def _base_output(self, inputs):
+        return ops.matmul(inputs, ops.cast(kernel_variable(self), inputs.dtype))
 
     def call(self, inputs, training=None):
-        outputs = ops.matmul(inputs, ops.cast(kernel_variable(self), inputs.dtype))
-        outputs = outputs + ops.cast(self._update(inputs, training), outputs.dtype)
-        return self._finish(outputs)
+        return self._finish(self._adapted(inputs, training))
 
     def get_config(self):
         return {**super().get_config(), **self._lora_config()}
@@ -315,20 +197,22 @@ def _einsum_structure(equation, kernel_shape):
 
 
 @keras.saving.register_keras_serializable(package="kft")
-class LoRAEinsumDense(_LoRAMixin, keras.layers.EinsumDense):
+class LoRAEinsumDense(_QuantizableLoRA, keras.layers.EinsumDense):
     """An EinsumDense with a frozen kernel and a low-rank update.
 
     keras-hub attention uses EinsumDense for query, key, value
     (`abc,cde->abde`, Gemma's `btd,ndh->btnh`) and output
     (`abcd,cde->abe`). The input's contracted axes are flattened, so the
-    update is `x @ A @ B` reshaped, never the full kernel. Arguments as
-    `LoRADense`, plus EinsumDense's.
+    update is `x @ A @ B` reshaped, never the full kernel (DoRA's norm is
+    per output unit of that flattened `(fan_in, fan_out)` kernel).
+    Arguments as `LoRADense`, plus EinsumDense's.
     """
 
     def __init__(self, equation, output_shape, rank=8, alpha=16, dropout=0.0,
-                 use_rslora=False, merged=False, **kwargs):
+                 use_rslora=False, merged=False, use_dora=False, init="default",
+                 **kwargs):
         super().__init__(equation, output_shape, **kwargs)
-        self._init_lora(rank, alpha, dropout, use_rslora, merged)
+        self._init_lora(rank, alpha, dropout, use_rslora, merged, use_dora, init)
 
     def _adapter_dims(self):
         (self._contracted, self._output_dims, self._delta_shape,
@@ -336,59 +220,71 @@ class LoRAEinsumDense(_LoRAMixin, keras.layers.EinsumDense):
         fan_in = math.prod(self._delta_shape[: self._contracted])
         return fan_in, math.prod(self._output_dims)
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_adapters()
+
+    def _base_output(self, inputs):
+        return ops.einsum(self.equation, inputs,
+                          ops.cast(kernel_variable(self), inputs.dtype))
 
     def call(self, inputs, training=None):
-        outputs = ops.einsum(self.equation, inputs,
-                             ops.cast(kernel_variable(self), inputs.dtype))
-        outputs = outputs + ops.cast(self._update(inputs, training), outputs.dtype)
-        return self._finish(outputs)
+        return self._finish(self._adapted(inputs, training))
 
     def get_config(self):
         return {**super().get_config(), **self._lora_config()}
 
 
-def lora_layers(model):
-    """The LoRA layers inside a model, in order."""
-    return [layer for layer in all_layers(model)
-            if isinstance(layer, _LoRAMixin)]
+# The Keras layers LoRA adapts -> kft's LoRA class for each (subclasses
+# first: keras-hub's token embeddings are ReversibleEmbeddings).
+_LORA_CLASSES = (
+    (keras.layers.EinsumDense, LoRAEinsumDense),
+    (keras.layers.Dense, LoRADense),
+    (keras.layers.Conv2D, LoRAConv2D),
+    (keras.layers.ReversibleEmbedding, LoRAReversibleEmbedding),
+    (keras.layers.Embedding, LoRAEmbedding),
+)
+_ADAPTABLE = tuple(plain for plain, _ in _LORA_CLASSES)
 
 
-def _drop(variables, variable):
-    """Removes `variable` from a list by identity (== is elementwise)."""
-    for i, v in enumerate(variables):
-        if v is variable:
-            del variables[i]
-            return True
-    return False
+def _lora_class(layer):
+    return next(lora for plain, lora in _LORA_CLASSES if isinstance(layer, plain))
 
 
-def _retrace(model):
-    """Drops the train / test / predict functions Keras traced before the
-    layers changed class, as `Model.quantize` does: a cached function
-    would keep running the layers as they were."""
-    for layer in all_layers(model, include_self=True):
-        if isinstance(layer, keras.Model):
-            layer.train_function = None
-            layer.test_function = None
-            layer.predict_function = None
+def _plain_class(layer):
+    """The class a LoRA layer goes back to when merged: the one it was
+    converted from, else the Keras class it extends."""
+    kept = getattr(layer, "_kft_plain_class", None)
+    if kept is not None:
+        return kept
+    return next(plain for plain, lora in _LORA_CLASSES if isinstance(layer, lora))
 
 
-def _check_convertible(layer):
+def _check_convertible(layer, use_dora=False, init="default"):
     """Refuses what kft's LoRA layers cannot sit on, naming the layer."""
     mode = layer.quantization_mode
-    if mode not in (None, *_QUANTIZED_MODES):
+    if mode not in (None, *QUANTIZED_MODES):
         raise ValueError(
             f"apply_lora: layer {layer.path!r} is quantized as {mode!r}; LoRA "
             f"supports float, 'int8' and 'int4' bases (`model.quantize(...)`).")
+    if mode and not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        raise ValueError(
+            f"apply_lora: layer {layer.path!r} is a quantized "
+            f"{type(layer).__name__}; LoRA supports quantized Dense and "
+            "EinsumDense bases only. Quantize after apply_lora to keep it float.")
+    if mode and (use_dora or init in KERNEL_INITS):
+        raise ValueError(
+            f"apply_lora: layer {layer.path!r} is quantized ({mode!r}); DoRA "
+            "and init='pissa' / 'olora' need its float kernel. Apply them to "
+            "the float model, then quantize (PiSSA: the residual is quantized). "
+            f"Received: use_dora={use_dora}, init={init!r}")
     if getattr(layer, "lora_enabled", False):
         raise ValueError(
             f"apply_lora: layer {layer.path!r} has Keras' own LoRA enabled "
             "(`enable_lora`); use one or the other, not both.")
     if isinstance(layer, keras.layers.EinsumDense):
         _einsum_structure(layer.equation, layer.kernel.shape)
+    if isinstance(layer, keras.layers.Conv2D) and layer.groups != 1:
+        raise ValueError(
+            f"apply_lora: layer {layer.path!r} is a Conv2D with groups="
+            f"{layer.groups}; LoRA supports groups=1.")
 
 
 def _route_quantize(layer):
@@ -398,8 +294,12 @@ def _route_quantize(layer):
     that checks the arguments and lets the layer take new variables, then
     calls `Dense.quantize`, which refuses subclasses unless
     `type_check=False`. While the layer is a LoRA layer, its base is
-    quantized (int8 / int4 only); once merged back, Keras' checks apply.
+    quantized (int8 / int4 only; not under DoRA); once merged back, Keras'
+    checks apply. Conv2D and Embedding LoRA layers keep Keras' refusal
+    (`Model.quantize` skips them with a warning).
     """
+    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        return
     keras_quantize = layer.quantize
     if getattr(keras_quantize, "kft_lora_route", False):
         return
@@ -414,17 +314,18 @@ def _route_quantize(layer):
     layer.quantize = quantize
 
 
-def _convert(layer, rank, alpha, dropout, use_rslora):
-    """Turns a built Dense / EinsumDense into its LoRA class, in place."""
-    _check_convertible(layer)
-    target = LoRAEinsumDense if isinstance(layer, keras.layers.EinsumDense) \
-        else LoRADense
+def _convert(layer, rank, alpha, dropout, use_rslora, use_dora=False,
+             init="default"):
+    """Turns a built Dense, EinsumDense, Conv2D or Embedding into its LoRA
+    class, in place."""
+    _check_convertible(layer, use_dora, init)
+    target, plain = _lora_class(layer), type(layer)
     with unlocked_tracker(layer):
         layer.__class__ = target
-        layer._init_lora(rank, alpha, dropout, use_rslora, merged=False)
-        for variable in (kernel_variable(layer), layer.bias):
-            if variable is not None:
-                freeze_variable(layer, variable)
+        layer._kft_plain_class = plain
+        layer._init_lora(rank, alpha, dropout, use_rslora, False, use_dora, init)
+        for variable in layer._frozen_variables():
+            freeze_variable(layer, variable)
         layer._build_adapters()
     _route_quantize(layer)
 
@@ -508,7 +409,8 @@ class LoRAContainer:
                     f"the rebuilt {type(model).__name__}; was the model saved "
                     "with another keras-hub version?")
             _convert(layer, lora["rank"], lora["alpha"], lora["dropout"],
-                     lora["use_rslora"])
+                     lora["use_rslora"], lora.get("use_dora", False),
+                     lora.get("init", "default"))
             if lora["merged"]:
                 layer.merged = True
                 layer.lora_active.assign(0.0)
@@ -588,7 +490,8 @@ def _select(model, targets, candidates):
 
 
 def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
-               dropout=0.0, use_rslora=False, trainable=()):
+               dropout=0.0, use_rslora=False, trainable=(), *, use_dora=False,
+               init="default"):
     """Adds LoRA adapters to the matching layers of a built model, in place.
 
     Args:
@@ -596,15 +499,21 @@ def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
             Dense / EinsumDense layers may be float or quantized by Keras
             (`model.quantize("int8")` / `"int4"`: QLoRA).
         targets: a preset, or layer-name substrings or regexes (a list may
-            mix both); every Dense and EinsumDense whose name (or path)
-            matches is adapted. Presets, for the keras-hub backbones in
-            `LORA_TARGET_PRESETS`: `"attention"` (q, k, v and output
-            projections), `"mlp"` (gate / up / down) and `"all-linear"`
-            (both; never the embeddings or the LM head).
+            mix both); every Dense, EinsumDense, Conv2D (groups=1) and
+            Embedding whose name (or path) matches is adapted. Presets, for
+            the keras-hub backbones in `LORA_TARGET_PRESETS`:
+            `"attention"` (q, k, v and output projections), `"mlp"` (gate /
+            up / down) and `"all-linear"` (both; never the embeddings or
+            the LM head).
         rank, alpha, dropout, use_rslora: see `LoRADense`.
         trainable: names (substrings or regexes) of other layers that keep
             training, such as the classification head (PEFT's
             `modules_to_save`).
+        use_dora: DoRA: a trainable magnitude per output unit (float bases
+            only; see `kft.lora_base`).
+        init: `"default"` (A random, B zero), `"gaussian"`, `"pissa"` or
+            `"olora"` (these two rewrite the kernel to its residual; see
+            `kft.lora_init`).
 
     Returns:
         The number of layers adapted. Everything else, except what
@@ -620,37 +529,38 @@ def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
     """
     if isinstance(targets, str):
         targets = (targets,)
-    candidates = [
-        layer for layer in all_layers(model)
-        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
-        and not isinstance(layer, _LoRAMixin)
-    ]
+    check_init(init)
+    candidates = [layer for layer in all_layers(model)
+                  if isinstance(layer, _ADAPTABLE)
+                  and not isinstance(layer, _LoRAMixin)]
     chosen = _select(model, targets, candidates)
     if not chosen:
         names = sorted({layer.name for layer in candidates})
         raise ValueError(
-            f"apply_lora: targets {list(targets)} match no Dense or EinsumDense "
-            f"layer. Candidates: {names[:30]}{' ...' if len(names) > 30 else ''}")
+            f"apply_lora: targets {list(targets)} match no Dense, EinsumDense, "
+            f"Conv2D or Embedding layer. Candidates: "
+            f"{names[:30]}{' ...' if len(names) > 30 else ''}")
     for layer in chosen:
         if not layer.built:
             raise ValueError(f"apply_lora: layer {layer.name!r} is not built yet.")
-        _check_convertible(layer)
+        _check_convertible(layer, use_dora, init)
     for layer in chosen:
-        _convert(layer, rank, alpha, dropout, use_rslora)
+        _convert(layer, rank, alpha, dropout, use_rslora, use_dora, init)
     keep = [layer for layer in all_layers(model)
             if trainable and (_matches(layer.name, trainable))]
     train_only(model, chosen + keep)
     _mark_containers(model)
-    _retrace(model)
+    retrace(model)
     return len(chosen)
 
 
 def merge_lora(model):
     """Folds every adapter into its kernel and turns the LoRA layers back
-    into plain Dense / EinsumDense, in place. Returns the count.
+    into plain Keras layers, in place. Returns the count.
 
-    On a float base the outputs are unchanged (to float rounding) and the
-    model saves and reloads with plain Keras. On an int8 / int4 base each
+    On a float base the outputs are unchanged (to float rounding; DoRA
+    layers get `m * (W + scale A B) / ||W + scale A B||_c`) and the model
+    saves and reloads with plain Keras. On an int8 / int4 base each
     kernel is dequantized, gets `scale * A @ B` and is requantized in the
     same mode (Keras' own requantization), so the merged model stays
     quantized and its outputs move by one more rounding of the kernel.
@@ -673,15 +583,17 @@ def merge_lora(model):
     for layer in layers:
         layer.merge()
         trainable, non_trainable = trainable_variable_lists(layer)
+        names = [n for n in ADAPTER_VARIABLES if getattr(layer, n, None) is not None]
         with unlocked_tracker(layer):
-            for variable in (layer.lora_a, layer.lora_b):
-                _drop(trainable, variable)
-            _drop(non_trainable, layer.lora_active)
-            del layer.lora_a, layer.lora_b, layer.lora_active
-            layer._kft_unmerged = None
+            for name in names:
+                variable = getattr(layer, name)
+                drop_variable(trainable, variable) or drop_variable(
+                    non_trainable, variable)
+                delattr(layer, name)
+            layer._kft_unmerged = layer._kft_dora_norm = None
             layer.__class__ = _plain_class(layer)
     _mark_containers(model)
-    _retrace(model)
+    retrace(model)
     return len(layers)
 
 
@@ -695,9 +607,9 @@ def _fingerprint(model):
     """A hash of the base model: its non-LoRA variables' paths and shapes,
     and which layers are quantized how (an int8 base is not its float or
     int4 twin). Float bases hash as before quantization was supported."""
-    items = sorted(
-        (v.path, tuple(v.shape)) for v in model.weights
-        if not v.path.endswith(("/lora_a", "/lora_b", "/lora_active")))
+    suffixes = tuple(f"/{name}" for name in ADAPTER_VARIABLES)
+    items = sorted((v.path, tuple(v.shape)) for v in model.weights
+                   if not v.path.endswith(suffixes))
     modes = sorted((layer.path, layer.quantization_mode)
                    for layer in all_layers(model) if layer.quantization_mode)
     if modes:
@@ -720,14 +632,21 @@ def save_adapter(model, path, format="kft", **peft_options):
     Args:
         model: a model with kft LoRA layers.
         path: `format="kft"`: an `.npz` file keyed by variable path, with
-            rank, alpha, targets and a fingerprint of the base model.
-            `format="peft"`: a directory in Hugging Face PEFT's format
-            (`adapter_config.json` + `adapter_model.safetensors`, tensors
-            named after the Hugging Face modules) that PEFT loads onto the
-            same checkpoint (`kft.peft_format.save_peft_adapter`).
+            rank, alpha, targets and a fingerprint of the base model (DoRA
+            magnitudes included). `format="peft"`: a directory in Hugging
+            Face PEFT's format (`adapter_config.json` +
+            `adapter_model.safetensors`, tensors named after the Hugging
+            Face modules) that PEFT loads onto the same checkpoint
+            (`kft.peft_format.save_peft_adapter`).
         format: `"kft"` or `"peft"`.
         **peft_options: for `"peft"`: `base_model_name_or_path`,
             `task_type`.
+
+    A PiSSA / OLoRA adapter was trained on the residual kernel; the file
+    holds it converted (`kft.lora_init.plain_lora_weights`: rank `2 r`,
+    exact) for the original base, which is what it loads onto (as PEFT's
+    `path_initial_model_for_weight_conversion`). Its base quantized after
+    PiSSA (`Quant(W_res) + A B`) is not `W + delta`: kft warns, as PEFT.
 
     Returns:
         `path`.
@@ -740,103 +659,57 @@ def save_adapter(model, path, format="kft", **peft_options):
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers.")
-    meta = {
-        "format": _ADAPTER_FORMAT,
-        "fingerprint": _fingerprint(model),
-        "quantization": _quantization(model),
-        "layers": {layer.path: {"rank": layer.rank, "alpha": layer.alpha,
-                                "dropout": layer.dropout,
-                                "use_rslora": layer.use_rslora}
-                   for layer in layers},
-    }
-    arrays = {}
+    layer_meta, arrays = {}, {}
     for layer in layers:
         if layer.merged:
             raise ValueError(
                 f"save_adapter: layer {layer.path!r} is merged; unmerge first.")
-        arrays[f"{layer.path}/lora_a"] = np.asarray(layer.lora_a)
-        arrays[f"{layer.path}/lora_b"] = np.asarray(layer.lora_b)
+        layer_meta[layer.path], values = _saved_adapter(layer)
+        arrays.update({f"{layer.path}/{k}": v for k, v in values.items()})
+    dora = any(layer.use_dora for layer in layers)
+    meta = {
+        "format": _ADAPTER_FORMAT_DORA if dora else _ADAPTER_FORMAT,
+        "fingerprint": _fingerprint(model),
+        "quantization": _quantization(model),
+        "layers": layer_meta,
+    }
     with open(path, "wb") as f:
         np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
     return path
 
 
-def _adapter_store(model):
-    if not hasattr(model, "_kft_adapters"):
-        model._kft_adapters = {}
-        model._kft_active_adapter = "default"
-    return model._kft_adapters
+def _saved_adapter(layer):
+    """(meta, arrays) of one layer as an adapter file holds it: for the
+    original base (PiSSA / OLoRA converted)."""
+    a, b, rank, alpha = plain_lora_weights(layer)
+    if layer.init in KERNEL_INITS and layer.quantization_mode:
+        warnings.warn(
+            f"save_adapter: layer {layer.path!r} was initialised with "
+            f"init={layer.init!r}, then quantized: the adapter, converted for "
+            "the original float base, does not reproduce Quant(residual) + "
+            "A @ B exactly. Save the model (.keras) to keep it as trained.",
+            stacklevel=3)
+    meta = {"rank": rank, "alpha": alpha, "dropout": layer.dropout,
+            "use_rslora": layer.use_rslora}
+    values = {"lora_a": a, "lora_b": b}
+    if layer.use_dora:
+        meta["use_dora"] = True
+        values["lora_magnitude"] = np.asarray(layer.lora_magnitude)
+    return meta, values
 
 
-def _stash_active(model):
-    """Keeps the current adapter values under the active name."""
-    store = _adapter_store(model)
-    store[model._kft_active_adapter] = {
-        layer.path: (np.array(layer.lora_a), np.array(layer.lora_b))
-        for layer in lora_layers(model)}
-
-
-def active_adapter(model):
-    """The name of the adapter the model runs with."""
-    _adapter_store(model)
-    return model._kft_active_adapter
-
-
-def set_adapter(model, name):
-    """Switches the model to the adapter loaded under `name`."""
-    store = _adapter_store(model)
-    if name not in store and name != model._kft_active_adapter:
-        raise ValueError(
-            f"No adapter named {name!r}. Loaded: "
-            f"{sorted(set(store) | {model._kft_active_adapter})}")
-    if name == model._kft_active_adapter:
-        return
-    _stash_active(model)
-    for layer in lora_layers(model):
-        a, b = store[name][layer.path]
-        layer.lora_a.assign(a)
-        layer.lora_b.assign(b)
-    model._kft_active_adapter = name
-
-
-def disable_adapters(model):
-    """Runs the base model alone (adapters kept, not merged)."""
-    for layer in lora_layers(model):
-        if layer.merged:
-            raise ValueError(
-                f"Layer {layer.path!r} is merged: unmerge it before disabling.")
-        layer.lora_active.assign(0.0)
-
-
-def enable_adapters(model):
-    """Undoes `disable_adapters`."""
-    for layer in lora_layers(model):
-        if not layer.merged:
-            layer.lora_active.assign(1.0)
-
-
-def load_adapter(model, path, format="kft", name="default"):
-    """Loads adapters saved by `save_adapter` onto a model, as `name`.
-
-    A base model without LoRA layers gets them first (same targets and
-    ranks as saved). A different base model (fingerprint) or rank is a
-    clear error; a quantized base must be quantized as the one the adapter
-    was saved from (same mode, same layers). Loading under a new name
-    keeps the adapter that was active under its own name (`set_adapter`
-    switches back); the loaded one becomes active. `format="peft"` reads a
-    PEFT adapter directory (trained with PEFT in PyTorch, or written by
-    kft) with `kft.peft_format.load_peft_adapter`.
-    """
-    _check_format(format)
-    if format == "peft":
-        from kft.peft_format import load_peft_adapter
-
-        return load_peft_adapter(model, path, name=name)
+def _read_adapter(path):
     with np.load(path) as data:
         meta = json.loads(str(data["__meta__"]))
         arrays = {k: data[k] for k in data.files if k != "__meta__"}
-    if meta.get("format") != _ADAPTER_FORMAT:
-        raise ValueError(f"{path!r} is not a kft LoRA adapter file.")
+    if meta.get("format") not in _ADAPTER_FORMATS:
+        raise ValueError(
+            f"{path!r} is not a kft LoRA adapter file (format "
+            f"{meta.get('format')!r}; this kft reads {list(_ADAPTER_FORMATS)}).")
+    return meta, arrays
+
+
+def _check_base(model, meta, path):
     if _fingerprint(model) != meta["fingerprint"]:
         saved, here = meta.get("quantization", []), _quantization(model)
         raise ValueError(
@@ -844,29 +717,75 @@ def load_adapter(model, path, format="kft", name="default"):
             f"(fingerprint {meta['fingerprint']}, this model "
             f"{_fingerprint(model)}; quantization {saved or 'none'} when saved, "
             f"{here or 'none'} here: the base must be quantized as it was).")
+    residual = [layer.path for layer in lora_layers(model)
+                if layer.init in KERNEL_INITS]
+    if residual:
+        raise ValueError(
+            f"load_adapter: this model's LoRA layers {residual[:3]} started "
+            "with init='pissa' / 'olora', so their kernels hold residuals; an "
+            f"adapter file is for the original base. Load {path!r} onto the "
+            "original model.")
+
+
+def _create_layers(model, meta):
+    """A base without LoRA layers gets them, as the file describes."""
+    by_path = {layer.path: layer for layer in all_layers(model, include_self=True)}
+    for layer_path, config in meta["layers"].items():
+        _convert(by_path[layer_path], config["rank"], config["alpha"],
+                 config["dropout"], config["use_rslora"],
+                 config.get("use_dora", False))
+    train_only(model, [by_path[p] for p in meta["layers"]])
+    _mark_containers(model)
+    retrace(model)
+
+
+def _check_layer(layer, layer_path, config, existing):
+    if layer is None:
+        raise ValueError(
+            f"The adapter has layer {layer_path!r}, which this model's LoRA "
+            f"layers lack: {sorted(existing)}")
+    if layer.adapter_rank != config["rank"]:
+        raise ValueError(
+            f"Adapter rank {config['rank']} for {layer_path!r} does not "
+            f"match the model's LoRA rank {layer.adapter_rank}.")
+    if layer.use_dora != config.get("use_dora", False):
+        raise ValueError(
+            f"The adapter for {layer_path!r} has use_dora="
+            f"{config.get('use_dora', False)}; the model's LoRA layer has "
+            f"use_dora={layer.use_dora}.")
+
+
+def load_adapter(model, path, format="kft", name="default"):
+    """Loads adapters saved by `save_adapter` onto a model, as `name`.
+
+    A base model without LoRA layers gets them first (same targets,
+    ranks and DoRA as saved). A different base model (fingerprint), rank
+    or DoRA setting is a clear error; a quantized base must be quantized
+    as the one the adapter was saved from (same mode, same layers), and a
+    PiSSA / OLoRA model (residual kernels) takes no adapter file. Loading
+    under a new name keeps the adapter that was active under its own name
+    (`set_adapter` switches back); the loaded one becomes active, assigned
+    into the same variables (no retrace). `format="peft"` reads a PEFT
+    adapter directory (trained with PEFT in PyTorch, or written by kft)
+    with `kft.peft_format.load_peft_adapter`.
+    """
+    _check_format(format)
+    if format == "peft":
+        from kft.peft_format import load_peft_adapter
+
+        return load_peft_adapter(model, path, name=name)
+    meta, arrays = _read_adapter(path)
+    _check_base(model, meta, path)
+    if not lora_layers(model):
+        _create_layers(model, meta)
     existing = {layer.path: layer for layer in lora_layers(model)}
-    if not existing:
-        by_path = {layer.path: layer for layer in all_layers(model, include_self=True)}
-        for layer_path, config in meta["layers"].items():
-            _convert(by_path[layer_path], config["rank"], config["alpha"],
-                     config["dropout"], config["use_rslora"])
-        train_only(model, [by_path[p] for p in meta["layers"]])
-        _mark_containers(model)
-        _retrace(model)
-        existing = {layer.path: layer for layer in lora_layers(model)}
     if name != active_adapter(model):
-        _stash_active(model)
+        stash_active(model)
     for layer_path, config in meta["layers"].items():
         layer = existing.get(layer_path)
-        if layer is None:
-            raise ValueError(
-                f"The adapter has layer {layer_path!r}, which this model's LoRA "
-                f"layers lack: {sorted(existing)}")
-        if layer.rank != config["rank"]:
-            raise ValueError(
-                f"Adapter rank {config['rank']} for {layer_path!r} does not "
-                f"match the model's LoRA rank {layer.rank}.")
-        layer.lora_a.assign(arrays[f"{layer_path}/lora_a"])
-        layer.lora_b.assign(arrays[f"{layer_path}/lora_b"])
-    model._kft_active_adapter = name
+        _check_layer(layer, layer_path, config, existing)
+        assign_adapter(layer, {n: arrays[f"{layer_path}/{n}"]
+                               for n in ("lora_a", "lora_b", "lora_magnitude")
+                               if f"{layer_path}/{n}" in arrays})
+    mark_active(model, name)
     return len(meta["layers"])

@@ -19,6 +19,7 @@ from kft.anatomy import backbone_blocks
 from kft.anatomy import count_params
 from kft.anatomy import describe as describe_model
 from kft.anatomy import head_layers
+from kft.lora_base import lora_layers
 from kft.stages import OPTIMIZERS
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "discriminative",
     "format_description",
     "layerwise_lr_decay",
+    "loraplus",
     "lr_blocks",
     "lr_range_rules",
 ]
@@ -318,6 +320,61 @@ def layerwise_lr_decay(
         groups.append((name, _layer_regex(layers), rate))
     return _build(model, groups, optimizer, _scaled(base_lr, 1.0),
                   exclude_from_weight_decay, optimizer_kwargs)
+
+
+def loraplus(
+    model,
+    learning_rate,
+    ratio=16,
+    optimizer="adamw",
+    *,
+    exclude_from_weight_decay=DEFAULT_WEIGHT_DECAY_EXCLUDES,
+    **optimizer_kwargs,
+):
+    """LoRA+ (Hayou et al. 2024): the `B` matrices learn `ratio` times
+    faster than the `A` matrices.
+
+    Three groups: `lora_a` (every LoRA `A`) at `learning_rate`, `lora_b`
+    (every `B`) at `learning_rate * ratio`, and every other trainable
+    variable (a head, DoRA magnitudes) at `learning_rate`. A schedule as
+    `learning_rate` drives all three (`B`'s scaled by `ratio`). PEFT's
+    `create_loraplus_optimizer` differs in two corners: it also puts every
+    1-D trainable parameter (biases, DoRA magnitudes) in `B`'s group, and
+    LoRA on embeddings at a rate of its own (`loraplus_lr_embedding`,
+    1e-6 by default); here both train at `learning_rate`.
+
+    Args:
+        model: a model with kft LoRA layers (`kft.lora.apply_lora`).
+        learning_rate: the rate of `A` and of everything but `B` (a number
+            or a Keras `LearningRateSchedule`).
+        ratio: `B`'s rate over `A`'s (the paper suggests 16, i.e. 2**4).
+        optimizer: a Keras optimizer name (`adamw`, `adam`, `sgd`, ...).
+        exclude_from_weight_decay, **optimizer_kwargs: as `discriminative`.
+
+    Returns:
+        A `keras.optimizers.MultiOptimizer` (a `DiscriminativeOptimizer`).
+
+    Example:
+
+    ```python
+    kft.lora.apply_lora(model, rank=8)
+    model.compile(optimizer=kft.optimizers.loraplus(model, 2e-4, ratio=16),
+                  loss="sparse_categorical_crossentropy")
+    ```
+    """
+    if (not isinstance(ratio, (int, float)) or isinstance(ratio, bool)
+            or ratio <= 0):
+        raise ValueError(f"ratio must be a number > 0 (B's learning rate over "
+                         f"A's). Received: ratio={ratio!r}")
+    if not lora_layers(model):
+        raise ValueError(
+            f"loraplus: model {model.name!r} has no LoRA layers; call "
+            "kft.lora.apply_lora first.")
+    rate = _check_rate("lora_a", learning_rate)
+    groups = [("lora_a", r".*/lora_a", rate),
+              ("lora_b", r".*/lora_b", _scaled(rate, ratio))]
+    return _build(model, groups, optimizer, rate, exclude_from_weight_decay,
+                  optimizer_kwargs)
 
 
 @keras.saving.register_keras_serializable(package="kft")

@@ -270,6 +270,19 @@ def _check_savable(layer):
         raise ValueError(
             f"save_peft_adapter: layer {layer.path!r} uses DoRA, which kft "
             "does not export yet. Received: use_dora=True; allowed: plain LoRA.")
+    init = getattr(layer, "init", "default")
+    if init in ("pissa", "olora"):
+        # Its kernel is the residual W - s*A0@B0: the adapter alone is wrong
+        # on the original checkpoint.
+        raise ValueError(
+            f"save_peft_adapter: layer {layer.path!r} was initialised with "
+            f"init={init!r}, whose base kernel is a residual; allowed: plain "
+            "LoRA (init='default' or 'gaussian').")
+    if type(layer).__name__ not in ("LoRADense", "LoRAEinsumDense"):
+        raise ValueError(
+            f"save_peft_adapter: layer {layer.path!r} is a "
+            f"{type(layer).__name__}; PEFT export covers Dense and EinsumDense "
+            "projections only.")
 
 
 def _export_group(members, plain):

@@ -37,6 +37,7 @@ import numpy as np
 from keras import ops
 
 from kft.anatomy import Anatomy
+from kft.anatomy import family_entry
 
 __all__ = [
     "FORMATS",
@@ -658,13 +659,10 @@ PACKING_FAMILIES = {
 
 
 def _packing_spec(backbone):
-    for cls in type(backbone).__mro__:
-        if cls.__name__ in PACKING_FAMILIES:
-            return PACKING_FAMILIES[cls.__name__]
-    raise ValueError(
+    return family_entry(backbone, PACKING_FAMILIES, missing=(
         "packing=True needs a block-diagonal attention mask inside the "
         f"transformer layers, which kft gives {sorted(PACKING_FAMILIES)}; "
-        f"{type(backbone).__name__} is not among them. Use packing=False.")
+        f"{type(backbone).__name__} is not among them. Use packing=False."))
 
 
 def block_causal_mask(segment_ids):

@@ -143,6 +143,13 @@ def test_kft_lora_save_and_load_adapter_speak_peft(tmp_path):
         save_adapter(model, str(tmp_path / "x"), format="onnx")
 
 
+def test_pissa_adapters_are_refused_for_peft_export(tmp_path):
+    model = _llama_lm()
+    apply_lora(model, targets=("query",), rank=2, init="pissa")
+    with pytest.raises(ValueError, match="residual"):
+        save_peft_adapter(model, str(tmp_path))
+
+
 def test_llama_adapter_loads_with_or_without_the_task_prefix(tmp_path):
     """A CausalLM's adapter (`model.layers...`) loads on a bare backbone,
     and a backbone's (`layers...`) on a CausalLM."""

@@ -235,6 +235,71 @@ def case_attention_pooling(tmp_path):
     _close(reloaded.query, layer.query)
 
 
+def case_lora_conv2d(tmp_path):
+    from kft.lora import LoRAConv2D
+
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    layer = LoRAConv2D(4, 3, rank=2, alpha=4, padding="same", use_dora=True,
+                       name="lora_conv2d")
+    layer.build(x.shape)
+    _nonzero_adapters(layer)
+    reloaded = _reload(layer, x, tmp_path)
+    assert (reloaded.adapter_rank, reloaded.use_dora) == (2, True)
+
+
+def _nonzero_embedding_adapters(layer):
+    # An embedding adapter starts with A at zero (B random): give A values.
+    rng = np.random.default_rng(1)
+    layer.lora_a.assign(rng.normal(size=layer.lora_a.shape).astype("float32"))
+
+
+def case_lora_embedding(tmp_path):
+    from kft.lora import LoRAEmbedding
+
+    ids = np.random.default_rng(0).integers(0, 10, (2, 5)).astype("int32")
+    layer = LoRAEmbedding(10, 4, rank=2, alpha=4, name="lora_embedding")
+    layer.build()
+    _nonzero_embedding_adapters(layer)
+    _reload(layer, ids, tmp_path)
+
+
+def case_lora_reversible_embedding(tmp_path):
+    from kft.lora import LoRAReversibleEmbedding
+
+    ids = np.random.default_rng(0).integers(0, 10, (2, 5)).astype("int32")
+    layer = LoRAReversibleEmbedding(10, 4, rank=2, alpha=4,
+                                    name="lora_reversible_embedding")
+    layer.build()
+    _nonzero_embedding_adapters(layer)
+    reloaded = _reload(layer, ids, tmp_path)
+    hidden = np.random.default_rng(2).normal(size=(2, 3, 4)).astype("float32")
+    _close(reloaded(hidden, reverse=True), layer(hidden, reverse=True))
+
+
+def case_prompt_tuned_causal_lm(tmp_path):
+    from llm_fixtures import tiny_causal_lm
+
+    from kft.prompt_causal import PromptTunedCausalLM
+
+    # Untied and without a preprocessor: keras-hub 0.32 cannot reload a tied
+    # Llama 3 backbone or a tokenizer with custom special tokens from .keras.
+    lm = tiny_causal_lm(sequence_length=8, tie_word_embeddings=False)
+    lm.preprocessor = None
+    model = PromptTunedCausalLM(lm, 3)
+    model.virtual_tokens.assign(
+        np.random.default_rng(0).normal(size=(3, 32)).astype("float32"))
+    ids = np.array([[1, 5, 7, 9], [1, 6, 8, 0]], "int32")
+    x = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32")}
+    expected = model.predict_on_batch(x)
+    path = tmp_path / "prompt_tuned.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded) is PromptTunedCausalLM
+    np.testing.assert_array_equal(np.asarray(loaded.virtual_tokens),
+                                  np.asarray(model.virtual_tokens))
+    _close(loaded.predict_on_batch(x), expected)
+
+
 def _through_json(obj):
     """Serialized, written as JSON text (as in a `.keras` file), read back
     and deserialized. (Keras' `from_config` edits the config it is given:
@@ -298,6 +363,9 @@ CASES = {
     "kft>SpecAugment": case_spec_augment,
     "kft>LoRADense": case_lora_dense,
     "kft>LoRAEinsumDense": case_lora_einsum_dense,
+    "kft>LoRAConv2D": case_lora_conv2d,
+    "kft>LoRAEmbedding": case_lora_embedding,
+    "kft>LoRAReversibleEmbedding": case_lora_reversible_embedding,
     "kft>PromptTuning": case_prompt_tuning,
     "kft>_InsertIds": case_insert_ids,
     "kft>Classifier": case_classifier,
@@ -306,6 +374,7 @@ CASES = {
     "kft>Resample": case_resample,
     "kft>AttentionPooling": case_attention_pooling,
     "kft>SFTCausalLM": case_sft_causal_lm,
+    "kft>PromptTunedCausalLM": case_prompt_tuned_causal_lm,
     "kft>DiscriminativeOptimizer": case_discriminative_optimizer,
     "kft>ScaledSchedule": case_scaled_schedule,
 }

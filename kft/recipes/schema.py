@@ -184,6 +184,8 @@ class LoRAConfig(Strict):
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     use_rslora: bool = False
+    use_dora: bool = False
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
     trainable: list[str] = ["logits"]
 
 
