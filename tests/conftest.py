@@ -19,6 +19,18 @@ def _seed():
     keras.utils.set_random_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_full_collection_per_deleted_variable(monkeypatch):
+    """Keras runs `gc.collect()` whenever a layer deletes a variable (LoRA
+    conversion and merging, `quantize`). Late in a long test session the
+    heap holds many models and each full collection takes seconds; the
+    tests do not depend on it (Python's generational collector still
+    runs)."""
+    import gc
+
+    monkeypatch.setattr(gc, "collect", lambda *args, **kwargs: 0)
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a connection fails, as on an offline machine."""
