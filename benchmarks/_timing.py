@@ -18,6 +18,19 @@ class EpochTimer(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of every training step, in `self.times`."""
+
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
 def count_traces(model):
     """Counts Python calls of train_step: in graph mode, one per trace.
 

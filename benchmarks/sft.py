@@ -47,9 +47,11 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
+from _timing import StepTimer
 from keras import ops
 
 from kft.causal_lm import build_causal_lm
+from kft.data import load_wordnet_glosses
 from kft.freezing import train_only
 from kft.lora import LORA_TARGET_PRESETS
 from kft.lora import apply_lora
@@ -89,19 +91,12 @@ def log(message):
 
 
 def wordnet_pairs(path=WORDNET, n=TRAIN + HELDOUT, seed=0):
-    """`n` (prompt, completion) records drawn from WordNet's noun glosses:
-    the synset's first word, and its gloss before the first ';' or '"'."""
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.startswith(" ") or "|" not in line:
-                continue  # the licence header
-            fields, gloss = line.split("|", 1)
-            word = fields.split()[4].replace("_", " ")
-            gloss = gloss.split(";", 1)[0].split('"', 1)[0].strip()
-            if gloss:
-                records.append({"prompt": f"Define: {word}\n",
-                                "completion": gloss})
+    """`n` (prompt, completion) records drawn from WordNet's noun glosses
+    (`kft.data.load_wordnet_glosses`), each gloss cut at its first ';'."""
+    records = [{"prompt": r["prompt"],
+                "completion": r["completion"].split(";", 1)[0].strip()}
+               for r in load_wordnet_glosses(path)]
+    records = [r for r in records if r["completion"]]
     order = np.random.default_rng(seed).permutation(len(records))[:n]
     return [records[i] for i in order]
 
@@ -185,18 +180,6 @@ def variable_bytes(model):
 
 
 # === One method ===
-
-
-class StepTimer(keras.callbacks.Callback):
-    """Wall time of each training step."""
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def real_tokens_per_step(padding_mask, steps):

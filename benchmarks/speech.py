@@ -32,6 +32,7 @@ import time
 
 import keras
 import numpy as np
+from _timing import StepTimer
 
 from kft.audio import build_audio_classifier
 from kft.audio_data import from_audio_folder
@@ -86,17 +87,6 @@ def synthesise(root, texts, split):
                                     "-c", "1", out], check=True)
                     n += 1
     os.remove(os.path.join(root, "raw.wav"))
-
-
-class StepTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def build(method, preset, classes, max_seconds):
