@@ -18,6 +18,7 @@ __all__ = [
     "freeze_variable",
     "kernel_variable",
     "mark_trainable_state_compiled",
+    "one_gc_collect",
     "op_determinism",
     "optimizer_map",
     "optimizer_rate",
@@ -215,3 +216,23 @@ def embeddings_variable(layer):
 
 
 __all__ += ["embeddings_variable"]
+
+
+@contextlib.contextmanager
+def one_gc_collect():
+    """One `gc.collect()` for a block that deletes many variables.
+
+    `Layer.__delattr__` runs a full `gc.collect()` for every variable a
+    layer deletes (checked on Keras 3.15.1); quantizing or merging a
+    135M-parameter LM deletes hundreds, at up to seconds each when the
+    heap is large. Collect once at the end instead.
+    """
+    import gc
+
+    collect = gc.collect
+    gc.collect = lambda *args, **kwargs: 0
+    try:
+        yield
+    finally:
+        gc.collect = collect
+        gc.collect()

@@ -9,8 +9,6 @@ keras-hub tasks describe themselves: `kft.anatomy.describe(lm)` gives
 `task="causal_lm"` and the backbone's transformer layers as its blocks.
 """
 
-import contextlib
-import gc
 import json
 import os
 import warnings
@@ -121,20 +119,6 @@ def _load_error(preset, error):
         f"Cause: {cause}")
 
 
-@contextlib.contextmanager
-def _one_gc_collect():
-    """Keras' `quantize()` calls `gc.collect()` for every float kernel it
-    replaces (about 0.3 s each: a minute for a 135M-parameter LM); collect
-    once at the end instead."""
-    collect = gc.collect
-    gc.collect = lambda *args, **kwargs: 0
-    try:
-        yield
-    finally:
-        gc.collect = collect
-        gc.collect()
-
-
 def _quantize(lm, mode):
     """Quantizes the backbone's weights (weight-only: activations stay float).
 
@@ -148,12 +132,14 @@ def _quantize(lm, mode):
     """
     import keras
 
+    from kft._keras_internals import one_gc_collect
+
     int8 = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
 
     def embedding(layer):
         return isinstance(layer, keras.layers.Embedding)
 
-    with warnings.catch_warnings(), _one_gc_collect():
+    with warnings.catch_warnings(), one_gc_collect():
         # Layers without weights to quantize (norms, dropout, rotary
         # embeddings) each warn that they have no `quantize`.
         warnings.filterwarnings(

@@ -44,6 +44,7 @@ from keras import ops
 from kft._keras_internals import all_layers
 from kft._keras_internals import freeze_variable
 from kft._keras_internals import kernel_variable
+from kft._keras_internals import one_gc_collect
 from kft._keras_internals import trainable_variable_lists
 from kft._keras_internals import unlocked_tracker
 from kft.anatomy import is_keras_hub_backbone
@@ -580,6 +581,14 @@ def merge_lora(model):
     the adapters were trained for, keep them unmerged.
     """
     layers = lora_layers(model)
+    with one_gc_collect():
+        _merge_into_plain_layers(layers)
+    _mark_containers(model)
+    retrace(model)
+    return len(layers)
+
+
+def _merge_into_plain_layers(layers):
     for layer in layers:
         layer.merge()
         trainable, non_trainable = trainable_variable_lists(layer)
@@ -592,9 +601,6 @@ def merge_lora(model):
                 delattr(layer, name)
             layer._kft_unmerged = layer._kft_dora_norm = None
             layer.__class__ = _plain_class(layer)
-    _mark_containers(model)
-    retrace(model)
-    return len(layers)
 
 
 def _quantization(model):
