@@ -26,6 +26,7 @@ __all__ = [
     "requantized_kernel",
     "set_trainable_flag",
     "trainable_variable_lists",
+    "tracked_dataset",
     "unlocked_tracker",
     "WEIGHT_DECAY_ATTRIBUTES",
 ]
@@ -236,3 +237,154 @@ def one_gc_collect():
     finally:
         gc.collect = collect
         gc.collect()
+
+
+__all__ += ["before_keras_download"]
+
+
+@contextlib.contextmanager
+def before_keras_download(check):
+    """Calls `check(url)` before Keras downloads a file inside the block.
+
+    `keras.applications` weights and `keras.datasets` go through
+    `keras.src.utils.file_utils.get_file`, which looks in Keras' cache
+    (`~/.keras`) and only then calls the module's `urlretrieve`. Wrapping
+    that call runs `check` exactly when a download would start (a cached
+    file never reaches it); `check` raises to stop it. Checked on Keras
+    3.15.0 and 3.15.1; without the attribute the block runs unguarded.
+    """
+    from keras.src.utils import file_utils
+
+    retrieve = getattr(file_utils, "urlretrieve", None)
+    if retrieve is None:
+        yield
+        return
+
+    def guarded(url, *args, **kwargs):
+        check(url)
+        return retrieve(url, *args, **kwargs)
+
+    file_utils.urlretrieve = guarded
+    try:
+        yield
+    finally:
+        file_utils.urlretrieve = retrieve
+
+
+def tracked_dataset(dataset):
+    """`dataset` (a `tf.data.Dataset`) wrapped so that a run can resume at
+    the same data position (see `TrackedDataset`)."""
+    return _tracked_dataset_class()(dataset)
+
+
+_TRACKED = []
+
+
+def _tracked_dataset_class():
+    """`TrackedDataset`, defined on first use (TensorFlow imports lazily)."""
+    if _TRACKED:
+        return _TRACKED[0]
+    import tensorflow as tf
+
+    class Position:
+        """Iterators made and batches drawn, shared by a `TrackedDataset`
+        and the datasets derived from it with `map` / `prefetch` (keras-hub
+        tasks map their preprocessor over the data inside `fit`)."""
+
+        def __init__(self):
+            self.iterators, self.drawn, self.skip = 0, 0, 0
+
+    class TrackedDataset(tf.data.Dataset):
+        """A `tf.data.Dataset` that counts the iterators made from it.
+
+        A shuffled dataset (`shuffle(..., reshuffle_each_iteration=True)`)
+        draws a new order for each iterator, from a seed generator that
+        lives in the dataset: the k-th iterator of a fresh process gives
+        the k-th epoch's order. Keras' `fit` makes iterators at known
+        points (one per epoch; with `steps_per_epoch`, one kept across
+        epochs), so a resumed run that first makes as many iterators as
+        the interrupted one had, and skips the batches already drawn from
+        the last one, sees exactly the data the interrupted run would
+        have. There is no public way to observe `iter()` on a dataset;
+        this subclass reuses the wrapped dataset's variant tensor
+        (`Dataset._variant_tensor`, TensorFlow 2.20 and 2.21), so its
+        iterators share the wrapped dataset's seed generator. `map` and
+        `prefetch` keep the tracking (and the count) on what they return.
+
+        Attributes:
+            iterators: iterators made so far.
+            drawn: batches drawn from the newest one (the caller counts
+                them: `RunCheckpoint.on_train_batch_end`).
+        """
+
+        def __init__(self, dataset, position=None):
+            self._wrapped = dataset
+            self._position = position or Position()
+            super().__init__(dataset._variant_tensor)
+
+        def _inputs(self):
+            return [self._wrapped]
+
+        @property
+        def element_spec(self):
+            return self._wrapped.element_spec
+
+        @property
+        def iterators(self):
+            return self._position.iterators
+
+        @property
+        def drawn(self):
+            return self._position.drawn
+
+        @drawn.setter
+        def drawn(self, value):
+            self._position.drawn = value
+
+        def map(self, *args, **kwargs):
+            return TrackedDataset(self._wrapped.map(*args, **kwargs),
+                                  self._position)
+
+        def prefetch(self, *args, **kwargs):
+            return TrackedDataset(self._wrapped.prefetch(*args, **kwargs),
+                                  self._position)
+
+        def __iter__(self):
+            iterator = super().__iter__()
+            position = self._position
+            position.iterators += 1
+            position.drawn, skip, position.skip = 0, position.skip, 0
+            for _ in range(skip):
+                next(iterator)
+                position.drawn += 1
+            return iterator
+
+        def fast_forward(self, iterators, skip=0):
+            """Makes (and drops) iterators until `iterators` have been
+            made; the next one made skips `skip` batches."""
+            while self._position.iterators < iterators:
+                super().__iter__()
+                self._position.iterators += 1
+            self._position.skip = int(skip)
+
+    _TRACKED.append(TrackedDataset)
+    return TrackedDataset
+
+
+__all__ += ["preset_backbone_class"]
+
+
+def preset_backbone_class(preset):
+    """The keras-hub backbone class a preset (a name, `hf://` address or
+    local directory, keras-hub or Hugging Face format) would load, read
+    from its `config.json` alone (no weights).
+
+    keras-hub's `Backbone.from_preset` finds it this way
+    (`keras_hub.src.utils.preset_utils.get_preset_loader(preset)
+    .check_backbone_class()`); there is no public call. kft needs the class
+    before the model exists: model-parallel layouts apply as variables are
+    created. Checked on keras-hub 0.32.
+    """
+    from keras_hub.src.utils.preset_utils import get_preset_loader
+
+    return get_preset_loader(preset).check_backbone_class()

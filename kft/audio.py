@@ -28,9 +28,11 @@ from kft.audio_data import polyphase_kernel
 from kft.freezing import freeze
 from kft.head_config import HeadConfig
 from kft.heads import build_head
+from kft.image_presets import PresetDownloadError
 from kft.image_presets import PresetUnavailableError
 from kft.models import PRESET_WEIGHTS
 from kft.models import Classifier
+from kft.offline import require_preset
 
 __all__ = [
     "AUDIO_PRESETS",
@@ -265,6 +267,10 @@ def _load_backbone(source, weights):
 
     if isinstance(source, str):
         path = AUDIO_PRESETS[source]() if source in AUDIO_PRESETS else source
+        require_preset(
+            path, "a local keras-hub preset directory (e.g. 'whisper_tiny' "
+            "after `kft convert whisper-tiny`)", what="the speech preset",
+            error=PresetDownloadError)
         try:
             source = keras_hub.models.Backbone.from_preset(
                 path, load_weights=weights is not None)

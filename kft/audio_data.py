@@ -43,6 +43,11 @@ __all__ = [
 AUDIO_EXTENSIONS = (".wav",)
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
 _AUTOTUNE = tf.data.AUTOTUNE
+# Rates whose reduced ratio needs a bigger resampling kernel (up * taps
+# values) are refused: 44.1 kHz -> 16 kHz needs 85,600 and 44,056 Hz about
+# 11 million, but a crafted header rate such as 44,057 Hz (prime to 16,000)
+# would need 700 million (gigabytes).
+MAX_KERNEL_VALUES = 2 ** 24
 
 
 class AudioFileError(ValueError):
@@ -64,6 +69,8 @@ def _chunks(data, path):
 
 def _decode_samples(raw, fmt, channels, bits):
     width = bits // 8
+    if width == 0:  # 0-7 bits: no encoding kft reads (and no frame size)
+        return None
     frames = len(raw) // (width * channels)
     raw = raw[:frames * width * channels]
     if fmt == _FLOAT and bits in (32, 64):
@@ -117,6 +124,23 @@ def read_wav(path):
     return samples, int(rate)
 
 
+def _resampling_plan(orig_rate, target_rate, zero_crossings=16, rolloff=0.945):
+    """`(up, down, cutoff, half)` of `polyphase_kernel`, computed without
+    building the kernel; a kernel over `MAX_KERNEL_VALUES` is refused."""
+    gcd = math.gcd(int(orig_rate), int(target_rate))
+    up, down = int(target_rate) // gcd, int(orig_rate) // gcd
+    cutoff = min(1.0, up / down) * rolloff
+    half = int(math.ceil(zero_crossings / cutoff))
+    if up * (2 * half + down) > MAX_KERNEL_VALUES:
+        raise ValueError(
+            f"Resampling {orig_rate} Hz to {target_rate} Hz needs a "
+            f"{2 * half + down} x {up} kernel (more than {MAX_KERNEL_VALUES} "
+            "values): the two rates share almost no common factor. Convert "
+            f"the clip to a common rate first (`sox in.wav -r {target_rate} "
+            "out.wav`).")
+    return up, down, cutoff, half
+
+
 def polyphase_kernel(orig_rate, target_rate, zero_crossings=16, rolloff=0.945,
                      beta=8.555):
     """The windowed-sinc kernel that resamples `orig_rate` -> `target_rate`.
@@ -131,11 +155,13 @@ def polyphase_kernel(orig_rate, target_rate, zero_crossings=16, rolloff=0.945,
     Returns:
         `(kernel, up, down, half)`: kernel float32 `(taps, up)`, and `half`
         (pad the input with `half - 1` zeros on the left).
+
+    Raises:
+        ValueError: the kernel would exceed `MAX_KERNEL_VALUES` (rates with
+            almost no common factor, such as a crafted 44,057 Hz header).
     """
-    gcd = math.gcd(int(orig_rate), int(target_rate))
-    up, down = int(target_rate) // gcd, int(orig_rate) // gcd
-    cutoff = min(1.0, up / down) * rolloff
-    half = int(math.ceil(zero_crossings / cutoff))
+    up, down, cutoff, half = _resampling_plan(orig_rate, target_rate,
+                                              zero_crossings, rolloff)
     positions = np.arange(2 * half + down)[:, None] - (half - 1)  # input offsets
     phases = np.arange(up)[None, :] * down / up                   # output times
     u = positions - phases
@@ -213,13 +239,15 @@ def scan_audio_folder(directory):
     return classes, paths, labels
 
 
-def _unreadable_audio(paths):
-    """`(bad_paths, reasons)`: files `read_wav` refuses."""
+def _unreadable_audio(paths, sample_rate):
+    """`(bad_paths, reasons)`: files `read_wav` refuses, or whose rate
+    cannot be resampled to `sample_rate`."""
     bad, reasons = [], []
     for path in paths:
         try:
-            read_wav(path)
-        except (AudioFileError, OSError) as error:
+            _, rate = read_wav(path)
+            _resampling_plan(rate, sample_rate)
+        except (ValueError, OSError) as error:  # AudioFileError included
             bad.append(path)
             reasons.append(f"{path}: {error}")
     return bad, reasons
@@ -309,7 +337,7 @@ def from_audio_folder(directory, *, sample_rate=16000, max_seconds=30.0,
     """
     _check_args(sample_rate, max_seconds, on_bad_file)
     classes, paths, labels = scan_audio_folder(directory)
-    bad, reasons = _unreadable_audio(paths)
+    bad, reasons = _unreadable_audio(paths, sample_rate)
     _report_bad(directory, bad, reasons, on_bad_file)
     paths, labels = without_files(directory, classes, paths, labels, bad,
                                   "Audio folder", ".wav files")

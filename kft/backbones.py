@@ -8,6 +8,8 @@ import os
 
 import keras
 
+from kft import offline
+from kft._keras_internals import before_keras_download
 from kft.anatomy import backbone_blocks as backbone_blocks_of
 from kft.anatomy import split_backbone
 from kft.families import BackboneFamily
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(offline.NetworkUnavailableError):
     """Pretrained weights could not be downloaded or found."""
 
 
@@ -113,16 +115,26 @@ def build_backbone(family_name, weights=None, input_shape=None, **kwargs):
     keras_weights, local_file = _resolve_weights(
         family, weights, input_shape, kwargs
     )
+
+    def check(url):  # only when the weights are not in Keras' cache
+        offline.require_network(
+            f"the ImageNet weights of backbone {family.name!r}",
+            "weights=None (random), or a weights file saved where there is a "
+            f"network (build_classifier({family.name!r}, ..., "
+            "weights='/path/to/weights.h5'))", url=url,
+            error=WeightsUnavailableError)
+
     try:
         constructor = family.constructor
         if isinstance(constructor, str):
             constructor = getattr(keras.applications, constructor)
-        backbone = constructor(
-            include_top=False,
-            weights=keras_weights,
-            input_shape=input_shape,
-            **kwargs,
-        )
+        with before_keras_download(check):
+            backbone = constructor(
+                include_top=False,
+                weights=keras_weights,
+                input_shape=input_shape,
+                **kwargs,
+            )
         # Renamed after construction: EfficientNetV2 looks its block
         # arguments up by the name it is given.
         backbone.name = "backbone"
@@ -132,7 +144,8 @@ def build_backbone(family_name, weights=None, input_shape=None, **kwargs):
             f"{kwargs}. ({error})"
         ) from None
     except Exception as error:
-        if keras_weights != "imagenet":
+        if keras_weights != "imagenet" or isinstance(
+                error, WeightsUnavailableError):
             raise
         raise WeightsUnavailableError(
             f"Could not get the ImageNet weights of backbone "

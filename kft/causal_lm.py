@@ -13,6 +13,8 @@ import json
 import os
 import warnings
 
+from kft import offline
+
 __all__ = ["CAUSAL_LM_PRESETS", "QUANTIZE_MODES", "build_causal_lm",
            "read_chat_template", "resolve_causal_lm_preset"]
 
@@ -81,6 +83,10 @@ def build_causal_lm(preset, *, sequence_length=None, dtype=None, quantize=None):
                          f"Received: sequence_length={sequence_length!r}")
     preset = os.path.expanduser(resolve_causal_lm_preset(preset))
     _check_local_path(preset)
+    offline.require_preset(
+        preset, "a local directory in keras-hub or Hugging Face format "
+        "(config.json, model.safetensors, tokenizer.json; e.g. 'smollm2' "
+        "after `kft convert smollm2`)", what="the causal LM preset")
     kwargs = {} if dtype is None else {"dtype": dtype}
     try:
         lm = keras_hub.models.CausalLM.from_preset(preset, **kwargs)
@@ -205,6 +211,8 @@ def _hf_cached_file(repo_id, name):
     try:
         from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(repo_id, name)
+        # Offline, the cache only: no request, no retries.
+        return hf_hub_download(repo_id, name,
+                               local_files_only=offline.is_offline())
     except Exception:  # not in the repo, or offline: no such file
         return None

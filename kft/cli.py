@@ -60,6 +60,7 @@ def _parser():
                           help="a prompt (repeat for several)")
     generate.add_argument("--max-length", type=int, default=64,
                           help="tokens in all, prompt included")
+    _add_offline(generate)
     return parser
 
 
@@ -99,6 +100,14 @@ def _add_run(sub):
                           "synthetic data, two steps per stage")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a non-empty --output-dir")
+    _add_offline(run)
+
+
+def _add_offline(parser):
+    parser.add_argument("--offline", action="store_true",
+                        help="never download (weights, presets, data): a "
+                             "recipe that needs to fails at once (as "
+                             "KFT_OFFLINE=1)")
 
 
 def _add_compare(sub):
@@ -121,6 +130,7 @@ def _add_compare(sub):
                          help="run again methods that already have results")
     compare.add_argument("--smoke", action="store_true",
                          help="synthetic data, random weights, two steps per stage")
+    _add_offline(compare)
 
 
 def _add_run_dir_commands(sub):
@@ -129,6 +139,7 @@ def _add_run_dir_commands(sub):
     evaluate.add_argument("--data", default=None,
                           help="an .npz (x_val/y_val or x_train/y_train) or an "
                                "image folder; default: the run's validation data")
+    _add_offline(evaluate)
     export = sub.add_parser("export", help="export a run's model")
     export.add_argument("run_dir")
     export.add_argument("--format", choices=("keras", "saved_model"),
@@ -298,6 +309,8 @@ _COMMANDS = {"list": "_cmd_list", "show": "_cmd_show", "validate": "_cmd_validat
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    if getattr(args, "offline", False):  # read by kft.offline, and by
+        os.environ["KFT_OFFLINE"] = "1"  # kft compare's child runs
     quiet = contextlib.nullcontext() if args.debug else _without_native_logs()
     with quiet:
         return _dispatch(args)

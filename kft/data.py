@@ -13,6 +13,9 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from kft import offline
+from kft.safe_npz import read_npz
+
 __all__ = [
     "BUILTIN_DATASETS",
     "DataBundle",
@@ -513,6 +516,8 @@ def from_tfds(
             f"Unknown tfds dataset {name!r}: {str(error).splitlines()[0]}"
         ) from None
     if download:
+        if not builder.is_prepared():
+            _require_tfds_network(builder, name, data_dir)
         try:
             builder.download_and_prepare()
         except Exception as error:
@@ -547,6 +552,21 @@ def from_tfds(
     return DataBundle(train, val, class_names, train.element_spec[0].shape[1:])
 
 
+def _require_tfds_network(builder, name, data_dir):
+    """Fails in seconds, not minutes of tfds retries, when the data set
+    cannot be downloaded (`kft.offline.require_network`)."""
+    try:  # the data set's own source, from its checksums file
+        url = next(iter(builder.url_infos or {}), None)
+    except Exception:  # builders without checksums
+        url = None
+    offline.require_network(
+        f"tfds data set {name!r}",
+        f"data_dir=<a folder where tfds.load({name!r}, data_dir=...) "
+        "prepared it on a machine with a network> (it is not prepared in "
+        f"{data_dir or builder.data_dir!r})",
+        url=url or "https://storage.googleapis.com")
+
+
 def _read_idx(path):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
@@ -578,8 +598,19 @@ def load_fashion_mnist(data_dir=None):
         raise ValueError(f"No Fashion-MNIST IDX files in {data_dir!r}.")
     import keras
 
+    from kft._keras_internals import before_keras_download
+
+    instead = ("data_dir=<folder with the IDX files> (`apt-get install "
+               "dataset-fashion-mnist` puts them where kft looks)")
+
+    def check(url):  # only for files not in Keras' cache
+        offline.require_network("Fashion-MNIST", instead, url=url)
+
     try:
-        return keras.datasets.fashion_mnist.load_data()
+        with before_keras_download(check):
+            return keras.datasets.fashion_mnist.load_data()
+    except offline.NetworkUnavailableError:
+        raise
     except Exception:
         raise RuntimeError(
             "Fashion-MNIST is not installed and cannot be downloaded. "
@@ -599,7 +630,7 @@ def load_builtin(name):
             f"Unknown built-in dataset {name!r}. Known: "
             f"{sorted(BUILTIN_DATASETS)}."
         )
-    with np.load(BUILTIN_DATASETS[name]) as data:
+    with np.load(BUILTIN_DATASETS[name], allow_pickle=False) as data:
         return (
             (data["x_train"], data["y_train"]),
             (data["x_val"], data["y_val"]),
@@ -641,43 +672,19 @@ def load_npz(path):
     ```
     """
     path = os.fspath(path)
-    expected = (f"expected arrays {list(_NPZ_REQUIRED)}, optionally x_val "
-                "with y_val, and class_names")
+    expected = (f"arrays {list(_NPZ_REQUIRED)}, optionally x_val with y_val, "
+                "and class_names")
     if not os.path.isfile(path):
-        raise ValueError(f"No such .npz file: {path!r} ({expected}).")
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+        raise ValueError(f"No such .npz file: {path!r} (expected {expected}).")
+    found = read_npz(path, expected)  # allow_pickle=False, sizes checked
+    missing = [k for k in _NPZ_REQUIRED if k not in found]
+    if ("x_val" in found) != ("y_val" in found):
+        missing.append("y_val" if "x_val" in found else "x_val")
+    if missing:
         raise ValueError(
-            f"{path!r} is not a readable .npz file ({expected}): "
-            f"{error}") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(
-            f"{path!r} holds a single array, not an .npz archive "
-            f"({expected}). Write it with np.savez(path, x_train=..., "
-            "y_train=...).")
-    with npz:
-        names = set(npz.files)
-        missing = [k for k in _NPZ_REQUIRED if k not in names]
-        if ("x_val" in names) != ("y_val" in names):
-            missing.append("y_val" if "x_val" in names else "x_val")
-        if missing:
-            raise ValueError(
-                f"{path!r} lacks array(s) {missing}: {expected}. Found: "
-                f"{sorted(names)}.")
-        arrays = {}
-        for key in (*_NPZ_REQUIRED, *_NPZ_OPTIONAL):
-            if key not in names:
-                arrays[key] = None
-                continue
-            try:
-                arrays[key] = npz[key]
-            except ValueError:
-                raise ValueError(
-                    f"{path!r}: array {key!r} holds Python objects, which "
-                    "kft does not unpickle (allow_pickle=False). Save "
-                    "numbers, or strings as np.array(values, dtype=str)."
-                ) from None
+            f"{path!r} lacks array(s) {missing}: expected {expected}. Found: "
+            f"{sorted(found)}.")
+    arrays = {key: found.get(key) for key in (*_NPZ_REQUIRED, *_NPZ_OPTIONAL)}
     names_array = arrays["class_names"]
     class_names = (None if names_array is None
                    else [str(c) for c in np.ravel(names_array)])
@@ -754,27 +761,15 @@ def load_text_file(path, text_column="text", label_column="label"):
         `(texts, labels, class_names)`.
     """
     import csv
-    import json
 
     if not os.path.isfile(path):
         raise ValueError(f"Text file not found: {path!r}")
-    rows = []
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(
-                            f"{path}:{number}: not valid JSON: {error}") from None
-    elif path.endswith((".csv", ".tsv")):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(
-                f, delimiter="\t" if path.endswith(".tsv") else ","))
-    else:
-        raise ValueError(
-            f"Text data must be .csv, .tsv or .jsonl. Received: {path!r}")
+    try:
+        rows = _text_rows(path)
+    except (UnicodeDecodeError, RecursionError, csv.Error) as error:
+        # Plain parsers, nothing runs; say which file and what broke.
+        raise ValueError(f"{path}: not readable as text data "
+                         f"({type(error).__name__}: {error})") from None
     if not rows:
         raise ValueError(f"{path!r} holds no examples.")
     for key in (text_column, label_column):
@@ -791,6 +786,35 @@ def load_text_file(path, text_column="text", label_column="label"):
         index = {name: i for i, name in enumerate(class_names)}
         labels = [index[str(v)] for v in raw]
     return texts, labels, class_names
+
+
+def _text_rows(path):
+    """The records of a `.jsonl` (objects) or `.csv` / `.tsv` file."""
+    import csv
+    import json
+
+    rows = []
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(
+                            f"{path}:{number}: not valid JSON: {error}") from None
+                    if not isinstance(rows[-1], dict):
+                        raise ValueError(
+                            f"{path}:{number}: not a JSON object (a "
+                            f"{type(rows[-1]).__name__}).")
+    elif path.endswith((".csv", ".tsv")):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(
+                f, delimiter="\t" if path.endswith(".tsv") else ","))
+    else:
+        raise ValueError(
+            f"Text data must be .csv, .tsv or .jsonl. Received: {path!r}")
+    return rows
 
 
 def from_texts(texts, labels, *, batch_size=32, validation_split=0.2,

@@ -32,8 +32,8 @@ from kft.stages import Stage
 from kft.stages import as_stage
 from kft.stages import policy_stages
 
-__all__ = ["PlannedStage", "Stage", "TrainingPlan", "fine_tune", "fit_stage",
-           "make_optimizer", "plan_training", "prepare_stage"]
+__all__ = ["PlannedStage", "Stage", "TrainingPlan", "compile_stage", "fine_tune",
+           "fit_stage", "make_optimizer", "plan_training", "prepare_stage"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +104,7 @@ class _Session:
     callbacks: list
     verbose: object
     scope: object
+    recompile_on_resume: bool = False
 
     def say(self, message):
         if self.verbose != 0:
@@ -184,6 +185,15 @@ def _compile(session, stage, resuming):
     return stage, found
 
 
+def compile_stage(model, train_data, stage):
+    """Compiles `model` as `fine_tune` compiles `stage` (its loss, metrics
+    and optimizer), e.g. to evaluate a model rebuilt after its last stage.
+    """
+    session = _Session(model, train_data, None, [], 0,
+                       _strategy_scope(model, None))
+    _compile(session, as_stage(stage, 0), resuming=True)
+
+
 def _stage_callbacks(session, stage, start_epoch):
     """kft's own stage callbacks first, so that the caller's (a run
     checkpoint, say) see the result of early stopping's restore."""
@@ -213,7 +223,8 @@ def prepare_stage(session, planned, start_epoch):
     """Sets what trains, compiles and gathers the callbacks of one stage.
 
     A stage resumed mid-way keeps the model's flags and, when the model
-    came compiled from its checkpoint, its optimizer state.
+    came compiled from its checkpoint (and `recompile_on_resume` is off),
+    its optimizer state.
     """
     for callback in session.callbacks:
         if hasattr(callback, "on_stage_begin"):
@@ -222,11 +233,16 @@ def prepare_stage(session, planned, start_epoch):
     stage, found = planned.stage, None
     if not resuming:
         set_trainable(session.model, stage.trainable)
-    if not resuming or not _compiled_from_checkpoint(session.model):
+    if (not resuming or session.recompile_on_resume
+            or not _compiled_from_checkpoint(session.model)):
         stage, found = _compile(session, stage, resuming)
+    callbacks = _stage_callbacks(session, stage, start_epoch)
+    for callback in session.callbacks:
+        if hasattr(callback, "set_stage_callbacks"):
+            callback.set_stage_callbacks(callbacks)
     return PreparedStage(
         planned=planned, stage=stage, start_epoch=start_epoch,
-        callbacks=_stage_callbacks(session, stage, start_epoch),
+        callbacks=callbacks,
         trainable_params=count_params(session.model.trainable_weights),
         total_params=count_params(session.model.weights), lr_found=found)
 
@@ -269,6 +285,7 @@ def fine_tune(
     every=1,
     learning_rate=1e-3,
     resume_from=None,
+    recompile_on_resume=False,
     strategy=None,
 ):
     """Trains a model in stages, recompiling between them.
@@ -294,6 +311,9 @@ def fine_tune(
             continue an interrupted run: earlier stages are skipped, and a
             stage interrupted mid-way continues with the model as it is
             (compiled, with its optimizer state, e.g. from a checkpoint).
+        recompile_on_resume: compile the interrupted stage afresh anyway
+            (its optimizer state is restored by a callback: kft recipes'
+            `RunCheckpoint`).
         strategy: a `tf.distribute` strategy the model was built under
             (`with strategy.scope(): model = ...`). Optimizers (per-group
             ones included) and metrics are created in its scope; batches
@@ -301,7 +321,9 @@ def fine_tune(
             are used as given. Default: the model's own strategy, if any.
 
     Callbacks with an `on_stage_begin(index, name, start_epoch)` method
-    are told when each stage starts.
+    are told when each stage starts; those with a
+    `set_stage_callbacks(callbacks)` method get the stage's full callback
+    list (early stopping, unfreezing: a checkpoint keeps their state).
 
     Returns:
         A list with the `keras.callbacks.History` of each stage; each has
@@ -323,7 +345,8 @@ def fine_tune(
                          freeze_epochs=freeze_epochs, every=every,
                          learning_rate=learning_rate, resume_from=resume_from)
     session = _Session(model, train_data, val_data, list(callbacks or []),
-                       verbose, _strategy_scope(model, strategy))
+                       verbose, _strategy_scope(model, strategy),
+                       recompile_on_resume)
     histories, epochs_done = [], plan.epochs_done
     for planned in plan.stages:
         resuming = planned.resume_start is not None

@@ -12,8 +12,12 @@ pixels in [0, 255].
 
 import os
 
+from kft.offline import NetworkUnavailableError
+from kft.offline import require_preset
+
 __all__ = [
     "IMAGE_PRESETS",
+    "PresetDownloadError",
     "PresetUnavailableError",
     "is_keras_hub_image_source",
     "load_image_backbone",
@@ -23,6 +27,10 @@ __all__ = [
 
 class PresetUnavailableError(RuntimeError):
     """A keras-hub preset could not be loaded (no network, no file)."""
+
+
+class PresetDownloadError(PresetUnavailableError, NetworkUnavailableError):
+    """A keras-hub preset to download, offline or without a network."""
 
 
 def _efficientnet_lite0_path():
@@ -78,10 +86,17 @@ def load_image_backbone(source, load_weights=True):
 
     Raises:
         PresetUnavailableError: one sentence saying what to pass instead.
+        PresetDownloadError: a preset to download, offline or without a
+            network (in seconds; also a `kft.offline.NetworkUnavailableError`).
     """
     import keras_hub
 
     path = resolve_image_preset(source)
+    require_preset(
+        path, "a local directory in keras-hub, Hugging Face or timm format "
+        "(e.g. 'efficientnet_lite0_imagenet' after `kft convert "
+        "efficientnet-lite0`)", what="the keras-hub image preset",
+        error=PresetDownloadError)
     try:
         backbone = keras_hub.models.Backbone.from_preset(
             path, load_weights=load_weights)

@@ -70,6 +70,7 @@ from kft.lora_init import INITS
 from kft.lora_init import KERNEL_INITS
 from kft.lora_init import check_init
 from kft.lora_init import plain_lora_weights
+from kft.safe_npz import read_npz_with_meta
 
 __all__ = ["INITS", "LORA_TARGET_PRESETS", "LoRAConv2D", "LoRADense",
            "LoRAEinsumDense", "LoRAEmbedding", "LoRAReversibleEmbedding",
@@ -705,9 +706,7 @@ def _saved_adapter(layer):
 
 
 def _read_adapter(path):
-    with np.load(path) as data:
-        meta = json.loads(str(data["__meta__"]))
-        arrays = {k: data[k] for k in data.files if k != "__meta__"}
+    meta, arrays = read_npz_with_meta(path, "a kft LoRA adapter file")
     if meta.get("format") not in _ADAPTER_FORMATS:
         raise ValueError(
             f"{path!r} is not a kft LoRA adapter file (format "

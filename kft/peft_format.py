@@ -483,6 +483,7 @@ def _write(path, config, tensors):
 
 def _read(path):
     """(config, {tensor name: float32 array}) of a PEFT adapter directory."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     config_path = os.path.join(path, CONFIG_FILE)
@@ -501,10 +502,24 @@ def _read(path):
                 "`model.save_pretrained(path, safe_serialization=True)`.")
         raise FileNotFoundError(
             f"load_peft_adapter: {path!r} has no {WEIGHTS_FILE}.")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"load_peft_adapter: {config_path!r} is not valid "
+                         f"JSON ({error}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"load_peft_adapter: {config_path!r} holds a "
+                         f"{type(config).__name__}, not a JSON object.")
+    # safetensors checks the header (offsets in bounds, not overlapping,
+    # sizes matching the shapes) before it reads any tensor.
+    try:
+        loaded = load_file(weights_path)
+    except SafetensorError as error:
+        raise ValueError(f"load_peft_adapter: {weights_path!r} is not a valid "
+                         f"safetensors file ({error}).") from None
     tensors = {name: np.asarray(value, dtype="float32")
-               for name, value in load_file(weights_path).items()}
+               for name, value in loaded.items()}
     return config, tensors
 
 

@@ -38,6 +38,7 @@ from keras import ops
 
 from kft.anatomy import family_entry
 from kft.freezing import freeze
+from kft.safe_npz import read_npz_with_meta
 from kft.sft import SFTCausalLM
 
 __all__ = [
@@ -384,11 +385,8 @@ def save_prompt(model, path):
 
 
 def _read_prompt(path):
-    with np.load(path) as data:
-        if "__meta__" not in data.files:
-            raise ValueError(f"{path!r} is not a kft prompt file (no header).")
-        meta = json.loads(str(data["__meta__"]))
-        values = data["virtual_tokens"] if "virtual_tokens" in data.files else None
+    meta, arrays = read_npz_with_meta(path, "a kft prompt file")
+    values = arrays.get("virtual_tokens")
     if meta.get("format") != _PROMPT_FORMAT or values is None:
         raise ValueError(f"{path!r} is not a kft prompt file (format "
                          f"{meta.get('format')!r}; this kft reads "

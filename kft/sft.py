@@ -134,6 +134,17 @@ def read_records(records_or_path):
 
 
 def _read_file(path):
+    try:
+        return _parse_file(path)
+    except (UnicodeDecodeError, RecursionError, csv.Error) as error:
+        # Plain parsers, nothing runs; say which file and what broke.
+        raise ValueError(f"{path}: not readable as SFT data "
+                         f"({type(error).__name__}: {error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def _parse_file(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such SFT data file: {path!r}")
     extension = os.path.splitext(path)[1].lower()
@@ -157,7 +168,7 @@ def _read_file(path):
 def _json_line(line, path, number):
     try:
         return json.loads(line)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
 
 

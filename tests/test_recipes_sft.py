@@ -46,9 +46,11 @@ def test_lora_sft_recipe_writes_adapters_samples_and_perplexity(tmp_path,
                                                                 checkpoint):
     config = load_recipe(_recipe(tmp_path, checkpoint))
     assert config.stages[0].trainable == "keep"
-    assert config.callbacks.checkpoints is False
     run_dir, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0)
     files = set(os.listdir(run_dir))
+    # Per-epoch checkpoints (weights, optimizer, random and data state).
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
+        "stage1-epoch0002", "state.json"]
     assert {"adapter.npz", "adapter_peft", "samples.json", "metrics.json",
             "history.csv", "config.yaml"} <= files
     assert "model.keras" not in files

@@ -29,6 +29,7 @@ in, out)` convolutions: `_whisper_weights` undoes both.
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -140,7 +141,8 @@ def _read_variable(reader, version):
                 f"known sizes: {sorted(_ITEM_SIZE_DTYPES)}.")
         dtype, num_bytes = _ITEM_SIZE_DTYPES[code], count * code
     storage = "uint16" if dtype == "bfloat16" else dtype
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(storage).itemsize
+    # Python integers: an int64 product of crafted dims could wrap to 0.
+    expected = math.prod(shape) * np.dtype(storage).itemsize
     if num_bytes != expected:
         raise CTranslate2FormatError(
             f"{reader.path!r}: variable {name!r} of shape {shape} and dtype "

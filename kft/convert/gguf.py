@@ -24,9 +24,11 @@ not the original full-precision weights.
 """
 
 import json
+import math
 import os
 import re
 import shutil
+import struct
 
 import numpy as np
 
@@ -93,6 +95,124 @@ _SPECIAL_TOKEN_IDS = {"bos": "bos_token_id", "eos": "eos_token_id",
 
 # gguf.TokenType values: which tokens are added (special) tokens.
 _CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4
+
+
+# GGUF value types (gguf.GGUFValueType): the byte size of each scalar type;
+# 8 is a string (uint64 length, bytes), 9 an array (item type, uint64 count).
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8,
+                 12: 8}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_MAX_DIMS, _MAX_NESTING, _MAX_KEY_BYTES = 4, 8, 65535
+
+
+class _Layout:
+    """Walks a GGUF header, checking every count and length against the
+    bytes the file has left, before the `gguf` reader trusts them: it
+    follows counts as written, and an array claiming 2**62 numbers made it
+    loop for ever."""
+
+    def __init__(self, file, path):
+        self.file, self.path = file, path
+        self.size = os.fstat(file.fileno()).st_size
+        self.order = "<"
+
+    def fail(self, problem):
+        raise ValueError(f"{self.path} is not a valid GGUF file: {problem}.")
+
+    def need(self, count, what):
+        at = self.file.tell()
+        if count > self.size - at:
+            self.fail(f"{what} needs {count} bytes at offset {at}, the file "
+                      f"has {self.size - at} left")
+
+    def skip(self, count, what):
+        self.need(count, what)
+        self.file.seek(count, os.SEEK_CUR)
+
+    def unpack(self, fmt, what):
+        self.need(struct.calcsize(fmt), what)
+        raw = self.file.read(struct.calcsize(fmt))
+        return struct.unpack(self.order + fmt, raw)[0]
+
+    def string(self, what):
+        length = self.unpack("Q", f"the length of {what}")
+        if length > _MAX_KEY_BYTES:
+            self.fail(f"{what} is {length} bytes long (at most "
+                      f"{_MAX_KEY_BYTES})")
+        self.need(length, what)
+        return self.file.read(length).decode("utf-8", errors="replace")
+
+    def value(self, kind, what, depth=0):
+        if kind in _SCALAR_SIZES:
+            self.skip(_SCALAR_SIZES[kind], what)
+        elif kind == _STRING:
+            self.skip(self.unpack("Q", f"the length of {what}"), what)
+        elif kind == _ARRAY and depth < _MAX_NESTING:
+            item = self.unpack("I", f"the item type of {what}")
+            count = self.unpack("Q", f"the length of {what}")
+            if item in _SCALAR_SIZES:
+                self.skip(count * _SCALAR_SIZES[item], f"{what} ({count} items)")
+                return
+            self.need(count * 8, f"{what} ({count} items)")  # 8 bytes each at least
+            for index in range(count):
+                self.value(item, f"item {index} of {what}", depth + 1)
+        else:
+            self.fail(f"{what} has value type {kind} (known: 0-12, arrays "
+                      f"nested at most {_MAX_NESTING} deep)")
+
+    def check(self, quant_sizes):
+        if self.file.read(4) != b"GGUF":
+            self.fail("it does not start with the magic bytes 'GGUF'")
+        version = self.unpack("I", "the version")
+        if version & 0xFFFF == 0:  # written on a big-endian machine
+            self.order, version = ">", int.from_bytes(
+                version.to_bytes(4, "little"), "big")
+        if version not in (2, 3):
+            self.fail(f"version {version}; kft reads versions 2 and 3")
+        tensor_count = self.unpack("Q", "the tensor count")
+        kv_count = self.unpack("Q", "the metadata count")
+        self.need(kv_count * 12 + tensor_count * 24,
+                  f"{kv_count} metadata entries and {tensor_count} tensors")
+        alignment = 32
+        for _ in range(kv_count):
+            key = self.string("a metadata key")
+            kind = self.unpack("I", f"the type of {key!r}")
+            if key == "general.alignment" and kind == _UINT32:
+                alignment = self.unpack("I", key)
+            else:
+                self.value(kind, repr(key))
+        if alignment < 1 or alignment & (alignment - 1):
+            self.fail(f"general.alignment is {alignment}, not a power of two")
+        tensors = []
+        for _ in range(tensor_count):
+            name = self.string("a tensor name")
+            n_dims = self.unpack("I", f"the rank of tensor {name!r}")
+            if n_dims > _MAX_DIMS:
+                self.fail(f"tensor {name!r} has {n_dims} dimensions (at most "
+                          f"{_MAX_DIMS})")
+            dims = [self.unpack("Q", f"the shape of tensor {name!r}")
+                    for _ in range(n_dims)]
+            kind = self.unpack("I", f"the type of tensor {name!r}")
+            offset = self.unpack("Q", f"the offset of tensor {name!r}")
+            tensors.append((name, dims, kind, offset))
+        start = -(-self.file.tell() // alignment) * alignment
+        for name, dims, kind, offset in tensors:
+            if kind not in quant_sizes:
+                self.fail(f"tensor {name!r} has ggml type {kind}, which the "
+                          "gguf package does not know")
+            block, type_size = quant_sizes[kind]
+            length = math.prod(dims) * type_size // block
+            if start + offset + length > self.size:
+                self.fail(f"tensor {name!r} (shape {dims}, {length} bytes at "
+                          f"offset {start + offset}) reaches past the end of "
+                          f"the file ({self.size} bytes)")
+
+
+def _check_layout(path, gguf):
+    """Refuses a truncated or crafted GGUF file with a sentence, before
+    `gguf.GGUFReader` reads it."""
+    with open(path, "rb") as file:
+        _Layout(file, path).check(gguf.GGML_QUANT_SIZES)
 
 
 def _import_gguf():
@@ -421,7 +541,12 @@ def gguf_to_hf(gguf_path, output_dir):
     path, output_dir = os.fspath(gguf_path), os.fspath(output_dir)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No GGUF file at gguf_path={path!r}.")
-    reader = gguf.GGUFReader(path)
+    _check_layout(path, gguf)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, KeyError, IndexError) as error:
+        raise ValueError(f"{path} is not a GGUF file kft can read: "
+                         f"{type(error).__name__}: {error}") from None
     meta = _metadata(reader)
     arch = _check_architecture(meta, path)
     config = _hf_config(meta, arch, path, {t.name for t in reader.tensors})

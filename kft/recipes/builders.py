@@ -5,6 +5,7 @@ function turns one section into the library call a Keras script would
 make, and library errors into `RecipeError`s that name the key.
 """
 
+import contextlib
 import os
 
 import numpy as np
@@ -20,6 +21,7 @@ from kft.image_presets import PresetUnavailableError
 from kft.lora import apply_lora
 from kft.models import PRESET_WEIGHTS
 from kft.models import build_classifier
+from kft.offline import NetworkUnavailableError
 from kft.recipes.errors import RecipeError
 from kft.sft import SFTCausalLM
 from kft.sft import read_records
@@ -65,7 +67,9 @@ def build_data(data_config, input_shape):
     source = data_config.source
     if source in ("builtin", "numpy"):
         if source == "builtin":
-            (x, y), (x_val, y_val), names = kft_data.load_builtin(data_config.name)
+            with _network_key("data.name"):
+                (x, y), (x_val, y_val), names = kft_data.load_builtin(
+                    data_config.name)
         else:
             x, y, x_val, y_val, names = load_arrays(data_config.path, "data.path")
         return kft_data.from_numpy(
@@ -80,10 +84,22 @@ def build_data(data_config, input_shape):
                 on_bad_file=data_config.on_bad_file, **common)
         except ValueError as error:
             raise RecipeError(f"data.path: {error}") from None
-    return kft_data.from_tfds(
-        data_config.name, data_dir=data_config.data_dir,
-        train_split=data_config.train_split, val_split=data_config.val_split,
-        download=data_config.download, **common)
+    with _network_key("data.download"):
+        return kft_data.from_tfds(
+            data_config.name, data_dir=data_config.data_dir,
+            train_split=data_config.train_split,
+            val_split=data_config.val_split,
+            download=data_config.download, **common)
+
+
+@contextlib.contextmanager
+def _network_key(key):
+    """A download that cannot happen (offline, no network) is a recipe
+    error naming `key`: one line, exit code 2."""
+    try:
+        yield
+    except NetworkUnavailableError as error:
+        raise RecipeError(f"{key}: {error}") from None
 
 
 def _text_data(data_config):
@@ -148,18 +164,24 @@ def synthetic_data(config, input_shape):
 
 def build_model(config, num_classes, input_shape, load_weights=True):
     """The model a recipe's `model:` (and `lora:` / `prompt_tuning:`)
-    describe: a kft image classifier, or a keras-hub text classifier."""
+    describe: a kft image classifier, a keras-hub text classifier, or a
+    causal LM. `load_weights=False` builds image and text models with
+    random weights (a causal LM always loads its checkpoint)."""
     model_config = config.model
+    if not load_weights and model_config.text is None:
+        # Random weights (a smoke run, or a resume that loads its own).
+        model_config = model_config.model_copy(update={"weights": None})
     if model_config.preset is not None:
         return _preset_classifier(model_config, num_classes, input_shape)
     if model_config.causal_lm is not None:
         return _causal_lm(config)
     if model_config.text is None:
-        return build_classifier(
-            model_config.backbone, num_classes,
-            weights=model_config.weights, input_shape=input_shape,
-            head=model_config.head, bn=model_config.bn,
-            **model_config.backbone_kwargs)
+        with _network_key("model.weights"):
+            return build_classifier(
+                model_config.backbone, num_classes,
+                weights=model_config.weights, input_shape=input_shape,
+                head=model_config.head, bn=model_config.bn,
+                **model_config.backbone_kwargs)
     try:
         model = build_text_classifier(
             model_config.text, num_classes,

@@ -2,22 +2,29 @@
 
 After every epoch the run directory gets the epoch's row in
 `history.csv`, the model (weights, optimizer state, trainable flags) in
-`checkpoints/`, and `checkpoints/state.json` saying which stage and epoch
-that checkpoint ends. Files are written to a temporary name and renamed,
-so a crash never leaves a half-written "latest" checkpoint.
+`checkpoints/` (`kft.recipes.resume`: weights, optimizer, random states,
+trainable flags, early-stopping state), and `checkpoints/state.json`
+saying which stage and epoch that checkpoint ends and where the training
+data stood. Checkpoints are written under a temporary name and renamed,
+so a crash never leaves a half-written "latest" checkpoint; a write that
+fails (a full disk) keeps the last good one and says so.
 """
 
 import csv
-import glob
 import json
 import os
+import shutil
 import time
+import warnings
 
 import keras
 
 from kft._keras_internals import optimizer_map
 from kft._keras_internals import optimizer_rate
 from kft.anatomy import count_params
+from kft.recipes.resume import restore_callbacks
+from kft.recipes.resume import restore_optimizer
+from kft.recipes.resume import save_checkpoint
 
 __all__ = ["RunCheckpoint", "learning_rates", "read_history", "read_state",
            "write_history"]
@@ -169,21 +176,51 @@ def learning_rates(optimizer):
 class RunCheckpoint(keras.callbacks.Callback):
     """Writes history rows and checkpoints of a recipe run after each epoch.
 
-    `kft.fine_tune` tells it the stage through `on_stage_begin`.
+    `kft.fine_tune` tells it the stage through `on_stage_begin` and hands
+    it the stage's callbacks (`set_stage_callbacks`), whose state the
+    checkpoint keeps.
+
+    Args:
+        run_dir: the run directory.
+        save_checkpoints: write `checkpoints/` (history rows are always
+            written).
+        data: the training data, when it is a `tracked_dataset`: its
+            position goes into `state.json`.
+        resume: the `read_state` of the checkpoint a resumed run starts
+            from: the optimizer and callback states are restored when its
+            first `fit` begins.
     """
 
-    def __init__(self, run_dir, save_checkpoints=True):
+    def __init__(self, run_dir, save_checkpoints=True, data=None, resume=None):
         super().__init__()
         self.run_dir = run_dir
         self.history_path = os.path.join(run_dir, "history.csv")
         self.checkpoint_dir = os.path.join(run_dir, "checkpoints")
         self.save_checkpoints = save_checkpoints
         self.stage_index, self.stage_name, self.stage_start = 0, "", 0
+        self.data = data if hasattr(data, "fast_forward") else None
+        self.resume = resume
+        self.stage_callbacks = []
         os.makedirs(self.checkpoint_dir, exist_ok=True)
 
     def on_stage_begin(self, index, name, start_epoch):
         self.stage_index, self.stage_name = index, name
         self.stage_start = start_epoch
+
+    def set_stage_callbacks(self, callbacks):
+        """The stage's callbacks (`EarlyStopping`'s state is checkpointed)."""
+        self.stage_callbacks = [c for c in callbacks if c is not self]
+
+    def on_train_begin(self, logs=None):
+        resume, self.resume = self.resume, None
+        if resume is not None and resume["epochs_done"] > resume["stage_start"]:
+            # Mid-stage: the stage was compiled afresh, as it was first.
+            restore_optimizer(self.model, resume["path"])
+            restore_callbacks(self.stage_callbacks, resume["path"])
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.data is not None:
+            self.data.drawn += 1
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.perf_counter()
@@ -226,10 +263,19 @@ class RunCheckpoint(keras.callbacks.Callback):
     def _save_model(self, stage, epochs_done):
         if not self.save_checkpoints:
             return None
-        name = f"stage{stage}-epoch{epochs_done:04d}.keras"
-        path = os.path.join(self.checkpoint_dir, name)
-        self.model.save(path + ".tmp.keras")
-        os.replace(path + ".tmp.keras", path)
+        name = f"stage{stage}-epoch{epochs_done:04d}"
+        try:
+            save_checkpoint(self.model, os.path.join(self.checkpoint_dir, name),
+                            self.stage_callbacks)
+        except OSError as error:  # a full disk, a quota, a vanished mount
+            state = read_state(self.run_dir)
+            kept = ("no earlier checkpoint exists" if state is None else
+                    f"the last good checkpoint (after epoch "
+                    f"{state['epochs_done']}) is kept: {state['path']}")
+            warnings.warn(f"kft: the checkpoint after epoch {epochs_done} was "
+                          f"not written ({error}); {kept}. Training goes on.",
+                          stacklevel=2)
+            return None
         return name
 
     def _save_state(self, name, stage, stage_start, epochs_done):
@@ -237,8 +283,15 @@ class RunCheckpoint(keras.callbacks.Callback):
             return
         state = {"stage": stage, "stage_start": stage_start,
                  "epochs_done": epochs_done, "checkpoint": name}
+        if self.data is not None:
+            state["data"] = {"iterators": self.data.iterators,
+                             "drawn": self.data.drawn}
         _atomic_write(os.path.join(self.checkpoint_dir, STATE),
                       json.dumps(state, indent=2))
-        for old in glob.glob(os.path.join(self.checkpoint_dir, "*.keras")):
-            if os.path.basename(old) != name:
-                os.remove(old)
+        for old in os.listdir(self.checkpoint_dir):
+            if old not in (name, STATE):
+                path = os.path.join(self.checkpoint_dir, old)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)

@@ -29,8 +29,14 @@ def _run_config(run_dir):
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(config_path):
         raise RecipeError(f"{run_dir!r} is not a kft run (no config.yaml).")
-    with open(config_path) as f:
-        raw = yaml.safe_load(f)
+    try:  # safe_load: plain data, a `!!python/...` tag is refused
+        with open(config_path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{config_path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{config_path}: a run's config.yaml is a YAML "
+                          f"mapping. Received: {type(raw).__name__}")
     raw.pop("recipe_hash", None)
     return RecipeConfig.model_validate(raw)
 
@@ -44,7 +50,9 @@ def load_run(run_dir):
     if not os.path.exists(model_path):
         raise RecipeError(
             f"{run_dir!r} is not a finished kft run (no model.keras).")
-    return config, keras.saving.load_model(model_path)
+    # safe_mode: a Lambda's bytecode or an arbitrary callable in the file's
+    # config is refused, never run (Keras' default, stated on purpose).
+    return config, keras.saving.load_model(model_path, safe_mode=True)
 
 
 def _load_causal_lm_run(run_dir, config):

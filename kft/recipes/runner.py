@@ -21,10 +21,12 @@ import yaml
 
 from kft import report
 from kft._keras_internals import op_determinism
+from kft._keras_internals import tracked_dataset
 from kft.anatomy import count_params
 from kft.callbacks import NonFiniteLoss
 from kft.callbacks import StopOnNonFiniteLoss
 from kft.distribute import make_strategy
+from kft.finetune import compile_stage
 from kft.finetune import fine_tune
 from kft.freezing import format_trainable_summary
 from kft.lora import lora_layers
@@ -45,6 +47,7 @@ from kft.recipes.checkpoint import write_history
 from kft.recipes.errors import RecipeError
 from kft.recipes.loader import config_hash
 from kft.recipes.loader import resolved
+from kft.recipes.resume import restore_model
 
 __all__ = ["RecipeRun", "default_output_dir", "run_recipe", "smoke_config"]
 
@@ -149,6 +152,10 @@ class RecipeRun:
                 f"--resume: the recipe differs from the one the run in "
                 f"{self.output_dir!r} started with (see its config.yaml). "
                 "Resume with the same recipe and overrides.")
+        if self.state["checkpoint"].endswith(".keras"):
+            raise RecipeError(
+                f"--resume: the checkpoint in {self.output_dir!r} was written "
+                "by an earlier kft (a .keras file); start the run again.")
         # Epochs after the checkpoint are run again: drop their rows.
         write_history(self.path("history.csv"), [
             r for r in read_history(self.path("history.csv"))
@@ -164,22 +171,26 @@ class RecipeRun:
         if config.augmentation is not None:
             self.bundle.train = augment_training_data(
                 self.bundle.train, config.augmentation, config.seed)
+        self._track_data()
         self.timings["data_seconds"] = round(time.perf_counter() - self.started, 2)
 
     def _setup_model(self):
         distribution = self.config.distribution
         self.strategy = make_strategy(distribution.strategy, distribution.devices)
         # Built (or loaded) in the strategy's scope: variables are mirrored.
+        # Built in the strategy's scope: variables are mirrored. A resumed
+        # run is rebuilt from the recipe, then given the checkpoint's
+        # weights, random states and trainable flags.
+        fresh = self.state is None and not self.smoke
         with self.strategy.scope():
-            if self.state is not None:
-                self.model = keras.saving.load_model(self.state["path"])
-            elif self.config.model.causal_lm is not None:
+            if self.config.model.causal_lm is not None:
                 self.model = build_model(self.config, 0, ())
                 self._setup_sft()
             else:
                 self.model = build_model(self.config, self.bundle.num_classes,
-                                         self.input_shape,
-                                         load_weights=not self.smoke)
+                                         self.input_shape, load_weights=fresh)
+            if self.state is not None:
+                restore_model(self.model, self.state["path"])
         if self.state is not None:
             self.say(f"Resuming {self.output_dir} after epoch "
                      f"{self.state['epochs_done']} (stage {self.state['stage'] + 1})")
@@ -194,11 +205,25 @@ class RecipeRun:
             config = config.model_copy(update={"data": config.data.model_copy(
                 update={"max_examples": 8})})
         self.bundle = sft_data(config, lm)
+        self._track_data()
         self.timings["data_seconds"] = round(time.perf_counter() - self.started, 2)
+        # The base model, before training (also when resuming: the model
+        # is rebuilt from the recipe before the checkpoint is loaded).
         self.samples = {"before": generate_samples(lm, self.config.generate)}
-        if self.bundle.val is not None and self.state is None:
+        if self.bundle.val is not None:
             self.model.compile()  # SFT defaults: the loss fine_tune uses
             self.before = evaluate_sft(self.model, self.bundle.val)
+
+    def _track_data(self):
+        """Counts the training data's iterators, so that a resumed run sees
+        the same shuffle order and stream position (one device only: a
+        tf.distribute strategy makes its own iterators)."""
+        import tensorflow as tf
+
+        train = self.bundle.train
+        if (isinstance(train, tf.data.Dataset)
+                and self.config.distribution.strategy == "none"):
+            self.bundle.train = tracked_dataset(train)
 
     # === Train ===
 
@@ -207,10 +232,16 @@ class RecipeRun:
         resume_from = (None if state is None else
                        (state["stage"], state["stage_start"], state["epochs_done"]))
         if resume_from is not None and resume_from[0] >= len(config.stages):
-            return  # every stage had finished
+            # Every stage had finished: compiled as the last one was, for
+            # the evaluation.
+            compile_stage(self.model, self.bundle.train, config.stages[-1])
+            return
         # The NaN guard first: a broken epoch never reaches the checkpoint.
-        callbacks = [StopOnNonFiniteLoss(),
-                     RunCheckpoint(self.output_dir, config.callbacks.checkpoints)]
+        checkpoint = RunCheckpoint(self.output_dir, config.callbacks.checkpoints,
+                                   data=self.bundle.train, resume=state)
+        if state is not None:
+            self._fast_forward_data(state, resume_from)
+        callbacks = [StopOnNonFiniteLoss(), checkpoint]
         if config.callbacks.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(self.path("tensorboard")))
         distributed = config.distribution.strategy != "none"
@@ -218,10 +249,26 @@ class RecipeRun:
             self.histories = fine_tune(
                 self.model, self.bundle.train, self.bundle.val,
                 stages=config.stages, callbacks=callbacks, verbose=self.verbose,
-                resume_from=resume_from,
+                resume_from=resume_from, recompile_on_resume=True,
                 strategy=self.strategy if distributed else None)
         except NonFiniteLoss as error:
             raise RuntimeError(self._non_finite_message(error)) from None
+
+    def _fast_forward_data(self, state, resume_from):
+        """Brings the training data to where the checkpoint left it: as
+        many iterators made (each draws the next shuffle order) and, when
+        the stage goes on with its `steps_per_epoch` stream, the batches
+        already drawn from the last one skipped."""
+        position = state.get("data")
+        train = self.bundle.train
+        if position is None or not hasattr(train, "fast_forward"):
+            return
+        stage = self.config.stages[resume_from[0]]
+        mid_stage = resume_from[2] > resume_from[1]
+        if mid_stage and stage.steps_per_epoch is not None:
+            train.fast_forward(position["iterators"] - 1, position["drawn"])
+        else:
+            train.fast_forward(position["iterators"])
 
     def _non_finite_message(self, error):
         state = read_state(self.output_dir)
