@@ -1,15 +1,42 @@
-"""Multi-device training on the engines that exist: `tf.distribute`.
+"""Multi-device training on the engines that exist: `tf.distribute` on
+TensorFlow, `keras.distribution` on JAX (`data_parallel`,
+`model_parallel`: `kft.keras_distribution`, re-exported here).
 
 kft builds no distribution of its own. A recipe's `distribution:` (or
 `fine_tune(..., strategy=)`) names a TensorFlow strategy; the model,
 optimizers (per-group ones included), LoRA layers and unfreezing all live
 in its scope. The data's batch size is the global batch, split across
 replicas; learning rates are used as given.
+
+`multi_worker` trains one replica set per process, the cluster given by
+`TF_CONFIG`. A worker whose peer dies fails within seconds (TensorFlow's
+coordination service misses the peer's heartbeats, or its connection
+drops); `KFT_COLLECTIVE_TIMEOUT` (seconds, off by default) also bounds a
+collective whose peer is alive but stuck.
 """
 
-__all__ = ["STRATEGIES", "make_strategy", "split_cpu"]
+import os
+
+# The JAX side: keras.distribution by name ("data_parallel", "model_parallel").
+from kft.keras_distribution import KERAS_DISTRIBUTIONS
+from kft.keras_distribution import MESH_AXES
+from kft.keras_distribution import check_mesh
+from kft.keras_distribution import device_mesh
+from kft.keras_distribution import keras_distribution
+from kft.keras_distribution import layout_map
+from kft.keras_distribution import make_distribution
+
+__all__ = ["COLLECTIVE_TIMEOUT_ENV", "STRATEGIES", "collective_timeout",
+           "make_strategy", "split_cpu",
+           "KERAS_DISTRIBUTIONS", "MESH_AXES", "check_mesh", "device_mesh",
+           "keras_distribution", "layout_map", "make_distribution"]
 
 STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
+COLLECTIVE_TIMEOUT_ENV = "KFT_COLLECTIVE_TIMEOUT"
+
+# TensorFlow configures collective ops once per process, before any tensor
+# exists: the one MultiWorkerMirroredStrategy of this process.
+_multi_worker = {}
 
 
 def make_strategy(name="none", devices=None):
@@ -30,6 +57,10 @@ def make_strategy(name="none", devices=None):
     import keras
     import tensorflow as tf
 
+    if name in KERAS_DISTRIBUTIONS:
+        raise ValueError(
+            f"distribution {name!r} is a keras.distribution (JAX backend), not "
+            "a tf.distribute strategy: use kft.distribute.keras_distribution.")
     if name not in STRATEGIES:
         raise ValueError(
             f"Unknown distribution strategy {name!r}. Allowed: {list(STRATEGIES)}")
@@ -37,7 +68,8 @@ def make_strategy(name="none", devices=None):
         raise ValueError(
             f"distribution {name!r} uses tf.distribute, which needs the "
             f"TensorFlow backend (KERAS_BACKEND={keras.backend.backend()}). On "
-            "JAX use keras.distribution.DataParallel directly.")
+            "JAX use distribution 'data_parallel' or 'model_parallel' "
+            "(keras.distribution: kft.distribute.keras_distribution).")
     if devices is not None and name != "mirrored":
         raise ValueError("devices= applies to the 'mirrored' strategy only.")
     if name == "none":
@@ -45,7 +77,7 @@ def make_strategy(name="none", devices=None):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker_strategy()
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
         tf.config.experimental_connect_to_cluster(resolver)
@@ -53,6 +85,68 @@ def make_strategy(name="none", devices=None):
     except (ValueError, tf.errors.NotFoundError) as error:
         raise RuntimeError(f"distribution 'tpu': no TPU found ({error}).") from None
     return tf.distribute.TPUStrategy(resolver)
+
+
+def collective_timeout():
+    """Seconds a multi-worker collective may wait for its peers
+    (`KFT_COLLECTIVE_TIMEOUT`), or None: no limit (unset, empty or 0).
+
+    Off by default: a dead peer is already detected by heartbeats, and
+    TensorFlow keeps a sleeping thread per collective for the whole
+    timeout (thousands of threads on a fast GPU step), so set it to
+    diagnose a hang rather than for every run.
+    """
+    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(
+            f"{COLLECTIVE_TIMEOUT_ENV} must be a number of seconds >= 0 (0: no "
+            f"limit). Received: {COLLECTIVE_TIMEOUT_ENV}={value!r}.")
+    return seconds or None
+
+
+def _multi_worker_strategy():
+    """The process's `MultiWorkerMirroredStrategy`, created on first use."""
+    import tensorflow as tf
+
+    class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        """Reduces as Keras 3's `fit` asks (keras-team/keras#20585).
+
+        Keras reduces a whole `(x, y)` batch in one call (this strategy
+        reduces single values; `MirroredStrategy` maps over the structure)
+        and each replica's scalar metrics with `axis=0` (a scalar has no
+        axis 0: the mean over replicas is meant).
+        """
+
+        def reduce(self, reduce_op, value, axis):
+            parent = super()
+
+            def reduce_one(v):
+                rank = self.experimental_local_results(v)[0].shape.rank
+                return parent.reduce(reduce_op, v, None if rank == 0 else axis)
+
+            return tf.nest.map_structure(reduce_one, value)
+
+    if "strategy" not in _multi_worker:
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout())
+        try:
+            _multi_worker["strategy"] = MultiWorkerMirroredStrategy(
+                communication_options=options)
+        except RuntimeError as error:
+            if "startup" not in str(error):
+                raise
+            raise RuntimeError(
+                "distribution 'multi_worker': TensorFlow sets up a worker's "
+                "collective ops once, before any tensor exists. Call "
+                "kft.distribute.make_strategy('multi_worker') first thing in "
+                "the program (before building data or models).") from None
+    return _multi_worker["strategy"]
 
 
 def split_cpu(count=2):

@@ -449,7 +449,13 @@ LORA_TARGET_PRESETS = {
     "GPT2Backbone": {"attention": _ATTENTION, "mlp": _MLP},
     "BertBackbone": {"attention": _ATTENTION, "mlp": _MLP},
 }
-_PRESETS = ("attention", "mlp", "all-linear")
+_PRESETS = ("attention", "mlp", "all-linear", "pointwise")
+
+
+def _pointwise(layer):
+    """A 1x1 convolution (CNN expand / project / shortcut layers)."""
+    return (isinstance(layer, keras.layers.Conv2D)
+            and tuple(layer.kernel_size) == (1, 1))
 
 
 def _preset_entry(backbone):
@@ -483,11 +489,13 @@ def _preset_layers(model, preset):
 
 def _select(model, targets, candidates):
     """The candidates that `targets` (presets, names, regexes) choose."""
-    presets = [t for t in targets if t in _PRESETS]
+    presets = [t for t in targets if t in _PRESETS and t != "pointwise"]
     patterns = [t for t in targets if t not in _PRESETS]
     named = {id(layer) for p in presets for layer in _preset_layers(model, p)}
+    pointwise = "pointwise" in targets
     return [layer for layer in candidates
-            if id(layer) in named or (patterns and (
+            if id(layer) in named or (pointwise and _pointwise(layer))
+            or (patterns and (
                 _matches(layer.name, patterns) or _matches(layer.path, patterns)))]
 
 
@@ -506,7 +514,9 @@ def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
             the keras-hub backbones in `LORA_TARGET_PRESETS`:
             `"attention"` (q, k, v and output projections), `"mlp"` (gate /
             up / down) and `"all-linear"` (both; never the embeddings or
-            the LM head).
+            the LM head). For any model, `"pointwise"`: every 1x1
+            `Conv2D` (a CNN's expand / project / shortcut convolutions,
+            e.g. MobileNetV2's, EfficientNet's, ResNet's bottlenecks).
         rank, alpha, dropout, use_rslora: see `LoRADense`.
         trainable: names (substrings or regexes) of other layers that keep
             training, such as the classification head (PEFT's

@@ -48,13 +48,17 @@ def _distilbert_preset(folder):
 def test_image_methods_run_in_their_own_processes_and_report_every_field(tmp_path):
     out = str(tmp_path / "cmp")
     report = kft.compare(_image_recipe(tmp_path),
-                         ["head", "full", "gradual", "discriminative", "lora"],
+                         ["head", "full", "gradual", "discriminative", "lora",
+                          "prompt"],
                          output_dir=out, smoke=True, verbose=False)
     summary = report["methods"]
-    assert summary["lora"]["status"] == "skipped"
-    assert "CNN" in summary["lora"]["reason"]
+    assert summary["prompt"]["status"] == "skipped"
+    assert "image model" in summary["prompt"]["reason"]
     runs = {r["method"]: r for r in report["runs"]}
-    for method in ("head", "full", "gradual", "discriminative"):
+    # LoRA on the CNN's 1x1 convolutions, plus the head.
+    assert runs["head"]["trainable_params"] < runs["lora"]["trainable_params"] \
+        < runs["full"]["trainable_params"] / 5
+    for method in ("head", "full", "gradual", "discriminative", "lora"):
         assert runs[method]["status"] == "ok", runs[method]
         assert FIELDS <= set(runs[method]), method
         assert runs[method]["peak_memory_mb"] > 100  # a TensorFlow process

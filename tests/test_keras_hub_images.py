@@ -315,3 +315,48 @@ def test_recipe_model_preset_errors_name_the_key(tmp_path, model, needle):
         "stages": [{"epochs": 1}]}))
     with pytest.raises(RecipeError, match=needle):
         load_recipe(str(path))
+
+
+def test_lr_find_on_a_keras_hub_vit_restores_the_model():
+    model = _model("ViTBackbone")
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    x, y = _data(32)
+    before = {v.path: np.array(v) for v in model.weights}
+    import tensorflow as tf
+
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+    result = kft.lr_find(model, data, start_lr=1e-6, end_lr=1.0, num_steps=12)
+    assert len(result.learning_rates) == len(result.losses) >= 6
+    assert 1e-6 <= result.suggestion <= 1.0
+    assert not _changed(model, before)  # weights put back as they were
+
+
+def _vit_preset_dir(tmp_path):
+    _vit().save_to_preset(str(tmp_path / "vit"))
+    _converter().save_to_preset(str(tmp_path / "vit"))
+    return str(tmp_path / "vit")
+
+
+@pytest.mark.slow
+def test_kft_compare_on_a_keras_hub_vit_preset(tmp_path):
+    import yaml
+
+    x, y = _data(24)
+    np.savez(tmp_path / "data.npz", x_train=x, y_train=y)
+    recipe = tmp_path / "vit.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "hub_vit", "model": {"preset": _vit_preset_dir(tmp_path),
+                                     "image_size": [SIZE, SIZE]},
+        "data": {"source": "numpy", "path": str(tmp_path / "data.npz"),
+                 "batch_size": 8, "validation_split": 0.25},
+        "stages": [{"name": "head", "epochs": 2}]}))
+    methods = ["head", "full", "gradual", "discriminative", "lora"]
+    report = kft.compare(str(recipe), methods, output_dir=str(tmp_path / "cmp"),
+                         smoke=True, verbose=False)
+    runs = {r["method"]: r for r in report["runs"]}
+    for method in methods:
+        assert runs[method]["status"] == "ok", runs[method]
+    params = {m: runs[m]["trainable_params"] for m in methods}
+    assert params["head"] == 16 * 2 + 2  # the head alone
+    assert params["head"] < params["lora"] < params["full"]
+    assert params["discriminative"] == params["full"]

@@ -172,16 +172,18 @@ def build_model(config, num_classes, input_shape, load_weights=True):
         # Random weights (a smoke run, or a resume that loads its own).
         model_config = model_config.model_copy(update={"weights": None})
     if model_config.preset is not None:
-        return _preset_classifier(model_config, num_classes, input_shape)
+        return _adapt(config, _preset_classifier(model_config, num_classes,
+                                                 input_shape))
     if model_config.causal_lm is not None:
         return _causal_lm(config)
     if model_config.text is None:
         with _network_key("model.weights"):
-            return build_classifier(
+            model = build_classifier(
                 model_config.backbone, num_classes,
                 weights=model_config.weights, input_shape=input_shape,
                 head=model_config.head, bn=model_config.bn,
                 **model_config.backbone_kwargs)
+        return _adapt(config, model)
     try:
         model = build_text_classifier(
             model_config.text, num_classes,

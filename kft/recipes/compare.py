@@ -28,7 +28,7 @@ from kft.stages import policy_stages
 __all__ = ["METHODS", "compare", "method_stages"]
 
 METHODS = ("head", "full", "gradual", "discriminative", "lora", "prompt")
-_TEXT_ONLY = ("lora", "prompt")
+_TEXT_ONLY = ("prompt",)
 _RESULT = "result.json"
 
 # Learning rates per method: (image model, text model). Pretrained CNNs
@@ -38,7 +38,7 @@ _RATES = {
     "full": (1e-4, 5e-5),
     "gradual": (1e-3, 1e-4),
     "discriminative": ((1e-5, 1e-3), 1e-4),
-    "lora": (None, 1e-3),
+    "lora": (1e-3, 1e-3),
     "prompt": (None, 1e-2),
 }
 _DESCRIPTIONS = {
@@ -48,7 +48,8 @@ _DESCRIPTIONS = {
     "discriminative": ("every weight, rates spread from the stem (lowest) to "
                        "the head (CNNs) or decayed 0.8x per layer below the "
                        "head (transformers)"),
-    "lora": "LoRA rank 8 on query and value, plus the head",
+    "lora": ("LoRA rank 8 on query and value (transformers) or the 1x1 "
+             "convolutions (CNNs), plus the head"),
     "prompt": "20 virtual tokens plus the head; the backbone frozen",
 }
 
@@ -65,7 +66,7 @@ def method_stages(method, epochs, text):
             f"--methods: unknown method {method!r}; allowed: {', '.join(METHODS)}")
     if method in _TEXT_ONLY and not text:
         return None, ("adapts transformer text models (model.text); this "
-                      "recipe's model is a CNN")
+                      "recipe's model is an image model")
     rate = _RATES[method][1 if text else 0]
     if method == "gradual" and epochs < 2:
         return None, "needs at least 2 epochs (one for the head)"
@@ -91,7 +92,8 @@ def method_stages(method, epochs, text):
     changes = {"stages": stages, "policy": None, "lora": None,
                "prompt_tuning": None}
     if method == "lora":
-        changes["lora"] = {"targets": ["query", "value"], "rank": 8, "alpha": 16}
+        targets = ["query", "value"] if text else ["query", "value", "pointwise"]
+        changes["lora"] = {"targets": targets, "rank": 8, "alpha": 16}
     if method == "prompt":
         changes["prompt_tuning"] = {"num_virtual_tokens": 20}
     return changes, None
@@ -293,7 +295,8 @@ def compare(recipe, methods=("head", "full", "gradual", "discriminative"),
     Args:
         recipe: a packaged recipe name or a YAML path.
         methods: names from `METHODS`; those that do not apply to the
-            model (LoRA, prompt tuning on a CNN) are skipped with a reason.
+            model (prompt tuning on an image model) are skipped with a
+            reason.
         epochs: the epoch budget of every method (default: the recipe's
             total epochs).
         seeds: one run per method and seed.

@@ -25,6 +25,8 @@ from kft._keras_internals import tracked_dataset
 from kft.anatomy import count_params
 from kft.callbacks import NonFiniteLoss
 from kft.callbacks import StopOnNonFiniteLoss
+from kft.distribute import KERAS_DISTRIBUTIONS
+from kft.distribute import keras_distribution
 from kft.distribute import make_strategy
 from kft.finetune import compile_stage
 from kft.finetune import fine_tune
@@ -83,7 +85,13 @@ def process_settings(config):
     keras.config.set_dtype_policy(config.precision)
     try:
         keras.utils.set_random_seed(config.seed)
-        with op_determinism(config.deterministic):
+        # data_parallel / model_parallel (JAX): current while the model is
+        # built, trained and evaluated; nothing for tf.distribute names.
+        distribution = config.distribution
+        with op_determinism(config.deterministic), keras_distribution(
+                distribution.strategy, distribution.mesh,
+                layout=(config.model.causal_lm
+                        if distribution.strategy == "model_parallel" else None)):
             yield
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -176,7 +184,9 @@ class RecipeRun:
 
     def _setup_model(self):
         distribution = self.config.distribution
-        self.strategy = make_strategy(distribution.strategy, distribution.devices)
+        keras_engine = distribution.strategy in KERAS_DISTRIBUTIONS
+        self.strategy = make_strategy(
+            "none" if keras_engine else distribution.strategy, distribution.devices)
         # Built (or loaded) in the strategy's scope: variables are mirrored.
         # Built in the strategy's scope: variables are mirrored. A resumed
         # run is rebuilt from the recipe, then given the checkpoint's
@@ -244,7 +254,8 @@ class RecipeRun:
         callbacks = [StopOnNonFiniteLoss(), checkpoint]
         if config.callbacks.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(self.path("tensorboard")))
-        distributed = config.distribution.strategy != "none"
+        distributed = config.distribution.strategy not in (
+            "none", *KERAS_DISTRIBUTIONS)
         try:
             self.histories = fine_tune(
                 self.model, self.bundle.train, self.bundle.val,
@@ -348,7 +359,10 @@ class RecipeRun:
             },
             "data": {"skipped_files": bundle.skipped_files},
             "distribution": {"strategy": config.distribution.strategy,
-                             "replicas": int(self.strategy.num_replicas_in_sync)},
+                             "replicas": int(getattr(
+                                 keras.distribution.distribution(),
+                                 "num_model_replicas", 0)
+                                 or self.strategy.num_replicas_in_sync)},
             "stages": _stage_summaries(rows, self.histories, config),
             "params": {"total": count_params(self.model.weights),
                        "trainable": count_params(self.model.trainable_weights)},

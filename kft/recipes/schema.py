@@ -11,6 +11,8 @@ from pydantic import Field
 
 import kft.families as backbones
 from kft.head_config import HeadConfig
+from kft.keras_distribution import KERAS_DISTRIBUTIONS
+from kft.keras_distribution import check_mesh
 from kft.stages import Stage
 from kft.stages import policy_stages
 from kft.validation import Strict
@@ -174,10 +176,14 @@ class AugmentationConfig(Strict):
 
 
 class LoRAConfig(Strict):
-    """`lora:` `kft.lora.apply_lora` on a text model or a causal LM; stages
-    then train the adapters and what `trainable` names (a text classifier's
-    `logits`; nothing else for a causal LM). `targets` is a list of layer
-    names / regexes or a preset: `attention`, `mlp`, `all-linear`."""
+    """`lora:` `kft.lora.apply_lora` on a text model, a causal LM or an
+    image classifier; stages then train the adapters and what `trainable`
+    names (a text classifier's `logits`, an image classifier's `head_`
+    layers; nothing else for a causal LM). `targets` is a list of layer
+    names / regexes or a preset: `attention`, `mlp`, `all-linear`,
+    `pointwise` (1x1 convolutions). Image models default to `[query,
+    value, pointwise]`: the attention of a ViT, the 1x1 convolutions of a
+    CNN."""
 
     targets: str | list[str] = ["query", "value"]
     rank: int = Field(default=8, ge=1)
@@ -206,13 +212,19 @@ class PromptTuningConfig(Strict):
 
 
 class DistributionConfig(Strict):
-    """`distribution:` a `tf.distribute` strategy (`kft.distribute`).
+    """`distribution:` a `tf.distribute` strategy on TensorFlow, or a
+    `keras.distribution` on JAX (`kft.distribute`).
 
     `distribution: mirrored` is shorthand for `{strategy: mirrored}`.
+    `data_parallel` and `model_parallel` take a `mesh` (`{batch: 2, model:
+    2}`), whose sizes must multiply to the device count (checked when the
+    run starts).
     """
 
-    strategy: Literal["none", "mirrored", "multi_worker", "tpu"] = "none"
+    strategy: Literal["none", "mirrored", "multi_worker", "tpu",
+                      "data_parallel", "model_parallel"] = "none"
     devices: list[str] | None = None
+    mesh: dict[str, pydantic.StrictInt] | None = None
 
     @pydantic.model_validator(mode="before")
     @classmethod
@@ -223,6 +235,11 @@ class DistributionConfig(Strict):
     def _devices_for_mirrored(self):
         if self.devices is not None and self.strategy != "mirrored":
             raise ValueError("devices applies to strategy 'mirrored' only")
+        if self.strategy in KERAS_DISTRIBUTIONS:
+            check_mesh(self.strategy, self.mesh)
+        elif self.mesh is not None:
+            raise ValueError(f"mesh applies to strategies {list(KERAS_DISTRIBUTIONS)} "
+                             f"only, not {self.strategy!r}")
         return self
 
 
@@ -280,21 +297,24 @@ class RecipeConfig(Strict):
         if causal and self.prompt_tuning is not None:
             raise ValueError("prompt_tuning: in recipes is for BERT-family "
                              "text models; for a causal LM use lora:")
-        if causal and (self.augmentation is not None
-                       or self.distribution.strategy != "none"):
-            raise ValueError("augmentation: and distribution: do not apply to "
-                             "causal-LM recipes yet")
+        strategy = self.distribution.strategy
+        if causal and (self.augmentation is not None or strategy not in (
+                "none", *KERAS_DISTRIBUTIONS)):
+            raise ValueError("augmentation: and tf.distribute strategies do "
+                             "not apply to causal-LM recipes yet (on JAX, "
+                             "distribution: data_parallel or model_parallel "
+                             "do)")
+        if strategy == "model_parallel" and not causal:
+            raise ValueError("distribution model_parallel splits an LLM with "
+                             "the layout map keras-hub gives its backbone "
+                             "(model.causal_lm); for other models use "
+                             "data_parallel")
         if causal and self.lora is None:
             # Full fine-tuning: a causal LM has no separate head to train.
             self.stages = [
                 s if "trainable" in s.model_fields_set
                 else s.model_copy(update={"trainable": "all"})
                 for s in self.stages]
-        if causal and self.callbacks.checkpoints:
-            # keras-hub 0.32 cannot reload every causal LM from .keras (a
-            # tied Llama 3): no per-epoch model checkpoints, no --resume.
-            self.callbacks = self.callbacks.model_copy(
-                update={"checkpoints": False})
         return self
 
     @pydantic.model_validator(mode="after")
@@ -312,9 +332,14 @@ class RecipeConfig(Strict):
         if text and self.augmentation is not None:
             raise ValueError("augmentation: is image augmentation; a text "
                              "model takes none")
-        if text is False and (self.lora or self.prompt_tuning):
-            raise ValueError("lora: and prompt_tuning: adapt text models "
-                             "(model.text) and causal LMs (model.causal_lm)")
+        if text is False and self.prompt_tuning:
+            raise ValueError("prompt_tuning: adapts text models (model.text)")
+        if text is False and self.lora is not None:
+            defaults = {"targets": ["query", "value", "pointwise"],
+                        "trainable": ["head_"]}
+            self.lora = self.lora.model_copy(update={
+                k: v for k, v in defaults.items()
+                if k not in self.lora.model_fields_set})
         if self.lora and self.prompt_tuning:
             raise ValueError("give lora: or prompt_tuning:, not both")
         if self.lora or self.prompt_tuning:
