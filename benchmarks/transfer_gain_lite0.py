@@ -50,13 +50,13 @@ def data(seed, per_class=20, val_per_class=50):
     return (rgb[train], y[train]), (rgb[val], y[val])
 
 
-def build(weights, size, seed):
+def build(weights, size, seed, input_shape=(28, 28, 3)):
     keras.utils.set_random_seed(seed)
     converter = keras_hub.layers.ImageConverter.from_preset(
         resolve_image_preset(PRESET))
     converter.image_size = (size, size)
     kwargs = {} if weights == "imagenet" else {"weights": None}
-    return kft.build_classifier(PRESET, 10, input_shape=(28, 28, 3),
+    return kft.build_classifier(PRESET, 10, input_shape=input_shape,
                                 image_converter=converter,
                                 head={"dropout": 0.2}, **kwargs)
 
@@ -89,7 +89,7 @@ def step_ratio(size=224, batch=16):
     y = np.arange(batch) % 10
     times = {}
     for trainable in ("head", "all"):
-        model = build("imagenet", size, 0)
+        model = build("imagenet", size, 0, input_shape=(size, size, 3))
         kft.freezing.set_trainable(model, trainable)
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         model.train_on_batch(x, y)
@@ -101,7 +101,7 @@ def _fit_seconds(side, data, size):
     """Wall time of 2 epochs of all-trainable fine-tuning, one way or the other."""
     keras.utils.set_random_seed(0)
     if side == "kft":
-        model = build("imagenet", size, 0)
+        model = build("imagenet", size, 0, input_shape=(size, size, 3))
         start = time.perf_counter()
         kft.fine_tune(model, data, stages=[
             {"epochs": 2, "trainable": "all", "learning_rate": 1e-4}], verbose=0)
@@ -137,8 +137,9 @@ def main():
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--timing-only", action="store_true")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [] if args.timing_only else [int(s) for s in args.seeds.split(",")]
     methods = ("head", "gradual", "full", "scratch")
     results = {m: [] for m in methods}
     for seed in seeds:
@@ -149,8 +150,8 @@ def main():
                   f"({seconds:.0f} s)", flush=True)
     print(f"\nEfficientNet-Lite0 at {args.size} px, Fashion-MNIST 10 classes, "
           f"20 train / 50 val images per class, {args.epochs} epochs")
-    scratch = statistics.mean(results["scratch"])
-    for method in methods:
+    scratch = statistics.mean(results["scratch"] or [0.0])
+    for method in methods if seeds else ():
         mean = statistics.mean(results[method])
         print(f"{method:<8} mean {mean:.4f} {[round(a, 4) for a in results[method]]}"
               f"  vs scratch {100 * (mean - scratch):+.1f} points")

@@ -17,6 +17,7 @@ Resampling is band-limited (windowed-sinc, Kaiser window, polyphase):
 `polyphase_kernel`, so a clip resampled by either gives the same samples.
 """
 
+import functools
 import math
 import os
 import struct
@@ -172,6 +173,16 @@ def polyphase_kernel(orig_rate, target_rate, zero_crossings=16, rolloff=0.945,
     return kernel.astype(np.float32), up, down, half
 
 
+@functools.lru_cache(maxsize=4)  # a kernel may hold MAX_KERNEL_VALUES floats
+def _shared_kernel(orig_rate, target_rate):
+    # Building the kernel costs more than resampling a short clip with it
+    # (Bessel functions over `taps * up` values): a folder of 22.05 kHz
+    # clips builds it once. Read-only, as it is shared.
+    kernel, up, down, half = polyphase_kernel(orig_rate, target_rate)
+    kernel.flags.writeable = False
+    return kernel, up, down, half
+
+
 def resample(waves, orig_rate, target_rate):
     """Band-limited resampling of `(..., samples)` float arrays (numpy).
 
@@ -181,7 +192,7 @@ def resample(waves, orig_rate, target_rate):
     waves = np.asarray(waves, np.float32)
     if int(orig_rate) == int(target_rate):
         return waves
-    kernel, up, down, half = polyphase_kernel(orig_rate, target_rate)
+    kernel, up, down, half = _shared_kernel(int(orig_rate), int(target_rate))
     length = waves.shape[-1]
     out_len = -(-length * up // down)
     blocks = -(-out_len // up)

@@ -116,7 +116,9 @@ def _add_compare(sub):
     compare.add_argument("recipe", help="packaged recipe name or path")
     compare.add_argument("--methods", default="head,full,gradual,discriminative",
                          help="comma-separated, from: head, full, gradual, "
-                              "discriminative, lora, prompt")
+                              "discriminative, lora, dora, pissa, loraplus, "
+                              "prompt, qlora (causal LMs: full, lora, qlora, "
+                              "prompt)")
     compare.add_argument("--epochs", type=int, default=None,
                          help="epoch budget of every method (default: the "
                               "recipe's total)")
@@ -138,12 +140,16 @@ def _add_run_dir_commands(sub):
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--data", default=None,
                           help="an .npz (x_val/y_val or x_train/y_train) or an "
-                               "image folder; default: the run's validation data")
+                               "image folder (SFT records for a causal-LM "
+                               "run); default: the run's validation data")
     _add_offline(evaluate)
     export = sub.add_parser("export", help="export a run's model")
     export.add_argument("run_dir")
-    export.add_argument("--format", choices=("keras", "saved_model"),
-                        default="keras")
+    export.add_argument("--format", default=None,
+                        choices=("keras", "saved_model", "transformers"),
+                        help="default keras (model.keras); causal-LM runs: "
+                             "a Hugging Face checkpoint where keras-hub "
+                             "exports the family, else Keras weights")
     export.add_argument("--merge-lora", action="store_true",
                         help="fold LoRA adapters into the base weights first")
     export.add_argument("--output", default=None,
@@ -196,7 +202,7 @@ def _cmd_run(args):
              if isinstance(v, float)}
     print(f"Done in {metrics['timings']['total_seconds']:.0f} s: {shown}")
     saved = [name for name in ("model.keras", "adapter.npz", "adapter_peft",
-                               "model.weights.h5", "samples.json")
+                               "model.weights.h5", "prompt.npz", "samples.json")
              if os.path.exists(os.path.join(output_dir, name))]
     print(f"Run directory: {output_dir} ({', '.join(saved)}, metrics.json, "
           "history.csv, plots/)")
@@ -248,7 +254,7 @@ def _cmd_export(args):
     from kft.recipes.evaluate import export_run
 
     path = export_run(args.run_dir, args.format, args.merge_lora, args.output)
-    print(f"Exported {args.format} model to {path}")
+    print(f"Exported the model to {path}")
 
 
 @contextlib.contextmanager

@@ -46,7 +46,8 @@ def make_strategy(name="none", devices=None):
         name: `"none"` (the default strategy: one device), `"mirrored"`
             (`MirroredStrategy`: every local GPU, or `devices`),
             `"multi_worker"` (`MultiWorkerMirroredStrategy`, cluster from
-            the `TF_CONFIG` environment variable) or `"tpu"` (`TPUStrategy`
+            the `TF_CONFIG` environment variable; one per process, made
+            before any tensor: later calls return it) or `"tpu"` (`TPUStrategy`
             on the TPU the environment provides, as in Colab).
         devices: for `"mirrored"`, the devices to use, e.g.
             `["/gpu:0", "/gpu:1"]` (or two logical CPUs, `split_cpu`).

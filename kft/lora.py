@@ -352,6 +352,9 @@ class _LoRAContainerMixin:
                 "class_name": base.__name__,
                 "config": base.get_config(self),
                 "registered_name": keras.saving.get_registered_name(base),
+                # A keras-hub layer (not a backbone) makes its sublayers in
+                # `build`: rebuilt from this before its layers convert.
+                "build_config": self.get_build_config(),
             },
             "lora": [[i, layer.name, layer._lora_config()]
                      for i, layer in enumerate(layers)
@@ -373,13 +376,25 @@ def _container_class(base):
     return _CONTAINER_CLASSES[base]
 
 
+def _rebuilds_its_layers(layer, base):
+    """A keras-hub backbone, or a keras-hub layer outside one (e.g. the
+    Whisper encoder layers in `kft.audio.whisper_encoder`'s functional
+    model): their configs hold hyperparameters, not sublayers."""
+    return is_keras_hub_backbone(layer) or (
+        base.__module__.startswith("keras_hub.")
+        and not isinstance(layer, keras.Model))
+
+
 def _mark_containers(model):
-    """Gives every keras-hub backbone holding LoRA layers the wrapping
-    config (see above); one that holds none gets its own class back."""
+    """Gives every keras-hub backbone, or outermost keras-hub layer outside
+    one, holding LoRA layers the wrapping config (see above); one that
+    holds none gets its own class back."""
+    covered = set()  # inside a backbone or layer handled already
     for layer in all_layers(model, include_self=True):
-        if not is_keras_hub_backbone(layer):
-            continue
         base = getattr(type(layer), "_kft_base_class", type(layer))
+        if id(layer) in covered or not _rebuilds_its_layers(layer, base):
+            continue
+        covered.update(id(sub) for sub in all_layers(layer))
         holds = any(isinstance(sub, _LoRAMixin)
                     for sub in all_layers(layer))
         layer.__class__ = _container_class(base) if holds else base

@@ -41,6 +41,12 @@ they still share it, else in the exact block form: `A` stacks the
 layers' `lora_a.T`, `B` is block diagonal, the rank is the sum (and
 `rank_pattern` says so when it differs from the other modules').
 
+DoRA. `use_dora: true` and one `<module>.lora_magnitude_vector` per
+module, `(out,)`: PEFT's magnitude per row of `W + s*B@A` is kft's per
+column of the flattened kernel, the same numbers in the same order (a
+fused module's rows: its members' magnitudes, or the kernel's column
+norms for a member without LoRA).
+
 Gemma's attention kernels are `(heads, hidden, head_dim)`, which kft's
 LoRA layers do not adapt: only its MLP is mapped.
 """
@@ -71,7 +77,12 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 _TENSOR_PREFIX = "base_model.model."
-_LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+# PEFT keeps DoRA's magnitude in a `DoraLinearLayer.weight` but saves it
+# as `<module>.lora_magnitude_vector`, without `.weight` (peft's
+# `LoraModel._get_adapter_state_dict`), for checkpoints older than that.
+_MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
+_LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B",
+                  _MAGNITUDE_SUFFIX: "M"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,10 +277,6 @@ def _check_savable(layer):
         raise ValueError(
             f"save_peft_adapter: LoRA layer {layer.path!r} is merged into its "
             "kernel; call `layer.unmerge()` first.")
-    if getattr(layer, "use_dora", False) or hasattr(layer, "lora_magnitude"):
-        raise ValueError(
-            f"save_peft_adapter: layer {layer.path!r} uses DoRA, which kft "
-            "does not export yet. Received: use_dora=True; allowed: plain LoRA.")
     init = getattr(layer, "init", "default")
     if init in ("pissa", "olora"):
         # Its kernel is the residual W - s*A0@B0: the adapter alone is wrong
@@ -285,25 +292,44 @@ def _check_savable(layer):
             "projections only.")
 
 
+def _magnitude(members, plain):
+    """PEFT's `lora_magnitude_vector` of a DoRA module (`None` without
+    DoRA): the members' magnitudes by output rows; a fused member without
+    LoRA gets its kernel's column norms (a DoRA factor of exactly 1)."""
+    if not any(getattr(layer, "use_dora", False) for layer in members):
+        return None
+    parts = []
+    for layer, base in zip(members, plain):
+        if layer is not None:
+            parts.append(np.asarray(layer.lora_magnitude, "float32"))
+        else:
+            kernel = np.asarray(kernel_variable(base), "float32")
+            parts.append(np.linalg.norm(kernel.reshape(_fans(base)), axis=0))
+    return np.concatenate(parts)
+
+
 def _export_group(members, plain):
-    """PEFT (A, B, r, lora_alpha) of one Hugging Face module from the kft
-    LoRA layers it holds (`None` for a member without LoRA).
+    """PEFT (A, B, r, lora_alpha, DoRA magnitude or None) of one Hugging
+    Face module from the kft LoRA layers it holds (`None` for a member
+    without LoRA).
 
     A plain module, or fused members sharing one `lora_a` and scale (as
     loaded from PEFT), give `A = lora_a.T` and `B = lora_b.T` stacked.
     Otherwise (GPT-2's query, key and value adapted separately) the fused
     module gets the exact block form: `A` stacks the members' `lora_a.T`,
-    `B` is block diagonal, rank the sum of theirs, same scale.
+    `B` is block diagonal, rank the sum of theirs, same scale. DoRA's
+    column norms are per output row, so either form keeps them.
     """
     present = [layer for layer in members if layer is not None]
     first = present[0]
+    magnitude = _magnitude(members, plain)
     shared = len(present) == len(members) and all(
         layer.rank == first.rank and math.isclose(layer.scale, first.scale)
         and np.array_equal(np.asarray(layer.lora_a), np.asarray(first.lora_a))
         for layer in present)
     if shared:
         b = np.concatenate([np.asarray(layer.lora_b).T for layer in members])
-        return np.asarray(first.lora_a).T, b, first.rank, first.alpha
+        return np.asarray(first.lora_a).T, b, first.rank, first.alpha, magnitude
     rank = sum(layer.rank for layer in present)
     alpha = first.scale * (math.sqrt(rank) if first.use_rslora else rank)
     a = np.concatenate([np.asarray(layer.lora_a).T for layer in present])
@@ -315,11 +341,11 @@ def _export_group(members, plain):
                 np.asarray(layer.lora_b).T * (layer.scale / first.scale))
             column += layer.rank
         blocks.append(block)
-    return a, np.concatenate(blocks), rank, alpha
+    return a, np.concatenate(blocks), rank, alpha, magnitude
 
 
 def _exports(model, family, backbone, prefix):
-    """[(module path with task prefix, A, B, r, lora_alpha)], the LoRA
+    """[(module path with task prefix, A, B, r, lora_alpha, magnitude)], the LoRA
     layers, and every mapped module path (for `target_modules`)."""
     groups = _module_map(backbone, family)
     layers = lora_layers(model)
@@ -353,8 +379,9 @@ def _fused_subs(family):
 
 
 def _lora_settings(exports, layers):
-    """r, lora_alpha, rank_pattern, alpha_pattern, lora_dropout, use_rslora."""
-    for attribute in ("dropout", "use_rslora"):
+    """r, lora_alpha, rank_pattern, alpha_pattern, lora_dropout, use_rslora,
+    use_dora."""
+    for attribute in ("dropout", "use_rslora", "use_dora"):
         values = sorted({getattr(layer, attribute) for layer in layers})
         if len(values) > 1:
             raise ValueError(
@@ -366,13 +393,14 @@ def _lora_settings(exports, layers):
     return {
         "r": rank,
         "lora_alpha": _number(alpha),
-        "rank_pattern": {_pattern_key(name): r for name, _, _, r, _ in exports
+        "rank_pattern": {_pattern_key(name): r for name, _, _, r, *_ in exports
                          if r != rank},
         "alpha_pattern": {_pattern_key(name): _number(a)
-                          for name, _, _, _, a in exports
+                          for name, _, _, _, a, _ in exports
                           if not math.isclose(a, alpha)},
         "lora_dropout": layers[0].dropout,
         "use_rslora": layers[0].use_rslora,
+        "use_dora": bool(layers[0].use_dora),
     }
 
 
@@ -431,8 +459,9 @@ def save_peft_adapter(model, path, *, base_model_name_or_path=None,
 
     Returns:
         `path`. Layers whose LoRA settings differ get PEFT's
-        `rank_pattern` / `alpha_pattern`; different dropouts or rsLoRA
-        flags, merged layers and DoRA are refused.
+        `rank_pattern` / `alpha_pattern`; DoRA layers write `use_dora:
+        true` and PEFT's `<module>.lora_magnitude_vector`. Different
+        dropouts, rsLoRA or DoRA flags and merged layers are refused.
 
     Example:
 
@@ -445,10 +474,13 @@ def save_peft_adapter(model, path, *, base_model_name_or_path=None,
     prefix = family.prefixes[task_type]
     exports, layers, known = _exports(model, family, backbone, prefix)
     tensors = {}
-    for name, a, b, _, _ in exports:
+    for name, a, b, _, _, magnitude in exports:
         for part, value in (("A", a), ("B", b)):
             tensors[f"{_TENSOR_PREFIX}{name}.lora_{part}.weight"] = (
                 np.ascontiguousarray(value, dtype="float32"))
+        if magnitude is not None:
+            tensors[f"{_TENSOR_PREFIX}{name}{_MAGNITUDE_SUFFIX}"] = (
+                np.ascontiguousarray(magnitude, dtype="float32"))
     head_tensors, modules_to_save = _head_tensors(model, family, task_type)
     tensors.update(head_tensors)
     adapted = [export[0][len(prefix):] for export in exports]
@@ -462,7 +494,6 @@ def save_peft_adapter(model, path, *, base_model_name_or_path=None,
         "target_modules": _target_modules(adapted, known),
         "fan_in_fan_out": family.fan_in_fan_out,
         "bias": "none",
-        "use_dora": False,
         "modules_to_save": modules_to_save or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
@@ -524,17 +555,17 @@ def _read(path):
 
 
 def _check_config(config, path):
-    """Refuses what kft's LoRA layers cannot hold (DoRA, trained biases)."""
-    checks = (("peft_type", ("LORA",)), ("use_dora", (False, None)),
+    """Refuses what kft's LoRA layers cannot hold (trained biases, ...)."""
+    checks = (("peft_type", ("LORA",)), ("use_dora", (False, None, True)),
               ("bias", ("none",)), ("lora_bias", (False, None)),
               ("layer_replication", (None,)))
     for key, allowed in checks:
         value = config.get(key, allowed[0])
         if value not in allowed:
-            hint = " DoRA is not supported yet." if key == "use_dora" else ""
             raise ValueError(
                 f"load_peft_adapter: {path!r} has {key}={value!r}; kft reads "
-                f"plain LoRA adapters only ({key}={allowed[0]!r}).{hint}")
+                f"LoRA and DoRA adapters without trained biases ({key} one of "
+                f"{list(allowed)}).")
 
 
 def _match(pattern_keys, name):
@@ -584,7 +615,8 @@ def _split_tensors(tensors, family):
         if head is None or leaf not in ("weight", "bias"):
             raise ValueError(
                 f"load_peft_adapter: unsupported tensor {key!r}. kft reads "
-                "`<module>.lora_A.weight` / `.lora_B.weight` of the "
+                "`<module>.lora_A.weight` / `.lora_B.weight` (and DoRA's "
+                f"`{_MAGNITUDE_SUFFIX[1:]}`) of the "
                 f"{family.hf_model} modules and `modules_to_save` heads "
                 f"{sorted(head_names)}.")
         heads[head][leaf] = (key, value)
@@ -623,10 +655,28 @@ def _fans(layer):
     return math.prod(shape[:contracted]), math.prod(shape[contracted:])
 
 
+def _check_parts(config, module, pair):
+    """A and B present; the DoRA magnitude present exactly when the config
+    says `use_dora`."""
+    for part in ("A", "B"):
+        if part not in pair:
+            raise ValueError(
+                f"load_peft_adapter: tensor "
+                f"'{_TENSOR_PREFIX}{module}.lora_{part}.weight' is missing.")
+    dora = bool(config.get("use_dora"))
+    if dora != ("M" in pair):
+        raise ValueError(
+            f"load_peft_adapter: tensor '{_TENSOR_PREFIX}{module}"
+            f"{_MAGNITUDE_SUFFIX}' is "
+            + ("missing; the config has use_dora=True." if dora else
+               "there, but the config has use_dora=False."))
+
+
 def _plan(config, pairs, family, groups, layers_by_path):
     """Checks every LoRA pair against its layers: {layer path: (lora_a,
-    lora_b, rank, alpha)}. A fused module's `B` is split by output rows;
-    its Keras layers share `A` (each gets the module's rank)."""
+    lora_b, rank, alpha, DoRA magnitude or None)}. A fused module's `B`
+    (and magnitude) is split by output rows; its Keras layers share `A`
+    (each gets the module's rank)."""
     plan = {}
     for module, pair in sorted(pairs.items()):
         stripped = _strip(module, family, groups)
@@ -642,26 +692,23 @@ def _plan(config, pairs, family, groups, layers_by_path):
                 f"{module!r}, which the config's target_modules="
                 f"{config.get('target_modules')!r} does not select; PEFT would "
                 "ignore it.")
-        for part in ("A", "B"):
-            if part not in pair:
-                raise ValueError(
-                    f"load_peft_adapter: tensor "
-                    f"'{_TENSOR_PREFIX}{module}.lora_{part}.weight' is missing.")
+        _check_parts(config, module, pair)
         layers = [layers_by_path[path] for path in groups[stripped]]
         rank, alpha = _expected_rank_alpha(config, module)
         fans = [_fans(layer) for layer in layers]
         fan_out = sum(out for _, out in fans)
-        for part, expected in (("A", (rank, fans[0][0])), ("B", (fan_out, rank))):
-            key, value = pair[part]
-            if tuple(value.shape) != expected:
+        shapes = {"A": (rank, fans[0][0]), "B": (fan_out, rank), "M": (fan_out,)}
+        for part, (key, value) in sorted(pair.items()):
+            if tuple(value.shape) != shapes[part]:
                 raise ValueError(
                     f"load_peft_adapter: tensor {key!r} has shape "
-                    f"{tuple(value.shape)}; expected {expected} (r={rank}, "
+                    f"{tuple(value.shape)}; expected {shapes[part]} (r={rank}, "
                     f"{family.hf_model} module {stripped!r}).")
         rows = np.cumsum([0] + [out for _, out in fans])
-        b = pair["B"][1]
+        b, magnitude = pair["B"][1], pair.get("M", (None, None))[1]
         for layer, start, stop in zip(layers, rows[:-1], rows[1:]):
-            plan[layer.path] = (pair["A"][1].T, b[start:stop].T, rank, alpha)
+            plan[layer.path] = (pair["A"][1].T, b[start:stop].T, rank, alpha,
+                                None if magnitude is None else magnitude[start:stop])
     if not plan:
         raise ValueError("load_peft_adapter: the adapter holds no LoRA tensors.")
     return plan
@@ -671,12 +718,13 @@ def _create_layers(model, plan, config):
     """Adds LoRA layers to a model that has none, one apply_lora per
     (rank, alpha) group; then trains only them."""
     groups = collections.defaultdict(list)
-    for path, (_, _, rank, alpha) in plan.items():
+    for path, (_, _, rank, alpha, _) in plan.items():
         groups[rank, alpha].append(f"^{re.escape(path)}$")
     for (rank, alpha), targets in groups.items():
         apply_lora(model, targets=targets, rank=rank, alpha=alpha,
                    dropout=float(config.get("lora_dropout", 0.0)),
-                   use_rslora=bool(config.get("use_rslora", False)))
+                   use_rslora=bool(config.get("use_rslora", False)),
+                   use_dora=bool(config.get("use_dora", False)))
     layers = lora_layers(model)
     train_only(model, layers)
     return {layer.path: layer for layer in layers}
@@ -691,7 +739,7 @@ def _check_existing(existing, plan, config):
             f"adapter's modules. Adapter only: {missing}; model only: {extra}. "
             "Load into the model before apply_lora to create matching layers.")
     rslora = bool(config.get("use_rslora", False))
-    for path, (_, _, rank, alpha) in plan.items():
+    for path, (_, _, rank, alpha, magnitude) in plan.items():
         layer = existing[path]
         scale = alpha / (math.sqrt(rank) if rslora else rank)
         if layer.rank != rank or not math.isclose(layer.scale, scale):
@@ -699,6 +747,11 @@ def _check_existing(existing, plan, config):
                 f"load_peft_adapter: LoRA layer {path!r} has rank {layer.rank} "
                 f"and scale {layer.scale:g}; the adapter has r={rank}, scale "
                 f"{scale:g} (lora_alpha={alpha:g}, use_rslora={rslora}).")
+        if layer.use_dora != (magnitude is not None):
+            raise ValueError(
+                f"load_peft_adapter: LoRA layer {path!r} has use_dora="
+                f"{layer.use_dora}; the adapter has use_dora="
+                f"{magnitude is not None}.")
 
 
 def _load_heads(model, family, heads, path):
@@ -739,8 +792,10 @@ def load_peft_adapter(model, path, name="default"):
             (same architecture and sizes), with or without kft LoRA layers.
             Without, they are created (`kft.lora.apply_lora`) with the
             adapter's `r`, `lora_alpha` (or `rank_pattern` /
-            `alpha_pattern`), `lora_dropout` and `use_rslora`; with, they
-            must be exactly the adapter's modules, same rank and scale.
+            `alpha_pattern`), `lora_dropout`, `use_rslora` and `use_dora`
+            (DoRA: the magnitudes from `<module>.lora_magnitude_vector`);
+            with, they must be exactly the adapter's modules, same rank,
+            scale and DoRA flag.
         path: a directory with `adapter_config.json` and
             `adapter_model.safetensors` (`adapter_model.bin`, a pickle, is
             refused). Module paths with or without the task model's prefix
@@ -775,9 +830,11 @@ def load_peft_adapter(model, path, name="default"):
         _check_existing(existing, plan, config)
     else:
         existing = _create_layers(model, plan, config)
-    for layer_path, (lora_a, lora_b, _, _) in plan.items():
+    for layer_path, (lora_a, lora_b, _, _, magnitude) in plan.items():
         existing[layer_path].lora_a.assign(lora_a)
         existing[layer_path].lora_b.assign(lora_b)
+        if magnitude is not None:
+            existing[layer_path].lora_magnitude.assign(magnitude)
     head_layers = _load_heads(model, family, heads, path)
     if head_layers:
         train_only(model, list(existing.values()) + head_layers)

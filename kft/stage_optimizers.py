@@ -55,8 +55,9 @@ def make_optimizer(stage, steps=None, model=None):
     """Builds the optimizer (with its LR schedule) for a `Stage`.
 
     A number as `learning_rate` gives one optimizer; a dict of rules or a
-    `(low, high)` range gives per-group rates, and `layer_decay` layer-wise
-    decay (`kft.optimizers`), each group with the stage's schedule.
+    `(low, high)` range gives per-group rates, `layer_decay` layer-wise
+    decay and `lora_lr_ratio` LoRA+ (`kft.optimizers`), each group with
+    the stage's schedule.
 
     Args:
         stage: a `kft.Stage`.
@@ -71,10 +72,15 @@ def make_optimizer(stage, steps=None, model=None):
     if stage.gradient_accumulation_steps:
         kwargs["gradient_accumulation_steps"] = stage.gradient_accumulation_steps
     rate = stage.learning_rate
-    grouped = stage.layer_decay is not None or not isinstance(rate, float)
+    grouped = (stage.layer_decay is not None or not isinstance(rate, float)
+               or stage.lora_lr_ratio is not None)
     if grouped and model is None:
         raise ValueError(
             f"Stage {stage.name!r}: per-group learning rates need the model.")
+    if stage.lora_lr_ratio is not None:
+        return optimizers.loraplus(
+            model, rate_schedule(rate, stage, steps), stage.lora_lr_ratio,
+            optimizer=stage.optimizer, **kwargs)
     if stage.layer_decay is not None:
         return optimizers.layerwise_lr_decay(
             model, rate_schedule(rate, stage, steps), stage.layer_decay,

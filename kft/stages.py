@@ -157,6 +157,10 @@ class Stage(Strict):
             `(low, high)` range spread over the blocks.
         layer_decay: layer-wise LR decay: the head at `learning_rate`,
             each block below at `layer_decay` times the one above.
+        lora_lr_ratio: LoRA+ (`kft.optimizers.loraplus`): the LoRA `B`
+            matrices at this many times `learning_rate`, everything else
+            (`A`, a head, DoRA magnitudes) at `learning_rate`; the
+            schedule drives both. Recipes set it from `lora.lr_ratio`.
         optimizer: a name from `kft.stages.OPTIMIZERS` or a Keras
             optimizer instance (a fresh one per stage: Keras optimizers
             refuse variables they were not built with).
@@ -183,6 +187,7 @@ class Stage(Strict):
     trainable: Any = "head"
     learning_rate: float | tuple[float, float] | dict[int | str, float] = 1e-3
     layer_decay: float | None = Field(default=None, gt=0, le=1)
+    lora_lr_ratio: float | None = Field(default=None, gt=0)
     optimizer: Any = "adam"
     weight_decay: float | None = Field(default=None, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
@@ -223,6 +228,11 @@ class Stage(Strict):
         if self.layer_decay is not None and not isinstance(self.learning_rate, float):
             raise ValueError(
                 "layer_decay takes one learning_rate (the head's), not groups")
+        if self.lora_lr_ratio is not None and not (
+                self.layer_decay is None and isinstance(self.learning_rate, float)):
+            raise ValueError(
+                "lora_lr_ratio (LoRA+) takes one learning_rate (A's), not "
+                "per-group rates or layer_decay")
         return self
 
     @pydantic.field_validator("optimizer")

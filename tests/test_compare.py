@@ -110,6 +110,107 @@ def test_a_failing_method_is_reported_and_the_others_complete_and_reruns_skip(
     assert os.path.getmtime(lora_log) == before
 
 
+def test_lora_variant_methods_run_on_a_text_model(tmp_path):
+    """dora, pissa and loraplus: the lora method's adapters (same targets
+    and rank) with use_dora, init pissa, lr_ratio 16."""
+    preset = _distilbert_preset(str(tmp_path / "preset"))
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text,label\n" + "".join(
+        f"{'good' if i % 2 else 'bad'} {i},{i % 2}\n" for i in range(16)))
+    recipe = tmp_path / "text.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tiny_text",
+        "model": {"text": preset, "sequence_length": 8},
+        "data": {"source": "text_file", "path": str(texts), "batch_size": 4},
+        "stages": [{"name": "train", "epochs": 1}],
+    }))
+    out = str(tmp_path / "cmp")
+    report = kft.compare(str(recipe), ["dora", "pissa", "loraplus"],
+                         output_dir=out, smoke=True, verbose=False)
+    runs = {r["method"]: r for r in report["runs"]}
+    for method, option in (("dora", {"use_dora": True}),
+                           ("pissa", {"init": "pissa"}),
+                           ("loraplus", {"lr_ratio": 16})):
+        assert runs[method]["status"] == "ok", runs[method]
+        assert runs[method]["stored"] == "adapter.npz"
+        folder = os.path.join(out, method, "seed_0")
+        lora = yaml.safe_load(open(os.path.join(folder, "recipe.yaml")))["lora"]
+        assert lora == {"targets": ["query", "value"], "rank": 8, "alpha": 16,
+                        **option}
+        stages = yaml.safe_load(open(os.path.join(folder, "run",
+                                                  "config.yaml")))["stages"]
+        assert stages[0]["lora_lr_ratio"] == (16 if method == "loraplus" else None)
+    # DoRA adds a magnitude per output unit of query and value (hidden 8).
+    assert runs["dora"]["trainable_params"] == runs["pissa"]["trainable_params"] + 16
+    assert runs["loraplus"]["trainable_params"] == runs["pissa"]["trainable_params"]
+
+
+def _causal_recipe(tmp_path):
+    """A tiny random Llama 3 (Hugging Face directory) on 16 SFT pairs."""
+    from llm_fixtures import tiny_causal_lm
+    from llm_fixtures import write_hf_checkpoint
+
+    checkpoint = write_hf_checkpoint(tiny_causal_lm(sequence_length=16),
+                                     tmp_path / "tiny")
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": f"{a} {b}", "completion": f" {b} {a}"})
+                     + "\n" for a in "abcd" for b in "abcd")
+    path = tmp_path / "causal.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny_sft",
+        "model": {"causal_lm": checkpoint, "sequence_length": 16},
+        "data": {"source": "sft_file", "path": str(tmp_path / "sft.jsonl"),
+                 "batch_size": 4, "validation_split": 0.25, "packing": True},
+        "lora": {"targets": "all-linear", "rank": 2, "alpha": 4},
+        "stages": [{"name": "sft", "epochs": 1, "steps_per_epoch": 2,
+                    "optimizer": "adamw", "learning_rate": 1e-3}],
+    }))
+    return str(path)
+
+
+def test_causal_lm_methods_full_lora_qlora_prompt(tmp_path):
+    out = str(tmp_path / "cmp")
+    report = kft.compare(_causal_recipe(tmp_path),
+                         ["full", "lora", "qlora", "prompt", "head", "gradual",
+                          "discriminative"], output_dir=out, verbose=False)
+    summary, runs = report["methods"], {r["method"]: r for r in report["runs"]}
+    for method in ("head", "gradual", "discriminative"):
+        assert summary[method]["status"] == "skipped"
+        assert "causal-LM methods: full, lora, qlora, prompt" in \
+            summary[method]["reason"]
+    for method in ("full", "lora", "qlora", "prompt"):
+        run = runs[method]
+        assert run["status"] == "ok", run
+        assert FIELDS | {"perplexity", "model_bytes"} <= set(run), method
+        assert run["monitor"] == "val_loss"  # held-out completion NLL
+        assert run["perplexity"] == pytest.approx(np.exp(run["best"]), rel=1e-3)
+    # 20 virtual tokens x hidden 32 < the same adapters on a float or int4
+    # base < every weight.
+    assert runs["prompt"]["trainable_params"] == 20 * 32
+    assert runs["prompt"]["trainable_params"] < runs["lora"]["trainable_params"] \
+        == runs["qlora"]["trainable_params"] < runs["full"]["trainable_params"]
+    assert runs["full"]["trainable_share"] == 1.0
+    # The int4 base holds fewer bytes; what is kept after training is the
+    # prompt, the adapters or all the weights.
+    assert runs["qlora"]["model_bytes"] < 0.6 * runs["lora"]["model_bytes"]
+    assert runs["lora"]["model_bytes"] == pytest.approx(
+        runs["prompt"]["model_bytes"] + 4 * (runs["lora"]["trainable_params"]
+                                             - 20 * 32), rel=0.01)
+    assert [runs[m]["stored"] for m in ("prompt", "lora", "full")] == [
+        "prompt.npz", "adapter.npz", "model.weights.h5"]
+    assert runs["prompt"]["stored_bytes"] < runs["lora"]["stored_bytes"] \
+        < runs["full"]["stored_bytes"]
+    derived = {m: yaml.safe_load(open(os.path.join(out, m, "seed_0",
+                                                   "recipe.yaml")))
+               for m in ("qlora", "prompt", "full")}
+    assert derived["qlora"]["model"]["quantize"] == "int4"
+    assert derived["prompt"]["data"]["packing"] is False
+    assert derived["full"]["lora"] is None
+    assert derived["full"]["stages"][0]["steps_per_epoch"] == 2  # the recipe's
+    table = open(os.path.join(out, "compare.md")).read()
+    assert "perplexity" in table and "model variables" in table
+
+
 def test_bad_arguments_exit_2_naming_them(tmp_path, capsys):
     recipe = _image_recipe(tmp_path)
     assert main(["compare", recipe, "--methods", "head,magic"]) == 2

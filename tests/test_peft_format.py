@@ -59,6 +59,10 @@ def _randomize(model, seed=0):
     for layer in lora_layers(model):
         layer.lora_a.assign(rng.normal(0.0, 0.3, tuple(layer.lora_a.shape)))
         layer.lora_b.assign(rng.normal(0.0, 0.3, tuple(layer.lora_b.shape)))
+        if layer.use_dora:   # magnitudes away from the column norms
+            magnitude = np.asarray(layer.lora_magnitude)
+            layer.lora_magnitude.assign(
+                magnitude * rng.uniform(0.5, 1.5, magnitude.shape))
 
 
 def _bert_inputs():
@@ -141,6 +145,56 @@ def test_kft_lora_save_and_load_adapter_speak_peft(tmp_path):
     _assert_same_outputs(model, base, _llama_inputs())
     with pytest.raises(ValueError, match="format must be one of"):
         save_adapter(model, str(tmp_path / "x"), format="onnx")
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_dora_round_trip_writes_peft_magnitude_names(tmp_path, family):
+    """DoRA: `use_dora: true` and PEFT's `<module>.lora_magnitude_vector`
+    (saved without `.weight`, peft's `_get_adapter_state_dict`), `(out,)`;
+    kft -> PEFT directory -> a fresh kft model gives the same outputs."""
+    if family == "llama":
+        model, inputs = _llama_lm(), _llama_inputs()
+        base = _twin(model, _llama_lm)
+        module = "model.layers.{i}.self_attn.{p}_proj"
+        projections, outs = ("q", "v"), {"q": 32, "v": 16}
+    else:
+        model, inputs = _bert(), _bert_inputs()
+        base = _twin(model, _bert)
+        module = "encoder.layer.{i}.attention.self.{p}"
+        projections, outs = ("query", "value"), {"query": 16, "value": 16}
+    plain = _twin(model, _llama_lm if family == "llama" else _bert)
+    apply_lora(model, targets=("query", "value"), rank=2, alpha=4,
+               use_dora=True)
+    _randomize(model)
+    save_peft_adapter(model, str(tmp_path))
+
+    config, tensors = _read(tmp_path)
+    assert config["use_dora"] is True
+    magnitudes = {name: tuple(value.shape) for name, value in tensors.items()
+                  if "magnitude" in name}
+    assert magnitudes == {
+        f"base_model.model.{module.format(i=i, p=p)}.lora_magnitude_vector":
+            (outs[p],) for i in (0, 1) for p in projections}
+    assert len(tensors) == 3 * len(magnitudes)
+
+    assert load_peft_adapter(base, str(tmp_path)) == 4
+    assert all(layer.use_dora for layer in lora_layers(base))
+    _assert_same_outputs(model, base, inputs)
+    assert {v.path.rsplit("/", 1)[-1] for v in base.trainable_weights} == {
+        "lora_a", "lora_b", "lora_magnitude"}
+    # Existing layers must agree on DoRA.
+    apply_lora(plain, targets=("query", "value"), rank=2, alpha=4)
+    with pytest.raises(ValueError, match="use_dora=False; the adapter has "
+                                         "use_dora=True"):
+        load_peft_adapter(plain, str(tmp_path))
+
+
+def test_mixed_dora_and_plain_layers_are_refused_for_peft_export(tmp_path):
+    model = _llama()
+    apply_lora(model, targets=("query",), rank=2, use_dora=True)
+    apply_lora(model, targets=("value",), rank=2)
+    with pytest.raises(ValueError, match="one use_dora for all modules"):
+        save_peft_adapter(model, str(tmp_path))
 
 
 def test_pissa_adapters_are_refused_for_peft_export(tmp_path):
@@ -307,8 +361,9 @@ def test_llama_like_families_names_and_round_trip(tmp_path, name, kwargs,
 
 def _hf_layer_check(layer, config, tensors, module, converter):
     """Rebuilds the Hugging Face weight from the keras-hub kernel (inverse
-    of the converter, which is asserted), merges PEFT's `B @ A` into it and
-    compares `x @ W.T + b` with the keras-hub layer's output."""
+    of the converter, which is asserted), merges PEFT's `B @ A` into it
+    (DoRA: each row rescaled to `lora_magnitude_vector`, as PEFT's merge)
+    and compares `x @ W.T + b` with the keras-hub layer's output."""
     a = tensors[f"base_model.model.{module}.lora_A.weight"]
     b = tensors[f"base_model.model.{module}.lora_B.weight"]
     kernel = np.asarray(layer.kernel)
@@ -317,6 +372,9 @@ def _hf_layer_check(layer, config, tensors, module, converter):
     np.testing.assert_array_equal(converter(weight, kernel.shape), kernel)
     scale = config["lora_alpha"] / config["r"]
     merged = weight + scale * (b @ a)
+    if config["use_dora"]:
+        magnitude = tensors[f"base_model.model.{module}.lora_magnitude_vector"]
+        merged = merged * (magnitude / np.linalg.norm(merged, axis=1))[:, None]
     x = np.random.default_rng(4).normal(size=(2, 5, fan_in)).astype("float32")
     expected = x @ merged.T
     if layer.bias is not None:
@@ -333,8 +391,9 @@ def _transpose_and_reshape(weight, shape):
     return np.reshape(np.transpose(weight), shape)
 
 
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_peft_tensors_give_the_keras_hub_function(tmp_path, family):
+def test_peft_tensors_give_the_keras_hub_function(tmp_path, family, dora):
     if family == "bert":
         model, block = _bert(), "encoder.layer.{i}."
         modules = {"query": "attention.self.query",
@@ -350,24 +409,28 @@ def test_peft_tensors_give_the_keras_hub_function(tmp_path, family):
                    "feedforward_gate_dense": "mlp.gate_proj",
                    "feedforward_intermediate_dense": "mlp.up_proj",
                    "feedforward_output_dense": "mlp.down_proj"}
-    apply_lora(model, targets=tuple(modules), rank=3, alpha=6)
+    apply_lora(model, targets=tuple(modules), rank=3, alpha=6, use_dora=dora)
     _randomize(model)
     save_peft_adapter(model, str(tmp_path))
     config, tensors = _read(tmp_path)
-    assert len(tensors) == 2 * len(modules) * 2
+    assert config["use_dora"] is dora
+    assert len(tensors) == 2 * len(modules) * (3 if dora else 2)
     for layer in lora_layers(model):
         index = int(layer.path.split("/")[0].rsplit("_", 1)[1])
         module = block.format(i=index) + modules[layer.name]
         _hf_layer_check(layer, config, tensors, module, _transpose_and_reshape)
 
 
-def test_merged_hugging_face_checkpoint_matches_through_keras_hub(tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_hugging_face_checkpoint_matches_through_keras_hub(tmp_path, dora):
     """Merges the PEFT adapter into a Hugging Face Llama checkpoint with
-    numpy, loads it with keras-hub's own converter and compares the whole
-    model with kft's adapted one."""
+    numpy (DoRA: rows rescaled to the magnitudes, as PEFT merges), loads it
+    with keras-hub's own converter and compares the whole model with
+    kft's adapted one."""
     model = _llama()
     apply_lora(model, targets=("query", "value", "attention_output",
-                               "feedforward_output_dense"), rank=2, alpha=4)
+                               "feedforward_output_dense"), rank=2, alpha=4,
+               use_dora=dora)
     _randomize(model)
     save_peft_adapter(model, str(tmp_path / "adapter"))
     config, tensors = _read(tmp_path / "adapter")
@@ -401,6 +464,9 @@ def test_merged_hugging_face_checkpoint_matches_through_keras_hub(tmp_path):
                 a = tensors[f"base_model.{key}.lora_A.weight"]
                 b = tensors[f"base_model.{key}.lora_B.weight"]
                 weight = weight + config["lora_alpha"] / config["r"] * (b @ a)
+                if dora:
+                    m = tensors[f"base_model.{key}.lora_magnitude_vector"]
+                    weight = weight * (m / np.linalg.norm(weight, axis=1))[:, None]
             state[f"{key}.weight"] = np.ascontiguousarray(weight, "float32")
     checkpoint = tmp_path / "hf"
     checkpoint.mkdir()
@@ -423,14 +489,30 @@ def _gpt2():
     return keras_hub.models.GPT2Backbone(**GPT2)
 
 
-def test_gpt2_separate_adapters_export_as_exact_block_c_attn(tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_gpt2_separate_adapters_export_as_exact_block_c_attn(tmp_path, dora):
     model = _gpt2()
     base = _twin(model, _gpt2)
     apply_lora(model, targets=("query", "value", "attention_output",
-                               "feedforward"), rank=2, alpha=4)
+                               "feedforward"), rank=2, alpha=4, use_dora=dora)
     _randomize(model)
     save_peft_adapter(model, str(tmp_path))
     config, tensors = _read(tmp_path)
+    if dora:
+        # c_attn's rows: query's and value's magnitudes; key (no LoRA) its
+        # kernel's column norms, a DoRA factor of 1.
+        magnitude = tensors["base_model.model.h.0.attn.c_attn.lora_magnitude_vector"]
+        from kft._keras_internals import all_layers
+
+        layer = {layer.path: layer for layer in all_layers(model)}
+        path = "transformer_layer_0/self_attention/{}"
+        np.testing.assert_array_equal(
+            magnitude[:16], layer[path.format("query")].lora_magnitude)
+        np.testing.assert_array_equal(
+            magnitude[32:], layer[path.format("value")].lora_magnitude)
+        key_kernel = np.asarray(layer[path.format("key")].kernel)
+        np.testing.assert_allclose(magnitude[16:32], np.linalg.norm(
+            key_kernel.reshape(16, 16), axis=0), rtol=1e-6)
     assert config["fan_in_fan_out"] is True
     assert config["target_modules"] == ["c_attn", "c_fc", "c_proj"]
     c_attn = "base_model.model.h.0.attn.c_attn"
@@ -630,7 +712,8 @@ def test_pickle_only_directory_is_refused(llama_adapter, tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("use_dora", True, "use_dora=True.*DoRA is not supported"),
+    ("use_dora", True, "lora_magnitude_vector' is missing; the config has "
+                       "use_dora=True"),
     ("peft_type", "IA3", "peft_type='IA3'"),
     ("bias", "lora_only", "bias='lora_only'"),
 ])

@@ -89,7 +89,7 @@ def test_full_sft_recipe_trains_everything_and_saves_weights(tmp_path,
     ({"model": {"causal_lm": "x", "input_shape": [32, 32, 3]}},
      "are for image models"),
     ({"prompt_tuning": {"num_virtual_tokens": 4}, "lora": None},
-     "for a causal LM use lora"),
+     "set data.packing: false"),
 ])
 def test_bad_causal_lm_recipes_name_the_key(tmp_path, change, needle):
     with pytest.raises(RecipeError, match=needle):
@@ -114,5 +114,95 @@ def test_generate_eval_and_export_of_an_sft_run(tmp_path, checkpoint):
     assert generate_run(run_dir, ["a b"], max_length=12) == after
     assert main(["generate", run_dir, "--prompt", "a b", "--max-length",
                  "12"]) == 0
-    assert main(["eval", run_dir]) == 2
-    assert main(["export", run_dir]) == 2
+    _check_eval_matches_the_run(run_dir, main)
+
+
+def _check_eval_matches_the_run(run_dir, main):
+    """`kft eval` rebuilds the run and finds its held-out loss again."""
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert main(["eval", run_dir]) == 0
+    result = json.load(open(os.path.join(run_dir, "eval.json")))
+    assert result["loss"] == pytest.approx(metrics["final"]["val"]["loss"],
+                                           abs=1e-4)
+    assert result["perplexity"] == pytest.approx(np.exp(result["loss"]),
+                                                 rel=1e-3)
+
+
+def _logits(lm, token_ids):
+    x = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids, bool)}
+    return np.asarray(lm(x))
+
+
+def test_export_merges_lora_into_a_hugging_face_checkpoint(tmp_path,
+                                                           checkpoint):
+    from kft.causal_lm import build_causal_lm
+    from kft.cli import main
+    from kft.recipes.evaluate import load_run
+
+    config = load_recipe(_recipe(tmp_path, checkpoint, generate=None))
+    run_dir, _ = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    out = str(tmp_path / "export")
+    assert main(["export", run_dir, "--output", out]) == 0
+    info = json.load(open(os.path.join(out, "kft_export.json")))
+    assert info["format"] == "transformers"
+    assert info["merged_lora_layers"] == 14
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(
+        os.listdir(out))
+    # The merged checkpoint loads as a plain model (no LoRA layers, the
+    # chat template kept) and gives the adapted model's logits.
+    merged = build_causal_lm(out, sequence_length=16)
+    assert merged.chat_template and "im_start" in merged.chat_template
+    _, adapted = load_run(run_dir)
+    token_ids = np.array([[1, 70, 260, 261, 262, 263, 40, 41]], "int32")
+    expected = _logits(adapted.lm, token_ids)
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(_logits(merged, token_ids), expected, atol=1e-5)
+
+
+def test_export_of_a_quantized_run_writes_keras_weights(tmp_path, checkpoint):
+    from kft.causal_lm import build_causal_lm
+    from kft.recipes.evaluate import export_run
+    from kft.recipes.evaluate import load_run
+
+    path = _recipe(tmp_path, checkpoint, generate=None, model={
+        "causal_lm": checkpoint, "sequence_length": 16, "quantize": "int8"})
+    run_dir, _ = run_recipe(load_recipe(path), str(tmp_path / "run"), verbose=0)
+    _, adapted = load_run(run_dir)
+    token_ids = np.array([[1, 70, 260, 261, 262, 263, 40, 41]], "int32")
+    expected = _logits(adapted.lm, token_ids)
+    out = export_run(run_dir, output=str(tmp_path / "export"))
+    info = json.load(open(os.path.join(out, "kft_export.json")))
+    assert info["format"] == "keras_weights"
+    assert "quantized (int8)" in info["why_not_transformers"]
+    lm = build_causal_lm(checkpoint, sequence_length=16, quantize="int8")
+    lm.load_weights(os.path.join(out, "model.weights.h5"))
+    # Merging requantizes each kernel: one more int8 rounding.
+    error = np.abs(_logits(lm, token_ids) - expected).max()
+    assert 0 < error < 0.02 * np.abs(expected).max()
+
+
+def test_prompt_tuning_recipe_trains_virtual_tokens_only(tmp_path, checkpoint):
+    from kft.cli import main
+    from kft.recipes.evaluate import generate_run
+
+    data = {"source": "sft_file", "path": str(tmp_path / "sft.jsonl"),
+            "batch_size": 4, "validation_split": 0.25}
+    path = _recipe(tmp_path, checkpoint, lora=None, data=data,
+                   prompt_tuning={"num_virtual_tokens": 3, "init_text": "a b"},
+                   stages=[{"name": "prompt", "epochs": 2,
+                            "learning_rate": 3e-2}])
+    config = load_recipe(path)
+    assert config.stages[0].trainable == "keep"
+    run_dir, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    assert metrics["params"]["trainable"] == 3 * 32  # 3 tokens x hidden 32
+    assert metrics["stages"][0]["trainable_params"] == 3 * 32
+    assert metrics["prompt"]["num_virtual_tokens"] == 3
+    files = set(os.listdir(run_dir))
+    assert "prompt.npz" in files and not {"adapter.npz",
+                                          "model.weights.h5"} & files
+    assert metrics["final"]["val_before"]["loss"] > metrics["final"]["val"]["loss"]
+    after = json.load(open(os.path.join(run_dir, "samples.json")))["after"]
+    # The prompt reloads onto a fresh frozen base and completes as the run did.
+    assert generate_run(run_dir, ["a b"], max_length=12) == after
+    _check_eval_matches_the_run(run_dir, main)
+    assert main(["export", run_dir]) == 2  # virtual tokens do not merge

@@ -60,6 +60,73 @@ def test_lora_recipe_trains_adapters_and_writes_adapter_and_model(tmp_path):
                for layer in lora_layers(model))
 
 
+def test_lora_variants_recipe_trains_b_at_lr_ratio_times_the_rate(tmp_path):
+    """`lora: {use_dora, init: pissa, lr_ratio: 16}`: every stage carries
+    LoRA+, and the B matrices train at 16x A's rate through the schedule
+    (history's per-group rate columns), DoRA and PiSSA included."""
+    from kft.lora import lora_layers
+    from kft.recipes.checkpoint import read_history
+
+    config = load_recipe(_recipe(
+        tmp_path, lora={"rank": 2, "use_dora": True, "init": "pissa",
+                        "lr_ratio": 16},
+        stages=[{"name": "train", "epochs": 2, "learning_rate": 1e-3,
+                 "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 1,
+                 "min_learning_rate": 1e-4}]))
+    assert config.stages[0].lora_lr_ratio == 16
+    out, _ = run_recipe(config, str(tmp_path / "run"), verbose=0)
+    rows = read_history(os.path.join(out, "history.csv"))
+    assert len(rows) == 2
+    for row in rows:
+        a, b = row["learning_rate/lora_a"], row["learning_rate/lora_b"]
+        assert a > 0 and b == pytest.approx(16 * a, rel=1e-6)
+        assert row["learning_rate/default"] == pytest.approx(a, rel=1e-6)
+    assert rows[0]["learning_rate/lora_a"] != rows[1]["learning_rate/lora_a"]
+    model = keras.saving.load_model(os.path.join(out, "model.keras"))
+    layers = lora_layers(model)
+    assert layers and all(layer.use_dora and layer.init == "pissa"
+                          for layer in layers)
+
+    with pytest.raises(RecipeError, match="lora.lr_ratio"):
+        load_recipe(_recipe(tmp_path, lora={"lr_ratio": 16}, stages=[
+            {"name": "train", "epochs": 1, "learning_rate": 1e-4,
+             "layer_decay": 0.8}]))
+
+
+def test_stage_lora_lr_ratio_updates_b_by_ratio_with_sgd():
+    """`Stage(lora_lr_ratio=16)` -> LoRA+: one SGD step moves each B by 16x
+    the rate times its gradient, A and the head by the rate."""
+    import tensorflow as tf
+
+    from kft.finetune import make_optimizer
+    from kft.lora import apply_lora
+    from kft.lora import lora_layers
+    from kft.stages import Stage
+
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(4, name="query")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+    apply_lora(model, targets="query", rank=2, trainable=("head",))
+    layer = lora_layers(model)[0]
+    layer.lora_b.assign(np.full(layer.lora_b.shape, 0.5, "float32"))
+    stage = Stage(epochs=1, trainable="keep", learning_rate=0.01,
+                  optimizer="sgd", lora_lr_ratio=16)
+    optimizer = make_optimizer(stage, steps=1, model=model)
+    variables = model.trainable_variables
+    before = [np.array(v) for v in variables]
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(x) ** 2)
+    grads = tape.gradient(loss, variables)
+    optimizer.apply(grads, variables)
+    for variable, old, grad in zip(variables, before, grads):
+        rate = 0.16 if variable.path.endswith("lora_b") else 0.01
+        np.testing.assert_allclose(np.asarray(variable),
+                                   old - rate * np.asarray(grad), atol=1e-6)
+    with pytest.raises(ValueError, match="lora_lr_ratio"):
+        Stage(epochs=1, learning_rate={"head": 1e-3}, lora_lr_ratio=16)
+
+
 def test_prompt_tuning_recipe_trains_only_the_prompt_and_head(tmp_path):
     config = load_recipe(_recipe(
         tmp_path, prompt_tuning={"num_virtual_tokens": 3, "init_text": "good"}))
@@ -125,19 +192,24 @@ def test_bad_text_recipes_name_the_key(tmp_path, change, needle):
         run_recipe(config, str(tmp_path / "run"), verbose=0)
 
 
-def test_image_data_with_text_model_and_lora_on_cnn_are_errors(tmp_path):
+def test_text_data_on_a_cnn_and_prompts_on_a_cnn_are_errors(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({
         "name": "x", "model": {"backbone": "vgg16"},
         "data": {"source": "fortunes"}, "stages": [{"epochs": 1}]}))
     with pytest.raises(RecipeError, match="model.text"):
         load_recipe(str(path))
-    path.write_text(yaml.safe_dump({
-        "name": "x", "model": {"backbone": "vgg16"}, "lora": {},
-        "data": {"source": "builtin", "name": "fashion_mnist_holdout"},
-        "stages": [{"epochs": 1}]}))
+    image = {"name": "x", "model": {"backbone": "vgg16"},
+             "data": {"source": "builtin", "name": "fashion_mnist_holdout"},
+             "stages": [{"epochs": 1}]}
+    path.write_text(yaml.safe_dump({**image, "prompt_tuning": {}}))
     with pytest.raises(RecipeError, match="text models"):
         load_recipe(str(path))
+    # LoRA on a CNN: its 1x1 convolutions, the head trains beside them.
+    path.write_text(yaml.safe_dump({**image, "lora": {"rank": 4}}))
+    lora = load_recipe(str(path)).lora
+    assert lora.targets == ["query", "value", "pointwise"]
+    assert lora.trainable == ["head_"] and lora.rank == 4
 
 
 def test_fortunes_loader_reads_topics(tmp_path):

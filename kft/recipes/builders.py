@@ -22,6 +22,10 @@ from kft.lora import apply_lora
 from kft.models import PRESET_WEIGHTS
 from kft.models import build_classifier
 from kft.offline import NetworkUnavailableError
+from kft.prompt_causal import PromptTunedCausalLM
+from kft.prompt_causal import generate as prompt_generate
+from kft.prompt_causal import prompt_tune_causal_lm
+from kft.recipes import audio as recipe_audio
 from kft.recipes.errors import RecipeError
 from kft.sft import SFTCausalLM
 from kft.sft import read_records
@@ -34,10 +38,13 @@ __all__ = ["augment_training_data", "build_data", "build_model", "evaluate",
 
 
 def input_shape_of(config):
-    """The image shape a recipe's model takes (`()` for text models)."""
+    """The image shape a recipe's model takes (`()` for text models,
+    `(samples,)` for audio models)."""
     model = config.model
     if model.text is not None or model.causal_lm is not None:
         return ()
+    if model.audio is not None:
+        return (recipe_audio.clip_samples(model),)
     if model.input_shape:
         return tuple(model.input_shape)
     if model.preset is not None:
@@ -57,10 +64,13 @@ def load_arrays(path, key):
         raise RecipeError(f"{key}: {error}") from None
 
 
-def build_data(data_config, input_shape):
-    """Builds the `DataBundle` a recipe's `data:` section describes."""
+def build_data(data_config, input_shape, sample_rate=16000):
+    """Builds the `DataBundle` a recipe's `data:` section describes
+    (`sample_rate`: an audio model's, `model.sample_rate`)."""
     if data_config.source in ("text_file", "fortunes"):
         return _text_data(data_config)
+    if data_config.source in ("audio_folder", "espeak_words"):
+        return recipe_audio.audio_data(data_config, input_shape[0], sample_rate)
     common = dict(batch_size=data_config.batch_size, shuffle=data_config.shuffle,
                   image_size=tuple(data_config.image_size or input_shape[:2]),
                   channels=input_shape[2])
@@ -144,6 +154,8 @@ def augment_training_data(train, augmentation, seed):
 def synthetic_data(config, input_shape):
     """Random images (or texts) of the recipe's shape, 2 or 3 classes, for
     `--smoke`."""
+    if config.model.audio is not None:
+        return recipe_audio.synthetic_audio(config, input_shape[0])
     head = HeadConfig.from_value(config.model.head)
     classes = 2 if head.kind == "binary" else 3
     rng = np.random.default_rng(config.seed)
@@ -176,6 +188,9 @@ def build_model(config, num_classes, input_shape, load_weights=True):
                                                  input_shape))
     if model_config.causal_lm is not None:
         return _causal_lm(config)
+    if model_config.audio is not None:
+        return _adapt(config, recipe_audio.audio_classifier(model_config,
+                                                            num_classes))
     if model_config.text is None:
         with _network_key("model.weights"):
             model = build_classifier(
@@ -209,7 +224,8 @@ def _preset_classifier(model_config, num_classes, input_shape):
 
 def _causal_lm(config):
     """The recipe's causal LM (LoRA applied) inside `kft.sft.SFTCausalLM`,
-    the Keras model that trains on SFT batches and shares its weights."""
+    the Keras model that trains on SFT batches and shares its weights; with
+    `prompt_tuning:`, a `PromptTunedCausalLM` (the base frozen)."""
     model_config = config.model
     try:
         lm = build_causal_lm(model_config.causal_lm,
@@ -230,6 +246,13 @@ def _causal_lm(config):
                        init=lora.init)
         except ValueError as error:
             raise RecipeError(_lora_error(error)) from None
+    if config.prompt_tuning is not None:
+        prompt = config.prompt_tuning
+        try:  # the base frozen; only the virtual tokens train
+            return prompt_tune_causal_lm(lm, prompt.num_virtual_tokens,
+                                         prompt.init_text, seed=config.seed)
+        except ValueError as error:
+            raise RecipeError(f"prompt_tuning: {error}") from None
     return SFTCausalLM(lm)
 
 
@@ -279,13 +302,22 @@ def evaluate_sft(model, data):
 
 
 def generate_samples(lm, generate):
-    """Greedy completions of the recipe's `generate:` prompts (`[]` if none)."""
+    """Greedy completions of the recipe's `generate:` prompts (`[]` if none).
+
+    `lm` is a keras-hub `CausalLM`, or a `PromptTunedCausalLM`, whose
+    virtual tokens go before every prompt (`kft.prompt_causal.generate`).
+    """
     if generate is None:
         return []
-    lm.compile(sampler="greedy")
-    return [{"prompt": prompt,
-             "completion": lm.generate(prompt, max_length=generate.max_length)[
-                 len(prompt):]}
+    if isinstance(lm, PromptTunedCausalLM):
+        def complete(prompt):
+            return prompt_generate(lm, prompt, max_length=generate.max_length)
+    else:
+        lm.compile(sampler="greedy")
+
+        def complete(prompt):
+            return lm.generate(prompt, max_length=generate.max_length)
+    return [{"prompt": prompt, "completion": complete(prompt)[len(prompt):]}
             for prompt in generate.prompts]
 
 

@@ -10,6 +10,7 @@ nothing else; finished results are kept and skipped on a rerun.
 
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -18,6 +19,9 @@ import time
 
 import yaml
 
+from kft.recipes.causal import CAUSAL_METHODS
+from kft.recipes.causal import causal_method_changes
+from kft.recipes.causal import causal_stored
 from kft.recipes.checkpoint import read_history
 from kft.recipes.errors import RecipeError
 from kft.recipes.loader import load_recipe
@@ -27,8 +31,13 @@ from kft.stages import policy_stages
 
 __all__ = ["METHODS", "compare", "method_stages"]
 
-METHODS = ("head", "full", "gradual", "discriminative", "lora", "prompt")
+METHODS = ("head", "full", "gradual", "discriminative", "lora", "dora",
+           "pissa", "loraplus", "prompt", "qlora")
 _TEXT_ONLY = ("prompt",)
+# The LoRA variants: the `lora` method's adapters (same targets, rank and
+# rate) with one `lora:` option changed.
+_LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True},
+                  "pissa": {"init": "pissa"}, "loraplus": {"lr_ratio": 16}}
 _RESULT = "result.json"
 
 # Learning rates per method: (image model, text model). Pretrained CNNs
@@ -39,6 +48,9 @@ _RATES = {
     "gradual": (1e-3, 1e-4),
     "discriminative": ((1e-5, 1e-3), 1e-4),
     "lora": (1e-3, 1e-3),
+    "dora": (1e-3, 1e-3),
+    "pissa": (1e-3, 1e-3),
+    "loraplus": (1e-3, 1e-3),
     "prompt": (None, 1e-2),
 }
 _DESCRIPTIONS = {
@@ -50,6 +62,9 @@ _DESCRIPTIONS = {
                        "head (transformers)"),
     "lora": ("LoRA rank 8 on query and value (transformers) or the 1x1 "
              "convolutions (CNNs), plus the head"),
+    "dora": "as lora, with DoRA (a trained magnitude per output unit)",
+    "pissa": "as lora, A and B started from the kernel's top singular vectors",
+    "loraplus": "as lora, with LoRA+: the B matrices at 16x the rate",
     "prompt": "20 virtual tokens plus the head; the backbone frozen",
 }
 
@@ -64,6 +79,9 @@ def method_stages(method, epochs, text):
     if method not in METHODS:
         raise RecipeError(
             f"--methods: unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if method == "qlora":  # see kft.recipes.causal.causal_method_changes
+        return None, ("quantizes a causal LM's base (model.causal_lm); this "
+                      "recipe's model is not one")
     if method in _TEXT_ONLY and not text:
         return None, ("adapts transformer text models (model.text); this "
                       "recipe's model is an image model")
@@ -91,12 +109,23 @@ def method_stages(method, epochs, text):
                    "learning_rate": rate}]
     changes = {"stages": stages, "policy": None, "lora": None,
                "prompt_tuning": None}
-    if method == "lora":
+    if method in _LORA_VARIANTS:
         targets = ["query", "value"] if text else ["query", "value", "pointwise"]
-        changes["lora"] = {"targets": targets, "rank": 8, "alpha": 16}
+        changes["lora"] = {"targets": targets, "rank": 8, "alpha": 16,
+                           **_LORA_VARIANTS[method]}
     if method == "prompt":
         changes["prompt_tuning"] = {"num_virtual_tokens": 20}
     return changes, None
+
+
+def _audio_method(method, epochs):
+    """A method on a Whisper encoder (`model.audio`): as on a text
+    transformer (its rates, LoRA on query and value, layer-wise rate
+    decay over the encoder's blocks), without prompt tuning."""
+    if method in _TEXT_ONLY:
+        return None, ("adapts transformer text models (model.text); this "
+                      "recipe's model is an audio model")
+    return method_stages(method, epochs, True)
 
 
 def _run_one(recipe_path, run_dir, smoke, log_path):
@@ -126,14 +155,22 @@ def _measure(run_dir, peak_mb, wall):
         metrics = json.load(f)
 
     rows = read_history(os.path.join(run_dir, "history.csv"))
-    monitor = "val_accuracy" if any("val_accuracy" in r for r in rows) else "val_loss"
+    # A causal LM's measure is its held-out completion loss (its token
+    # accuracy says little), kept with perplexity and the model's bytes.
+    causal = "model_bytes" in metrics
+    monitor = "val_accuracy" if not causal and any(
+        "val_accuracy" in r for r in rows) else "val_loss"
     values = [r[monitor] for r in rows if monitor in r]
     best = (max(values) if monitor == "val_accuracy" else min(values)) \
         if values else None
     params = metrics["params"]
     trainable = max((s["trainable_params"] for s in metrics["stages"]),
                     default=params["trainable"])
-    if "adapter" in metrics:
+    extra = {"model_bytes": metrics["model_bytes"], "perplexity": None if
+             best is None else round(math.exp(min(best, 50)), 4)} if causal else {}
+    if causal:
+        stored, what = causal_stored(metrics, run_dir)
+    elif "adapter" in metrics:
         stored, what = metrics["adapter"]["bytes"], "adapter.npz"
     elif metrics.get("stages") and all(
             s["name"] == "prompt" for s in metrics["stages"]):
@@ -155,6 +192,7 @@ def _measure(run_dir, peak_mb, wall):
         "wall_seconds": round(wall, 2),
         "stored_bytes": int(stored),
         "stored": what,
+        **extra,
     }
 
 
@@ -189,6 +227,10 @@ def _summaries(results, methods):
             "stored_bytes": ok[0]["stored_bytes"],
             "stored": ok[0]["stored"],
         }
+        if "model_bytes" in ok[0]:  # a causal LM: held-out loss -> perplexity
+            summary[method].update(
+                perplexity=math.exp(min(statistics.fmean(best), 50)),
+                model_bytes=ok[0]["model_bytes"])
     return summary
 
 
@@ -255,14 +297,18 @@ def _markdown(summary, advice):
             lines.append(f"| {method} | {s['status']}: {s['reason']} | | | | | |")
             continue
         step = s["median_step_seconds"]
+        ppl = f", perplexity {s['perplexity']:.2f}" if "perplexity" in s else ""
+        variables = (f"; model variables {s['model_bytes'] / 1e6:.2f} MB"
+                     if "model_bytes" in s else "")
         lines.append(
             f"| {method} | {s['best_mean']:.3f} ± {s['best_std']:.3f} "
-            f"({s['monitor']}, {s['seeds']} seed{'s' if s['seeds'] > 1 else ''}) "
+            f"({s['monitor']}{ppl}, {s['seeds']} seed"
+            f"{'s' if s['seeds'] > 1 else ''}) "
             f"| {s['trainable_params']:,} ({100 * s['trainable_share']:.2f}%) "
             f"| {s['peak_memory_mb']:.0f} MB "
             f"| {'-' if step is None else f'{1000 * step:.0f} ms'} "
             f"| {s['wall_seconds']:.0f} s "
-            f"| {s['stored_bytes'] / 1e6:.2f} MB ({s['stored']}) |")
+            f"| {s['stored_bytes'] / 1e6:.2f} MB ({s['stored']}){variables} |")
     lines.append("")
     lines.extend(f"- {advice[m]}" for m in summary if m in advice)
     return "\n".join(lines) + "\n"
@@ -295,7 +341,8 @@ def compare(recipe, methods=("head", "full", "gradual", "discriminative"),
     Args:
         recipe: a packaged recipe name or a YAML path.
         methods: names from `METHODS`; those that do not apply to the
-            model (prompt tuning on an image model) are skipped with a
+            model (prompt tuning on an image model; on a causal LM all but
+            `full`, `lora`, `qlora` and `prompt`) are skipped with a
             reason.
         epochs: the epoch budget of every method (default: the recipe's
             total epochs).
@@ -322,8 +369,12 @@ def compare(recipe, methods=("head", "full", "gradual", "discriminative"),
     os.makedirs(output_dir, exist_ok=True)
     base = resolved(config)
     results = []
+    causal = config.model.causal_lm is not None
     for method in methods:
-        changes, reason = method_stages(method, epochs, text)
+        changes, reason = (causal_method_changes(method, epochs, base)
+                           if causal else _audio_method(method, epochs)
+                           if config.model.audio is not None
+                           else method_stages(method, epochs, text))
         for seed in seeds:
             if changes is None:
                 results.append({"method": method, "seed": seed,
@@ -339,7 +390,9 @@ def compare(recipe, methods=("head", "full", "gradual", "discriminative"),
     report = {"recipe": config.name, "epochs": epochs, "seeds": seeds,
               "smoke": smoke, "methods": summary, "advice": _advice(summary),
               "runs": results,
-              "descriptions": {m: _DESCRIPTIONS[m] for m in methods}}
+              "descriptions": {m: CAUSAL_METHODS[m][1] if causal and m in
+                               CAUSAL_METHODS else _DESCRIPTIONS.get(m, "")
+                               for m in methods}}
     _write_report(report, results, output_dir)
     report["output_dir"] = output_dir
     return report
@@ -392,7 +445,8 @@ def _method_result(method, seed, derived, folder, *, rerun, smoke, verbose):
 _CSV_FIELDS = ["method", "seed", "status", "monitor", "best", "final",
                "trainable_params", "total_params", "trainable_share",
                "peak_memory_mb", "median_step_seconds", "train_seconds",
-               "wall_seconds", "stored_bytes", "stored", "reason", "error"]
+               "wall_seconds", "stored_bytes", "stored", "reason", "error",
+               "perplexity", "model_bytes"]
 
 
 def _write_report(report, results, output_dir):

@@ -13,11 +13,16 @@ from kft.heads import outputs_logits
 from kft.lora import load_adapter
 from kft.lora import lora_layers
 from kft.lora import merge_lora
+from kft.prompt_causal import load_prompt
+from kft.recipes.audio import audio_data_from_path
 from kft.recipes.builders import build_data
 from kft.recipes.builders import build_model
 from kft.recipes.builders import evaluate
 from kft.recipes.builders import generate_samples
+from kft.recipes.builders import input_shape_of
 from kft.recipes.builders import load_arrays
+from kft.recipes.causal import evaluate_causal_run
+from kft.recipes.causal import export_causal_run
 from kft.recipes.errors import RecipeError
 from kft.recipes.schema import GenerateConfig
 from kft.recipes.schema import RecipeConfig
@@ -57,24 +62,22 @@ def load_run(run_dir):
 
 def _load_causal_lm_run(run_dir, config):
     """The run's `SFTCausalLM`: the base rebuilt from its recipe, then the
-    adapters (`adapter.npz`) or the trained weights (`model.weights.h5`)."""
-    adapter = os.path.join(run_dir, "adapter.npz")
-    weights = os.path.join(run_dir, "model.weights.h5")
-    if not os.path.exists(adapter if config.lora else weights):
+    adapters (`adapter.npz`), the virtual tokens (`prompt.npz`, in a
+    `PromptTunedCausalLM`) or the trained weights (`model.weights.h5`)."""
+    name = ("adapter.npz" if config.lora else "prompt.npz"
+            if config.prompt_tuning else "model.weights.h5")
+    path = os.path.join(run_dir, name)
+    if not os.path.exists(path):
         raise RecipeError(f"{run_dir!r} is not a finished causal-LM run (no "
-                          f"{'adapter.npz' if config.lora else 'model.weights.h5'}).")
+                          f"{name}).")
     model = build_model(config, 0, ())
     if config.lora:
-        load_adapter(model.lm, adapter)
+        load_adapter(model.lm, path)
+    elif config.prompt_tuning:
+        load_prompt(model, path)
     else:
-        model.lm.load_weights(weights)
+        model.lm.load_weights(path)
     return model
-
-
-def _refuse_causal_lm(run_dir, command, instead):
-    if _run_config(run_dir).model.causal_lm is not None:
-        raise RecipeError(f"kft {command} does not take causal-LM runs yet: "
-                          f"{instead}.")
 
 
 def generate_run(run_dir, prompts, max_length=64):
@@ -84,7 +87,9 @@ def generate_run(run_dir, prompts, max_length=64):
         raise RecipeError(f"kft generate: {run_dir!r} is not a causal-LM run "
                           "(model.causal_lm).")
     generate = GenerateConfig(prompts=list(prompts), max_length=max_length)
-    return generate_samples(model.lm, generate)
+    # A prompt-tuned run completes through its virtual tokens.
+    return generate_samples(model if config.prompt_tuning else model.lm,
+                            generate)
 
 
 def _text_data_from_path(path, config):
@@ -125,16 +130,18 @@ def evaluate_run(run_dir, data_path=None):
     Args:
         run_dir: a finished run directory.
         data_path: an `.npz` or image folder (a `.csv` / `.tsv` / `.jsonl`
-            for text runs); default: the run's own
+            for text runs, SFT records for causal-LM runs, a folder of
+            `.wav` class folders for audio runs); default: the run's own
             validation data, rebuilt from its `config.yaml`.
 
     Returns:
         The metrics dict (also in `RUN_DIR/eval.json`), with `per_class`
-        precision / recall / F1 and `confusion_matrix` for classifiers.
+        precision / recall / F1 and `confusion_matrix` for classifiers;
+        completion loss, perplexity and token accuracy for causal LMs.
     """
-    _refuse_causal_lm(run_dir, "eval", "its held-out loss and perplexity are "
-                      "in metrics.json; `kft generate` completes prompts")
     config, model = load_run(run_dir)
+    if config.model.causal_lm is not None:
+        return evaluate_causal_run(run_dir, config, model, data_path)
     text = config.model.text is not None
     input_shape = () if text else tuple(model.input_shape[1:])
     if text:
@@ -142,12 +149,19 @@ def evaluate_run(run_dir, data_path=None):
         loss, metrics = loss_and_metrics(head_kind(model),
                                          from_logits=outputs_logits(model))
         model.compile(loss=loss, metrics=metrics)
+    audio = config.model.audio is not None
+    if audio:  # the model takes any length: the recipe's clip length
+        input_shape = input_shape_of(config)
     if data_path and text:
         bundle = _text_data_from_path(data_path, config)
+    elif data_path and audio:
+        bundle = audio_data_from_path(data_path, input_shape[0],
+                                      config.model.sample_rate,
+                                      config.data.batch_size)
     elif data_path:
         bundle = _data_from_path(data_path, input_shape, config.data.batch_size)
     else:
-        bundle = build_data(config.data, input_shape)
+        bundle = build_data(config.data, input_shape, config.model.sample_rate)
     data = bundle.val if bundle.val is not None else bundle.train
     os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
     result = evaluate(model, data, bundle.class_names, run_dir, prefix="eval_")
@@ -158,12 +172,15 @@ def evaluate_run(run_dir, data_path=None):
     return result
 
 
-def export_run(run_dir, format="keras", merge=False, output=None):
-    """Writes the run's model as a `.keras` file or a TF SavedModel."""
-    _refuse_causal_lm(run_dir, "export", "its adapters are in adapter.npz and "
-                      "adapter_peft/ (Hugging Face PEFT), or its weights in "
-                      "model.weights.h5")
-    _, model = load_run(run_dir)
+def export_run(run_dir, format=None, merge=False, output=None):
+    """Writes the run's model as a `.keras` file (the default) or a TF
+    SavedModel; a causal-LM run's, adapters merged, as a Hugging Face
+    checkpoint or Keras weights (`kft.recipes.causal.export_causal_run`)."""
+    config, model = load_run(run_dir)
+    if config.model.causal_lm is not None:
+        return export_causal_run(config, model, output or os.path.join(
+            run_dir, "export"), format)
+    format = format or "keras"
     if merge:
         if not lora_layers(model):
             raise RecipeError(

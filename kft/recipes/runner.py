@@ -42,6 +42,8 @@ from kft.recipes.builders import generate_samples
 from kft.recipes.builders import input_shape_of
 from kft.recipes.builders import sft_data
 from kft.recipes.builders import synthetic_data
+from kft.recipes.causal import variable_bytes
+from kft.recipes.causal import write_prompt
 from kft.recipes.checkpoint import RunCheckpoint
 from kft.recipes.checkpoint import read_history
 from kft.recipes.checkpoint import read_state
@@ -108,6 +110,10 @@ class RecipeRun:
                 prefix=f"kft-smoke-{config.name}-")
         self.config = config
         self.output_dir = output_dir or default_output_dir(config)
+        # Where this process writes: the run directory, or, for a
+        # multi-worker run's non-chief workers, a scratch directory
+        # (TensorFlow's convention: only the chief writes the run).
+        self.write_dir = self.output_dir
         self.verbose, self.resume, self.smoke = verbose, resume, smoke
         self.overwrite = overwrite
         self.recipe_hash = config_hash(config)
@@ -117,7 +123,7 @@ class RecipeRun:
         self.histories, self.timings = [], {}
 
     def path(self, *parts):
-        return os.path.join(self.output_dir, *parts)
+        return os.path.join(self.write_dir, *parts)
 
     def say(self, message):
         if self.verbose != 0:
@@ -126,13 +132,29 @@ class RecipeRun:
     # === Setup ===
 
     def setup(self):
+        # The strategy first: a multi-worker strategy must exist before any
+        # tensor (TensorFlow configures collective ops once per process).
+        distribution = self.config.distribution
+        keras_engine = distribution.strategy in KERAS_DISTRIBUTIONS
+        self.strategy = make_strategy(
+            "none" if keras_engine else distribution.strategy, distribution.devices)
+        if not self.strategy.extended.should_checkpoint:
+            self.write_dir = tempfile.mkdtemp(prefix="kft-worker-")
         self._setup_output_dir()
         self._setup_data()
         self._setup_model()
 
+    @property
+    def is_chief(self):
+        """Whether this process writes the run directory (always, except
+        on a multi-worker run's non-chief workers)."""
+        return self.write_dir == self.output_dir
+
     def _setup_output_dir(self):
         if self.resume:
             self._check_resumable()
+        elif not self.is_chief:
+            pass  # the chief checks and writes the run directory
         elif os.path.isdir(self.output_dir) and os.listdir(self.output_dir):
             if not self.overwrite:
                 raise RecipeError(
@@ -153,7 +175,7 @@ class RecipeRun:
             raise RecipeError(
                 f"--resume: {self.output_dir!r} holds no checkpoint to resume "
                 "from (checkpoints/state.json).")
-        with open(self.path("config.yaml")) as f:
+        with open(os.path.join(self.output_dir, "config.yaml")) as f:
             saved = yaml.safe_load(f)
         if saved.get("recipe_hash") != self.recipe_hash:
             raise RecipeError(
@@ -164,6 +186,8 @@ class RecipeRun:
             raise RecipeError(
                 f"--resume: the checkpoint in {self.output_dir!r} was written "
                 "by an earlier kft (a .keras file); start the run again.")
+        if not self.is_chief:
+            return  # every worker resumes from the chief's checkpoint
         # Epochs after the checkpoint are run again: drop their rows.
         write_history(self.path("history.csv"), [
             r for r in read_history(self.path("history.csv"))
@@ -175,7 +199,8 @@ class RecipeRun:
         if config.model.causal_lm is not None:
             return  # SFT batches need the model's tokenizer: _setup_model
         self.bundle = (synthetic_data(config, self.input_shape) if self.smoke
-                       else build_data(config.data, self.input_shape))
+                       else build_data(config.data, self.input_shape,
+                                       config.model.sample_rate))
         if config.augmentation is not None:
             self.bundle.train = augment_training_data(
                 self.bundle.train, config.augmentation, config.seed)
@@ -183,11 +208,6 @@ class RecipeRun:
         self.timings["data_seconds"] = round(time.perf_counter() - self.started, 2)
 
     def _setup_model(self):
-        distribution = self.config.distribution
-        keras_engine = distribution.strategy in KERAS_DISTRIBUTIONS
-        self.strategy = make_strategy(
-            "none" if keras_engine else distribution.strategy, distribution.devices)
-        # Built (or loaded) in the strategy's scope: variables are mirrored.
         # Built in the strategy's scope: variables are mirrored. A resumed
         # run is rebuilt from the recipe, then given the checkpoint's
         # weights, random states and trainable flags.
@@ -247,7 +267,7 @@ class RecipeRun:
             compile_stage(self.model, self.bundle.train, config.stages[-1])
             return
         # The NaN guard first: a broken epoch never reaches the checkpoint.
-        checkpoint = RunCheckpoint(self.output_dir, config.callbacks.checkpoints,
+        checkpoint = RunCheckpoint(self.write_dir, config.callbacks.checkpoints,
                                    data=self.bundle.train, resume=state)
         if state is not None:
             self._fast_forward_data(state, resume_from)
@@ -304,7 +324,7 @@ class RecipeRun:
         bundle = self.bundle
         eval_data = bundle.val if bundle.val is not None else bundle.train
         evaluation = evaluate(self.model, eval_data, bundle.class_names,
-                              self.output_dir)
+                              self.write_dir)
         metrics = self._metrics(rows, evaluation)
         if adapter:
             metrics["adapter"] = adapter
@@ -312,10 +332,14 @@ class RecipeRun:
         return metrics
 
     def _finalize_causal_lm(self):
-        """Adapters (kft and PEFT format) or the weights, held-out NLL and
-        perplexity, greedy samples before / after; `metrics.json`."""
+        """Adapters (kft and PEFT format), the prompt or the weights,
+        held-out NLL and perplexity, greedy samples before / after;
+        `metrics.json`."""
         lm = self.model.lm
-        if self.config.lora is not None:
+        prompted = self.config.prompt_tuning is not None
+        if prompted:  # the virtual tokens alone; the base is unchanged
+            saved = {"prompt": write_prompt(self.model, self.write_dir)}
+        elif self.config.lora is not None:
             saved = {"adapter": self._save_adapter()}
             peft_dir = self.path("adapter_peft")
             try:
@@ -329,13 +353,14 @@ class RecipeRun:
         rows = read_history(self.path("history.csv"))
         report.plot_curves(rows, self.path("plots", "curves.png"))
         evaluation = evaluate_sft(self.model, self.bundle.val or self.bundle.train)
-        self.samples["after"] = generate_samples(lm, self.config.generate)
+        self.samples["after"] = generate_samples(
+            self.model if prompted else lm, self.config.generate)
         if self.samples["after"]:
             report.write_metrics(self.path("samples.json"), self.samples)
         metrics = self._metrics(rows, evaluation)
         if self.before is not None:
             metrics["final"]["val_before"] = self.before
-        metrics.update(saved)
+        metrics.update(saved, model_bytes=variable_bytes(self.model))
         report.write_metrics(self.path("metrics.json"), metrics)
         return metrics
 
@@ -395,10 +420,14 @@ def run_recipe(config, output_dir=None, verbose="auto", *, resume=False,
     """
     run = RecipeRun(config, output_dir, verbose, resume=resume, smoke=smoke,
                     overwrite=overwrite)
-    with process_settings(run.config):
-        run.setup()
-        run.train()
-        metrics = run.finalize()
+    try:
+        with process_settings(run.config):
+            run.setup()
+            run.train()
+            metrics = run.finalize()
+    finally:
+        if not run.is_chief:  # a non-chief worker's scratch directory
+            shutil.rmtree(run.write_dir, ignore_errors=True)
     return run.output_dir, metrics
 
 

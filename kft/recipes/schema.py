@@ -13,6 +13,12 @@ import kft.families as backbones
 from kft.head_config import HeadConfig
 from kft.keras_distribution import KERAS_DISTRIBUTIONS
 from kft.keras_distribution import check_mesh
+from kft.speech_data import PITCHES
+from kft.speech_data import SPEECH_COMMANDS
+from kft.speech_data import SPEEDS
+from kft.speech_data import TRAIN_VOICES
+from kft.speech_data import VAL_VOICES
+from kft.speech_data import check_word_settings
 from kft.stages import Stage
 from kft.stages import policy_stages
 from kft.validation import Strict
@@ -23,11 +29,16 @@ __all__ = ["DataConfig", "LoRAConfig", "ModelConfig", "PromptTuningConfig",
 IMAGE_SOURCES = ("builtin", "numpy", "image_folder", "tfds")
 TEXT_SOURCES = ("text_file", "fortunes")
 SFT_SOURCES = ("sft_file", "wordnet_glosses")
-DATA_SOURCES = IMAGE_SOURCES + TEXT_SOURCES + SFT_SOURCES
+AUDIO_SOURCES = ("audio_folder", "espeak_words")
+DATA_SOURCES = IMAGE_SOURCES + TEXT_SOURCES + SFT_SOURCES + AUDIO_SOURCES
+# espeak_words' keys, and their defaults (kft.speech_data: no TensorFlow).
+_ESPEAK_KEYS = {"words": SPEECH_COMMANDS, "voices": TRAIN_VOICES,
+                "val_voices": VAL_VOICES, "speeds": SPEEDS, "pitches": PITCHES}
 _PYTHON_ONLY_STAGE_KEYS = ("callbacks", "loss", "metrics")
 
 
-MODEL_KINDS = ("backbone", "preset", "text", "causal_lm")
+MODEL_KINDS = ("backbone", "preset", "text", "causal_lm", "audio")
+_AUDIO_MODEL_KEYS = ("sample_rate", "max_seconds", "pooling")
 
 
 class ModelConfig(Strict):
@@ -38,7 +49,11 @@ class ModelConfig(Strict):
     such as `efficientnet_lite0_imagenet`; `image_size` sets the size its
     image converter resizes to); a text model names a keras-hub `text`
     checkpoint instead (`minilm`, a keras-hub preset name, `hf://...`, or a
-    local directory), read by `kft.build_text_classifier`.
+    local directory), read by `kft.build_text_classifier`. An audio model
+    names a Whisper checkpoint in `audio` (`whisper_tiny`, a keras-hub
+    preset name, `hf://...`, or a local directory), read by
+    `kft.build_audio_classifier` with `sample_rate`, `max_seconds` and
+    `pooling`; `weights` is `preset` (the default) or null.
     """
 
     backbone: str | None = None
@@ -46,6 +61,10 @@ class ModelConfig(Strict):
     image_size: tuple[int, int] | None = None
     text: str | None = None
     causal_lm: str | None = None
+    audio: str | None = None
+    sample_rate: int = Field(default=16000, ge=1000)
+    max_seconds: float = Field(default=30.0, gt=0, le=30)
+    pooling: Literal["mean", "attention"] = "mean"
     quantize: Literal["int8", "int4"] | None = None
     sequence_length: int = Field(default=128, ge=8)
     weights: str | None = None
@@ -61,8 +80,9 @@ class ModelConfig(Strict):
             raise ValueError("give exactly one of model.backbone (a "
                              "keras.applications family), model.preset (a "
                              "keras-hub image preset, hf:// or a directory), "
-                             "model.text (a text classifier) and "
-                             "model.causal_lm (a causal language model)")
+                             "model.text (a text classifier), "
+                             "model.causal_lm (a causal language model) and "
+                             "model.audio (a speech encoder)")
         if self.quantize is not None and self.causal_lm is None:
             raise ValueError("model.quantize is for model.causal_lm")
         if self.preset is not None:
@@ -86,6 +106,28 @@ class ModelConfig(Strict):
                 raise ValueError(f"model keys {image_only} are for image "
                                  "models (model.backbone), not model.text or "
                                  "model.causal_lm")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _audio_keys(self):
+        fields = type(self).model_fields
+        changed = {k for k in fields if getattr(self, k) != fields[k].default}
+        if self.audio is None:
+            audio_only = sorted(changed & set(_AUDIO_MODEL_KEYS))
+            if audio_only:
+                raise ValueError(f"model keys {audio_only} are for audio "
+                                 "models (model.audio)")
+            return self
+        image_only = sorted(changed & {"input_shape", "backbone_kwargs",
+                                       "sequence_length"})
+        if image_only:
+            raise ValueError(f"model keys {image_only} are not for audio "
+                             "models (model.audio)")
+        if self.weights not in (None, "preset"):
+            raise ValueError("model.weights of an audio model is 'preset' (its "
+                             "own, the default) or null (random)")
+        if "weights" not in self.model_fields_set:
+            self.weights = "preset"
         return self
 
     @pydantic.field_validator("backbone")
@@ -113,11 +155,17 @@ class DataConfig(Strict):
     sources (for `model.causal_lm`): `sft_file` (`.jsonl` / `.json` /
     `.csv` / `.tsv` records in `format`) and `wordnet_glosses` (WordNet's
     noun definitions, "Define: word" -> gloss); `packing`, `truncation`,
-    `max_examples`.
+    `max_examples`. Audio sources (for `model.audio`; clips at the model's
+    `sample_rate`, cut or padded to its `max_seconds`): `audio_folder`
+    (`path`, one folder of `.wav` files per class) and `espeak_words`
+    (`words` spoken by espeak-ng in `voices` at `speeds` x `pitches`,
+    validated on `val_voices`; made once into `path`, default
+    `~/.cache/kft/data`).
     """
 
     source: Literal["builtin", "numpy", "image_folder", "tfds", "text_file",
-                    "fortunes", "sft_file", "wordnet_glosses"]
+                    "fortunes", "sft_file", "wordnet_glosses", "audio_folder",
+                    "espeak_words"]
     name: str | None = None
     path: str | None = None
     data_dir: str | None = None
@@ -139,15 +187,36 @@ class DataConfig(Strict):
     truncation: Literal["drop_long", "truncate_completion",
                         "truncate_prompt"] = "drop_long"
     max_examples: int | None = Field(default=None, ge=2)
+    # Spoken words synthesised by espeak-ng (`kft.speech_data`).
+    words: list[str] | None = None
+    voices: list[str] | None = None
+    val_voices: list[str] | None = None
+    speeds: list[int] | None = None
+    pitches: list[int] | None = None
 
     @pydantic.model_validator(mode="after")
     def _source_needs(self):
         needs = {"builtin": "name", "tfds": "name", "numpy": "path",
                  "image_folder": "path", "text_file": "path",
                  "fortunes": None, "sft_file": "path",
-                 "wordnet_glosses": None}[self.source]
+                 "wordnet_glosses": None, "audio_folder": "path",
+                 "espeak_words": None}[self.source]
         if needs and getattr(self, needs) is None:
             raise ValueError(f"source {self.source!r} needs data.{needs}")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _espeak_keys(self):
+        given = sorted(k for k in _ESPEAK_KEYS if getattr(self, k) is not None)
+        if self.source != "espeak_words":
+            if given:
+                raise ValueError(f"data keys {given} are for source "
+                                 "'espeak_words'")
+            return self
+        for key, default in _ESPEAK_KEYS.items():  # resolved: defaults shown
+            if getattr(self, key) is None:
+                setattr(self, key, list(default))
+        check_word_settings({k: getattr(self, k) for k in _ESPEAK_KEYS})
         return self
 
 
@@ -183,7 +252,10 @@ class LoRAConfig(Strict):
     names / regexes or a preset: `attention`, `mlp`, `all-linear`,
     `pointwise` (1x1 convolutions). Image models default to `[query,
     value, pointwise]`: the attention of a ViT, the 1x1 convolutions of a
-    CNN."""
+    CNN. `use_dora: true` is DoRA, `init: pissa` / `olora` start the
+    adapters from the kernel, `lr_ratio: 16` is LoRA+ (every stage trains
+    the B matrices at 16x its learning rate: the stages' `lora_lr_ratio`,
+    unless a stage sets its own)."""
 
     targets: str | list[str] = ["query", "value"]
     rank: int = Field(default=8, ge=1)
@@ -192,6 +264,7 @@ class LoRAConfig(Strict):
     use_rslora: bool = False
     use_dora: bool = False
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    lr_ratio: float | None = Field(default=None, gt=0)
     trainable: list[str] = ["logits"]
 
 
@@ -204,8 +277,11 @@ class GenerateConfig(Strict):
 
 
 class PromptTuningConfig(Strict):
-    """`prompt_tuning:` virtual tokens on a frozen BERT-family text model
-    (`kft.build_text_classifier(prompt_tuning=...)`)."""
+    """`prompt_tuning:` virtual tokens on a frozen model: a BERT-family
+    text model (`kft.build_text_classifier(prompt_tuning=...)`) or a
+    rotary-position causal LM (`kft.prompt_causal.prompt_tune_causal_lm`;
+    unpacked data only). `init_text` starts the tokens from a text's
+    embeddings."""
 
     num_virtual_tokens: int = Field(default=20, ge=1)
     init_text: str | None = None
@@ -285,6 +361,30 @@ class RecipeConfig(Strict):
     stages: list[Stage] = Field(default=[], validate_default=True)
 
     @pydantic.model_validator(mode="after")
+    def _audio_needs(self):
+        audio = self.model.audio is not None
+        if audio != (self.data.source in AUDIO_SOURCES):
+            raise ValueError(
+                "an audio model (model.audio) trains on an audio data source "
+                f"{list(AUDIO_SOURCES)}, and those only feed audio models; "
+                f"data.source is {self.data.source!r}")
+        if not audio:
+            return self
+        if self.augmentation is not None:
+            raise ValueError("augmentation: is image augmentation; an audio "
+                             "model (model.audio) takes none in recipes")
+        if self.prompt_tuning is not None:
+            raise ValueError("prompt_tuning: adapts text models, not "
+                             "model.audio; use lora:")
+        if self.lora is not None:
+            # The encoder's attention and kft's head (layers named head_*).
+            defaults = {"targets": ["query", "value"], "trainable": ["head_"]}
+            self.lora = self.lora.model_copy(update={
+                k: v for k, v in defaults.items()
+                if k not in self.lora.model_fields_set})
+        return self
+
+    @pydantic.model_validator(mode="after")
     def _causal_lm_needs(self):
         causal = self.model.causal_lm is not None
         if causal != (self.data.source in SFT_SOURCES):
@@ -294,9 +394,11 @@ class RecipeConfig(Strict):
                 f"data.source is {self.data.source!r}")
         if self.generate is not None and not causal:
             raise ValueError("generate: is for causal LMs (model.causal_lm)")
-        if causal and self.prompt_tuning is not None:
-            raise ValueError("prompt_tuning: in recipes is for BERT-family "
-                             "text models; for a causal LM use lora:")
+        if causal and self.prompt_tuning is not None and self.data.packing:
+            raise ValueError("prompt_tuning: on a causal LM takes unpacked "
+                             "rows (the virtual tokens would sit at another "
+                             "distance before each packed example); set "
+                             "data.packing: false")
         strategy = self.distribution.strategy
         if causal and (self.augmentation is not None or strategy not in (
                 "none", *KERAS_DISTRIBUTIONS)):
@@ -309,7 +411,7 @@ class RecipeConfig(Strict):
                              "the layout map keras-hub gives its backbone "
                              "(model.causal_lm); for other models use "
                              "data_parallel")
-        if causal and self.lora is None:
+        if causal and self.lora is None and self.prompt_tuning is None:
             # Full fine-tuning: a causal LM has no separate head to train.
             self.stages = [
                 s if "trainable" in s.model_fields_set
@@ -364,6 +466,27 @@ class RecipeConfig(Strict):
                 policy.every, policy.learning_rate)]
         if not self.stages:
             raise ValueError("give at least one stage (or a policy:)")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _lora_lr_ratio_to_stages(self):
+        # LoRA+ is an optimizer setting: every stage carries it (one that
+        # sets its own lora_lr_ratio keeps it), so fine_tune needs no recipe.
+        ratio = self.lora.lr_ratio if self.lora is not None else None
+        if ratio is None:
+            return self
+        for stage in self.stages:
+            if stage.lora_lr_ratio is None and (
+                    stage.layer_decay is not None
+                    or not isinstance(stage.learning_rate, float)):
+                raise ValueError(
+                    f"lora.lr_ratio (LoRA+) needs one learning_rate per stage "
+                    f"(A's rate); stage {stage.name!r} has learning_rate="
+                    f"{stage.learning_rate!r}, layer_decay={stage.layer_decay!r}")
+        self.stages = [
+            s if s.lora_lr_ratio is not None
+            else s.model_copy(update={"lora_lr_ratio": ratio})
+            for s in self.stages]
         return self
 
     @pydantic.field_validator("stages")
