@@ -110,7 +110,8 @@ def test_text_lora_run_killed_at_a_random_step_resumes_to_the_same_weights(
 
 
 @pytest.mark.slow
-def test_causal_lm_lora_run_resumes_mid_stream_to_the_same_adapters(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "qlora_int4", "prompt"])
+def test_causal_lm_run_resumes_mid_stream_to_the_same_weights(tmp_path, method):
     checkpoint = write_hf_checkpoint(tiny_causal_lm(sequence_length=32),
                                      tmp_path / "hf")
     records = [{"prompt": f"{a} {b}", "completion": f"{b} {a}"}
@@ -122,19 +123,26 @@ def test_causal_lm_lora_run_resumes_mid_stream_to_the_same_adapters(tmp_path):
         "model": {"causal_lm": str(checkpoint), "sequence_length": 16},
         "data": {"source": "sft_file", "path": str(tmp_path / "sft.jsonl"),
                  "batch_size": 2, "validation_split": 0.25},
-        "lora": {"targets": "all-linear", "rank": 2, "alpha": 4, "dropout": 0.1},
         # 12 rows, 6 batches: 2 steps per epoch continue one stream, which
         # wraps around (a new shuffle) after epoch 3.
         "stages": [{"name": "sft", "epochs": 5, "steps_per_epoch": 2,
                     "learning_rate": 1e-2, "schedule": "cosine"}],
     }
+    if method == "prompt":  # the virtual tokens alone train
+        recipe["prompt_tuning"] = {"num_virtual_tokens": 3}
+    else:  # LoRA with dropout; QLoRA on an int4 base
+        recipe["lora"] = {"targets": "all-linear", "rank": 2, "alpha": 4,
+                          "dropout": 0.1}
+        if method == "qlora_int4":
+            recipe["model"]["quantize"] = "int4"
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     kill_at = int(np.random.default_rng().integers(3, 10))
     whole, resumed, state = _interrupted_then_resumed(str(path), tmp_path, kill_at)
     assert state["epochs_done"] == (kill_at - 1) // 2
     assert [r["loss"] for r in _rows(resumed)] == [r["loss"] for r in _rows(whole)]
-    _assert_same_arrays(whole / "adapter.npz", resumed / "adapter.npz")
+    stored = "prompt.npz" if method == "prompt" else "adapter.npz"
+    _assert_same_arrays(whole / stored, resumed / stored)
 
 
 def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
