@@ -59,11 +59,12 @@ class StepTimer(keras.callbacks.Callback):
             self.times.append(time.perf_counter() - self._started)
 
 
-def run(method, bundle, epochs, sequence_length, seed):
+def run(method, bundle, epochs, sequence_length, seed, rate=None):
     keras.utils.set_random_seed(seed)
     model = kft.build_text_classifier("minilm", bundle.num_classes,
                                       sequence_length=sequence_length)
-    trainable, rate, options, ratio = METHODS[method]
+    trainable, default_rate, options, ratio = METHODS[method]
+    rate = rate or default_rate
     if options is not None:
         lora.apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
                         trainable=("logits",), **options)
@@ -93,9 +94,13 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--rate", action="append", default=[],
+                        metavar="METHOD=RATE", help="another learning rate "
+                        "for a method (LoRA+: A's)")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
+    rates = {k: float(v) for k, v in (r.split("=") for r in args.rate)}
+    unknown = sorted((set(methods) | set(rates)) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; allowed: {list(METHODS)}")
 
@@ -109,7 +114,8 @@ def main():
     results = {}
     for method in methods:
         results[method] = r = run(method, bundle, args.epochs,
-                                  args.sequence_length, args.seed)
+                                  args.sequence_length, args.seed,
+                                  rates.get(method))
         print(f"{method:13s} val acc final {r['final']:.3f} best {r['best']:.3f}"
               f"  trainable {r['params']:,} ({100 * r['share']:.2f}%)"
               f"  step {1000 * r['step']:.0f} ms  train {r['seconds']:.0f} s",

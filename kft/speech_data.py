@@ -272,6 +272,11 @@ def check_word_settings(settings):
     for key in ("voices", "val_voices", "speeds", "pitches"):
         if not settings[key]:
             raise ValueError(f"{key} must not be empty.")
+    for key, low, high in (("speeds", 80, 450), ("pitches", 0, 99)):
+        outside = [v for v in settings[key] if not low <= v <= high]
+        if outside:
+            raise ValueError(f"{key}: espeak-ng takes {low} to {high}. "
+                             f"Received: {outside!r}")
     bad = [v for v in [*settings["voices"], *settings["val_voices"]]
            if not _VOICE.fullmatch(v)]
     if bad:

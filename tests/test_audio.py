@@ -1,4 +1,4 @@
-"""Audio classifiers on Whisper encoders, and audio folders."""
+"""Audio classifiers on Whisper and Moonshine encoders, and audio folders."""
 
 import os
 import struct
@@ -17,6 +17,7 @@ from kft.audio import AttentionPooling  # noqa: E402
 from kft.audio import LogMelSpectrogram  # noqa: E402
 from kft.audio import Resample  # noqa: E402
 from kft.audio import build_audio_classifier  # noqa: E402
+from kft.audio import moonshine_encoder  # noqa: E402
 from kft.audio import whisper_encoder  # noqa: E402
 from kft.audio import whisper_mel_filters  # noqa: E402
 from kft.audio_data import AudioFileError  # noqa: E402
@@ -400,3 +401,196 @@ def test_whisper_tiny_classifier_uses_the_pretrained_encoder(tmp_path):
                                np.asarray(full["encoder_sequence_output"]),
                                atol=1e-4)
     assert model.predict(clip, verbose=0).shape == (1, 2)
+
+
+# --- Moonshine: raw audio through its own conv stem --------------------------------
+
+def tiny_moonshine(num_layers=2):
+    """A random Moonshine small enough for CPU tests (1 s = 40 positions)."""
+    return keras_hub.models.MoonshineBackbone(
+        vocabulary_size=16, filter_dim=32, encoder_num_layers=num_layers,
+        decoder_num_layers=1, hidden_dim=32, intermediate_dim=32,
+        encoder_num_heads=2, decoder_num_heads=2)
+
+
+def test_the_family_table_splits_moonshine_encoders():
+    assert "MoonshineBackbone" in families.KERAS_HUB_SPLITTERS
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_moonshine_takes_raw_waveforms(pooling):
+    model = build_audio_classifier(tiny_moonshine(), 3, max_seconds=1.0,
+                                   pooling=pooling)
+    assert model.name == "moonshine_audio_classifier"
+    assert model.input_shape == (None, None)
+    assert model.get_layer("preprocessing").compute_output_shape((2, None)) == (
+        2, RATE, 1)
+    pooled = "head_attention_pool" if pooling == "attention" else "head_pool"
+    assert tuple(model.get_layer(pooled).input.shape) == (None, 40, 32)
+    probs = model.predict(waves(2), verbose=0)
+    assert probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    x = waves(2, seconds=0.6)
+    padded = np.pad(x, ((0, 0), (0, RATE - x.shape[1])))
+    np.testing.assert_allclose(model.predict(x, verbose=0),
+                               model.predict(padded, verbose=0), atol=1e-6)
+
+
+def test_moonshine_encoder_equals_the_backbones_encoder_output():
+    backbone = tiny_moonshine()
+    audio = waves(2)[:, :, None]
+    full = backbone({"encoder_input_values": audio,
+                     "encoder_padding_mask": np.ones((2, RATE), bool),
+                     "decoder_token_ids": np.ones((2, 3), "int32"),
+                     "decoder_padding_mask": np.ones((2, 3), bool)})
+    encoder = moonshine_encoder(backbone)
+    np.testing.assert_allclose(np.asarray(encoder(audio)),
+                               np.asarray(full["encoder_sequence_output"]),
+                               atol=1e-6)
+    assert not any("decoder" in w.path or "token_embedding" in w.path
+                   for w in encoder.weights)
+
+
+def test_moonshine_anatomy_blocks_and_frozen_backbone():
+    model = build_audio_classifier(tiny_moonshine(), 2, max_seconds=1.0,
+                                   head={"hidden": [8]})
+    anatomy = describe(model)
+    assert (anatomy.backbone, anatomy.family) == ("backbone", "MoonshineBackbone")
+    assert not model.get_layer("backbone").trainable
+    blocks = backbone_blocks(model)
+    assert [name for name, _ in blocks] == [
+        "stem", "encoder_block_0", "encoder_block_1", "top"]
+    stem = {layer.name for layer in blocks[0][1]}
+    assert {"conv1", "group_norm", "conv2", "conv3",
+            "encoder_rotary_embedding"} <= stem
+    assert [layer.name for layer in blocks[-1][1]] == ["encoder_final_layer_norm"]
+    assert {w.path.split("/")[0] for w in model.trainable_weights} == {
+        "head_dense_0", "head_output"}
+
+
+def test_moonshine_head_only_and_last_block_training():
+    model = build_audio_classifier(tiny_moonshine(), 2, max_seconds=1.0)
+    changed = changed_after_fit(model, waves(8), np.arange(8) % 2)
+    assert changed == {"head_output/kernel", "head_output/bias"}
+    model = build_audio_classifier(tiny_moonshine(), 2, max_seconds=1.0)
+    unfreeze(model, last_n_blocks=2)
+    changed = changed_after_fit(model, waves(8), np.arange(8) % 2)
+    assert {p.split("/")[0] for p in changed} == {
+        "encoder_block_1", "encoder_final_layer_norm", "head_output"}
+
+
+def test_moonshine_lora_changes_only_adapters_and_head():
+    model = build_audio_classifier(tiny_moonshine(), 2, max_seconds=1.0)
+    assert apply_lora(model, targets=("query", "value"), rank=2,
+                      trainable=("head_",)) == 4
+    changed = changed_after_fit(model, waves(8), np.arange(8) % 2)
+    adapters = {p for p in changed if p.endswith(("/lora_a", "/lora_b"))}
+    assert len(adapters) == 8
+    assert all("/query/" in p or "/value/" in p for p in adapters)
+    assert changed - adapters == {"head_output/kernel", "head_output/bias"}
+
+
+@pytest.mark.parametrize("pooling, rate, lora", [("mean", RATE, False),
+                                                 ("attention", 22050, True)])
+def test_moonshine_save_and_load_in_safe_mode(tmp_path, pooling, rate, lora):
+    model = build_audio_classifier(tiny_moonshine(), 3, max_seconds=1.0,
+                                   pooling=pooling, sample_rate=rate)
+    if lora:
+        apply_lora(model, targets=("query", "value"), rank=2)
+        for w in model.weights:
+            if w.path.endswith("/lora_b"):
+                w.assign(np.full(w.shape, 0.05, "float32"))
+    model.get_layer("head_output").bias.assign([0.3, -0.2, 0.1])
+    path = str(tmp_path / "moonshine.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    x = waves(2, rate=rate)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0),
+                               model.predict(x, verbose=0), atol=1e-6)
+    assert describe(loaded) == describe(model)
+
+
+def test_moonshine_lengths_and_offline_presets(no_network):
+    from kft.image_presets import PresetUnavailableError
+
+    base = tiny_moonshine()
+    with pytest.raises(ValueError, match="max_seconds must be in .* Moonshine"):
+        build_audio_classifier(base, 2, max_seconds=0.05)
+    with pytest.raises(ValueError, match="max_seconds must be in .* Moonshine"):
+        build_audio_classifier(base, 2, max_seconds=60)
+    assert build_audio_classifier(base, 2, max_seconds=0.056).output_shape == (
+        None, 2)
+    with pytest.raises(PresetUnavailableError, match="MoonshineBackbone"):
+        build_audio_classifier("moonshine_tiny_en", 2)
+
+
+# --- FLAC and OGG through soundfile (libsndfile) -----------------------------------
+
+def _stereo_int16(rate, seconds=0.5, freq=440):
+    t = np.arange(int(rate * seconds)) / rate
+    tones = np.stack([0.5 * np.sin(2 * np.pi * freq * t),
+                      0.3 * np.sin(2 * np.pi * 1.5 * freq * t)], 1)
+    return np.round(tones * 32767).astype("<i2")
+
+
+def _write_formats(folder, stem, ints, rate):
+    """The same 16-bit clip as .wav (wave module), .flac and .ogg (Vorbis)."""
+    soundfile = pytest.importorskip("soundfile")
+    os.makedirs(folder, exist_ok=True)
+    with wave.open(str(folder / f"{stem}.wav"), "wb") as f:
+        f.setnchannels(ints.shape[1])
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(ints.tobytes())
+    soundfile.write(folder / f"{stem}.flac", ints, rate, subtype="PCM_16")
+    soundfile.write(folder / f"{stem}.ogg", ints / 32768, rate, subtype="VORBIS")
+
+
+def test_flac_and_ogg_decode_like_the_wav(tmp_path):
+    from kft.audio_data import read_audio
+
+    _write_formats(tmp_path, "clip", _stereo_int16(22050), 22050)
+    wav, rate = read_wav(tmp_path / "clip.wav")
+    flac, flac_rate = read_audio(tmp_path / "clip.flac")
+    ogg, ogg_rate = read_audio(tmp_path / "clip.ogg")
+    assert rate == flac_rate == ogg_rate == 22050
+    assert wav.shape == flac.shape == ogg.shape == (11025, 2)
+    assert flac.dtype == ogg.dtype == np.float32
+    np.testing.assert_array_equal(flac, wav)  # lossless, same quantization
+    assert np.sqrt(np.mean((ogg - wav) ** 2)) < 0.01  # Vorbis: lossy
+    np.testing.assert_allclose(ogg, wav, atol=0.05)
+    np.testing.assert_array_equal(read_audio(tmp_path / "clip.wav")[0], wav)
+    # Mixed to mono, resampled and cut as WAV files are.
+    at_16k = load_audio(tmp_path / "clip.wav", RATE, num_samples=RATE // 4)
+    np.testing.assert_array_equal(
+        load_audio(tmp_path / "clip.flac", RATE, num_samples=RATE // 4), at_16k)
+    np.testing.assert_allclose(
+        load_audio(tmp_path / "clip.ogg", RATE, num_samples=RATE // 4), at_16k,
+        atol=0.05)
+
+
+def test_audio_folder_mixes_wav_flac_and_ogg(tmp_path):
+    root = tmp_path / "data"
+    for label, freq in enumerate((300, 900)):
+        folder = root / f"class_{label}"
+        for i in range(2):
+            _write_formats(folder, f"c{i}", _stereo_int16(22050, freq=freq + 50 * i),
+                           22050)
+    (root / "class_0" / "corrupt.flac").write_bytes(os.urandom(64))
+    (root / "class_1" / "empty.ogg").write_bytes(b"")
+    with pytest.warns(UserWarning, match="Skipped 2 unreadable audio file"):
+        bundle = from_audio_folder(root, max_seconds=0.25, validation_split=0,
+                                   shuffle=False, batch_size=4)
+    assert sorted(os.path.basename(p) for p in bundle.skipped_files) == [
+        "corrupt.flac", "empty.ogg"]
+    clips = [(w, int(y)) for x, ys in bundle.train for w, y in zip(x.numpy(), ys)]
+    assert len(clips) == 12 and all(w.shape == (RATE // 4,) for w, _ in clips)
+    assert sorted(y for _, y in clips) == [0] * 6 + [1] * 6
+    # Each WAV clip is there with a FLAC twin equal to it and an OGG twin
+    # close to it; the other clips are far.
+    wavs = [load_audio(p, RATE, RATE // 4) for p in sorted(root.glob("*/*.wav"))]
+    for reference in wavs:
+        distances = sorted(np.abs(w - reference).max() for w, _ in clips)
+        assert distances[:2] == [0.0, 0.0] and distances[2] < 0.05 < distances[3]
+    with pytest.raises(ValueError, match="2 unreadable audio file"):
+        from_audio_folder(root, max_seconds=0.25, on_bad_file="error")

@@ -166,7 +166,8 @@ def test_lora_audio_classifier_reloads_in_safe_mode_with_its_adapters(tmp_path):
 # --- Invalid recipes ---------------------------------------------------------------
 
 @pytest.mark.parametrize("change, needle", [
-    ({"data": {"source": "image_folder", "path": "x"}}, "data.source is 'image_folder'"),
+    ({"data": {"source": "image_folder", "path": "x"}},
+     "data.source is 'image_folder'"),
     ({"model": {"input_shape": [32, 32, 3]}}, "['input_shape'] are not for audio"),
     ({"model": {"weights": "imagenet"}}, "model.weights of an audio model"),
     ({"model": {"pooling": "max"}}, "model.pooling"),
