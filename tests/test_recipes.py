@@ -81,7 +81,7 @@ def test_invalid_recipes_name_the_key(tmp_path, change, needle):
 @pytest.mark.parametrize("override,needle,wrong", [
     # shuffle is a data: key, seed a top-level one: neither is offered
     # for a typo in another section.
-    ("model.shuffle=true", "model.shuffle: unknown key; allowed: backbone",
+    ("model.shuffle=true", "model.shuffle: unknown key; allowed: audio, backbone",
      "did you mean"),
     ("stages.0.seeds=1", "stages.0.seeds: unknown key; allowed: callbacks",
      "'seed'"),

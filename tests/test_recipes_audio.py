@@ -127,6 +127,34 @@ def test_head_then_top_block_writes_a_complete_run(tmp_path):
     assert saved["model"]["sample_rate"] == RATE
 
 
+def test_waveform_augmentation_reaches_the_training_batches_only(tmp_path):
+    recipe = write_recipe(tmp_path, augmentation={
+        "noise_snr_db": [5, 10], "gain_db": [-6, 6], "time_shift": 0.2})
+    config = load_recipe(recipe)
+    assert config.augmentation.time_shift == 0.2
+    from kft.recipes.runner import RecipeRun
+
+    run = RecipeRun(config, str(tmp_path / "run"), verbose=0)
+    run._setup_data()
+    train = next(iter(run.bundle.train))[0].numpy()
+    plain = load_recipe(write_recipe(tmp_path / "plain"))
+    bare = RecipeRun(plain, str(tmp_path / "bare"), verbose=0)
+    bare._setup_data()
+    clean = next(iter(bare.bundle.train))[0].numpy()
+    assert train.shape == clean.shape
+    assert not np.allclose(train, clean)  # noise, gain and shift applied
+    val = next(iter(run.bundle.val))[0].numpy()
+    np.testing.assert_array_equal(val, next(iter(bare.bundle.val))[0].numpy())
+    # An image model refuses waveform augmentation, naming it.
+    image = tmp_path / "image.yaml"
+    image.write_text(yaml.safe_dump({
+        "name": "x", "model": {"backbone": "mobilenet_v2"},
+        "augmentation": {"noise_snr_db": 10},
+        "data": {"source": "builtin", "name": "fashion_mnist_holdout"},
+        "stages": [{"epochs": 1}]}))
+    assert main(["validate", str(image)]) == 2
+
+
 def test_lora_recipe_trains_adapters_on_the_encoder_attention(tmp_path):
     config = load_recipe(write_recipe(tmp_path, lora={"rank": 2, "alpha": 4}))
     assert config.lora.targets == ["query", "value"]
@@ -171,7 +199,8 @@ def test_lora_audio_classifier_reloads_in_safe_mode_with_its_adapters(tmp_path):
     ({"model": {"input_shape": [32, 32, 3]}}, "['input_shape'] are not for audio"),
     ({"model": {"weights": "imagenet"}}, "model.weights of an audio model"),
     ({"model": {"pooling": "max"}}, "model.pooling"),
-    ({"augmentation": {"horizontal_flip": True}}, "augmentation: is image"),
+    ({"augmentation": {"horizontal_flip": True}}, "takes waveform augmentation"),
+    ({"augmentation": {"time_shift": 1.5}}, "time_shift"),
     ({"prompt_tuning": {"num_virtual_tokens": 4}}, "prompt_tuning:"),
     ({"data": {"source": "audio_folder", "path": "x", "voices": ["en-us"]}},
      "are for source 'espeak_words'"),

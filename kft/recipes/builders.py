@@ -143,9 +143,15 @@ def _text_data(data_config):
 
 
 def augment_training_data(train, augmentation, seed):
-    """Applies a recipe's `augmentation:` to the training batches."""
+    """Applies a recipe's `augmentation:` to the training batches (image
+    augmentation, or waveform augmentation for an audio recipe)."""
     import tensorflow as tf
 
+    from kft.augment import AudioAugmentation
+    from kft.recipes.schema import AudioAugmentationConfig
+
+    if isinstance(augmentation, AudioAugmentationConfig):
+        return AudioAugmentation(**augmentation.model_dump(), seed=seed).map(train)
     layer = ImageAugmentation(**augmentation.model_dump(), seed=seed).layer()
     return train.map(lambda x, y: (layer(x, training=True), y),
                      num_parallel_calls=tf.data.AUTOTUNE)

@@ -50,7 +50,7 @@ class ModelConfig(Strict):
     image converter resizes to); a text model names a keras-hub `text`
     checkpoint instead (`minilm`, a keras-hub preset name, `hf://...`, or a
     local directory), read by `kft.build_text_classifier`. An audio model
-    names a Whisper checkpoint in `audio` (`whisper_tiny`, a keras-hub
+    names a Whisper or Moonshine checkpoint in `audio` (`whisper_tiny`, a keras-hub
     preset name, `hf://...`, or a local directory), read by
     `kft.build_audio_classifier` with `sample_rate`, `max_seconds` and
     `pooling`; `weights` is `preset` (the default) or null.
@@ -244,6 +244,24 @@ class AugmentationConfig(Strict):
         return self
 
 
+class AudioAugmentationConfig(Strict):
+    """`augmentation:` of an audio recipe: `kft.augment.AudioAugmentation`
+    arguments (waveform noise, shift, gain, speed), applied to the training
+    batches only."""
+
+    noise_snr_db: float | tuple[float, float] | None = None
+    time_shift: float = Field(default=0.0, ge=0, lt=1)
+    gain_db: tuple[float, float] | None = None
+    speed: tuple[float, float] | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _check(self):
+        from kft.augment import AudioAugmentation
+
+        AudioAugmentation(**self.model_dump())
+        return self
+
+
 class LoRAConfig(Strict):
     """`lora:` `kft.lora.apply_lora` on a text model, a causal LM or an
     image classifier; stages then train the adapters and what `trainable`
@@ -351,7 +369,7 @@ class RecipeConfig(Strict):
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     distribution: DistributionConfig = DistributionConfig()
     callbacks: CallbacksConfig = CallbacksConfig()
-    augmentation: AugmentationConfig | None = None
+    augmentation: AugmentationConfig | AudioAugmentationConfig | None = None
     model: ModelConfig
     data: DataConfig
     lora: LoRAConfig | None = None
@@ -370,9 +388,14 @@ class RecipeConfig(Strict):
                 f"data.source is {self.data.source!r}")
         if not audio:
             return self
-        if self.augmentation is not None:
-            raise ValueError("augmentation: is image augmentation; an audio "
-                             "model (model.audio) takes none in recipes")
+        if isinstance(self.augmentation, AugmentationConfig) and (
+                self.augmentation.model_fields_set):
+            raise ValueError(
+                "augmentation: of an audio model (model.audio) takes waveform "
+                "augmentation (noise_snr_db, time_shift, gain_db, speed), not "
+                f"{sorted(self.augmentation.model_fields_set)}")
+        if isinstance(self.augmentation, AugmentationConfig):
+            self.augmentation = AudioAugmentationConfig()
         if self.prompt_tuning is not None:
             raise ValueError("prompt_tuning: adapts text models, not "
                              "model.audio; use lora:")
@@ -434,6 +457,12 @@ class RecipeConfig(Strict):
         if text and self.augmentation is not None:
             raise ValueError("augmentation: is image augmentation; a text "
                              "model takes none")
+        if (text is False and self.model.audio is None
+                and isinstance(self.augmentation, AudioAugmentationConfig)):
+            raise ValueError(
+                "augmentation: noise_snr_db, time_shift, gain_db and speed "
+                "augment waveforms (model.audio); an image model takes image "
+                "augmentation (rotation_range, horizontal_flip, ...)")
         if text is False and self.prompt_tuning:
             raise ValueError("prompt_tuning: adapts text models (model.text)")
         if text is False and self.lora is not None:
