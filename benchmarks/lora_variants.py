@@ -20,7 +20,8 @@ The models of a comparison of a comparison are timed in turns (`--rounds` rounds
 `--steps` `train_on_batch` steps each, after a traced warm-up), and each
 reports its median, so that a shared, busy machine slows both alike.
 
-    python benchmarks/lora_variants.py [--steps 3] [--rounds 5] [--model smollm2] [--cost]
+    python benchmarks/lora_variants.py [--steps 3] [--rounds 5]
+        [--model smollm2 | --cost]
 """
 
 import argparse

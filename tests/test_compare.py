@@ -211,6 +211,27 @@ def test_causal_lm_methods_full_lora_qlora_prompt(tmp_path):
     assert "perplexity" in table and "model variables" in table
 
 
+def test_lora_variant_methods_on_a_causal_lm(tmp_path):
+    """dora and loraplus on a causal LM: the causal `lora` method (all-linear,
+    rank 8) with use_dora, or lr_ratio 16 at a quarter of its rate."""
+    out = str(tmp_path / "cmp")
+    report = kft.compare(_causal_recipe(tmp_path), ["dora", "loraplus"],
+                         output_dir=out, verbose=False)
+    runs = {r["method"]: r for r in report["runs"]}
+    derived = {m: yaml.safe_load(open(os.path.join(out, m, "seed_0",
+                                                   "recipe.yaml")))
+               for m in runs}
+    for method, option in (("dora", {"use_dora": True}),
+                           ("loraplus", {"lr_ratio": 16})):
+        assert runs[method]["status"] == "ok", runs[method]
+        assert runs[method]["stored"] == "adapter.npz"
+        assert derived[method]["lora"] == {"targets": "all-linear", "rank": 8,
+                                           "alpha": 16, **option}
+    assert derived["loraplus"]["stages"][0]["learning_rate"] == pytest.approx(
+        derived["dora"]["stages"][0]["learning_rate"] / 4)
+    assert runs["dora"]["trainable_params"] > runs["loraplus"]["trainable_params"]
+
+
 def test_bad_arguments_exit_2_naming_them(tmp_path, capsys):
     recipe = _image_recipe(tmp_path)
     assert main(["compare", recipe, "--methods", "head,magic"]) == 2

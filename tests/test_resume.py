@@ -82,14 +82,16 @@ def _assert_same_arrays(a, b):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", [{}, {"use_dora": True, "lr_ratio": 16}])
 def test_text_lora_run_killed_at_a_random_step_resumes_to_the_same_weights(
-        tmp_path):
+        tmp_path, variant):
+    # DoRA + LoRA+: the magnitudes and three optimizer groups resume too.
     recipe = {
         "name": "resume_text", "seed": 3, "deterministic": True,
         "model": {"text": _tiny_preset(tmp_path / "preset"), "sequence_length": 16},
         "data": {"source": "text_file", "path": _csv(tmp_path / "reviews.csv"),
                  "batch_size": 4, "validation_split": 0.25},
-        "lora": {"rank": 2, "alpha": 4},
+        "lora": {"rank": 2, "alpha": 4, **variant},
         # 18 training rows: 5 steps per epoch, 20 in all.
         "stages": [{"name": "train", "epochs": 4, "learning_rate": 1e-2,
                     "optimizer": "adamw", "schedule": "cosine",
