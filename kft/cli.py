@@ -114,11 +114,12 @@ def _add_compare(sub):
     compare = sub.add_parser(
         "compare", help="measure fine-tuning methods on a recipe's task")
     compare.add_argument("recipe", help="packaged recipe name or path")
-    compare.add_argument("--methods", default="head,full,gradual,discriminative",
+    compare.add_argument("--methods", default=None,
                          help="comma-separated, from: head, full, gradual, "
                               "discriminative, lora, dora, pissa, loraplus, "
-                              "prompt, qlora (causal LMs: full, lora, qlora, "
-                              "prompt)")
+                              "prompt, qlora (default: head, full, gradual, "
+                              "discriminative; for a causal LM: full, lora, "
+                              "qlora, prompt)")
     compare.add_argument("--epochs", type=int, default=None,
                          help="epoch budget of every method (default: the "
                               "recipe's total)")
@@ -218,7 +219,8 @@ def _cmd_compare(args):
         raise RecipeError(
             f"--seeds: expected comma-separated integers. Received: {args.seeds!r}"
         ) from None
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = (None if args.methods is None else
+               [m.strip() for m in args.methods.split(",") if m.strip()])
     report = compare(args.recipe, methods, epochs=args.epochs, seeds=seeds,
                      output_dir=args.output_dir, overrides=args.overrides,
                      rerun=args.rerun, smoke=args.smoke)

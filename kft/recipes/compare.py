@@ -29,7 +29,8 @@ from kft.recipes.loader import resolved
 from kft.report import figure
 from kft.stages import policy_stages
 
-__all__ = ["METHODS", "compare", "method_stages"]
+__all__ = ["DEFAULT_CAUSAL_METHODS", "DEFAULT_METHODS", "METHODS", "compare",
+           "method_stages"]
 
 METHODS = ("head", "full", "gradual", "discriminative", "lora", "dora",
            "pissa", "loraplus", "prompt", "qlora")
@@ -358,14 +359,19 @@ def _plot(results, path):
     fig.savefig(path, dpi=100)
 
 
-def compare(recipe, methods=("head", "full", "gradual", "discriminative"),
-            *, epochs=None, seeds=(0,), output_dir=None, overrides=None,
-            rerun=False, smoke=False, verbose=True):
+DEFAULT_METHODS = ("head", "full", "gradual", "discriminative")
+DEFAULT_CAUSAL_METHODS = ("full", "lora", "qlora", "prompt")
+
+
+def compare(recipe, methods=None, *, epochs=None, seeds=(0,), output_dir=None,
+            overrides=None, rerun=False, smoke=False, verbose=True):
     """Runs each method on the recipe's task and compares them.
 
     Args:
         recipe: a packaged recipe name or a YAML path.
-        methods: names from `METHODS`; those that do not apply to the
+        methods: names from `METHODS` (default: `DEFAULT_METHODS`, or
+            `DEFAULT_CAUSAL_METHODS` for a causal LM); those that do not
+            apply to the
             model (prompt tuning on an image model; on a causal LM all but
             `full`, `lora`, `qlora` and `prompt`) are skipped with a
             reason.
@@ -384,6 +390,9 @@ def compare(recipe, methods=("head", "full", "gradual", "discriminative"),
         `compare.md` and `compare.png` beside it).
     """
     config = load_recipe(recipe, overrides)
+    if methods is None:
+        methods = (DEFAULT_CAUSAL_METHODS if config.model.causal_lm is not None
+                   else DEFAULT_METHODS)
     methods, seeds = _check_methods(methods), [int(s) for s in seeds]
     epochs = epochs or sum(stage.epochs for stage in config.stages)
     if epochs < 1:
