@@ -240,7 +240,7 @@ class RecipeRun:
         # The base model, before training (also when resuming: the model
         # is rebuilt from the recipe before the checkpoint is loaded).
         self.samples = {"before": generate_samples(lm, self.config.generate)}
-        if self.bundle.val is not None:
+        if self.bundle.val is not None and not self.smoke:
             self.model.compile()  # SFT defaults: the loss fine_tune uses
             self.before = evaluate_sft(self.model, self.bundle.val)
 
