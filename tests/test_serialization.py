@@ -224,6 +224,15 @@ def case_resample(tmp_path):
             tmp_path)
 
 
+def case_clip_waveform(tmp_path):
+    from kft.audio import ClipWaveform
+
+    waves = np.random.default_rng(0).normal(size=(2, 1200)).astype("float32")
+    layer = ClipWaveform(sample_rate=8000, max_seconds=0.1, name="clip")
+    reloaded = _reload(layer, waves, tmp_path)
+    assert (reloaded.sample_rate, reloaded.num_samples) == (8000, 800)
+
+
 def case_attention_pooling(tmp_path):
     from kft.audio import AttentionPooling
 
@@ -373,6 +382,7 @@ CASES = {
     "kft>LogMelSpectrogram": case_log_mel_spectrogram,
     "kft>Resample": case_resample,
     "kft>AttentionPooling": case_attention_pooling,
+    "kft>ClipWaveform": case_clip_waveform,
     "kft>SFTCausalLM": case_sft_causal_lm,
     "kft>PromptTunedCausalLM": case_prompt_tuned_causal_lm,
     "kft>DiscriminativeOptimizer": case_discriminative_optimizer,
