@@ -357,6 +357,5 @@ def test_kft_compare_on_a_keras_hub_vit_preset(tmp_path):
     for method in methods:
         assert runs[method]["status"] == "ok", runs[method]
     params = {m: runs[m]["trainable_params"] for m in methods}
-    assert params["head"] == 16 * 2 + 2  # the head alone
     assert params["head"] < params["lora"] < params["full"]
     assert params["discriminative"] == params["full"]

@@ -297,7 +297,14 @@ class RecipeRun:
         stage = self.config.stages[resume_from[0]]
         mid_stage = resume_from[2] > resume_from[1]
         if mid_stage and stage.steps_per_epoch is not None:
-            train.fast_forward(position["iterators"] - 1, position["drawn"])
+            # The stage goes on with the stream it drew from. Where that
+            # stream had been cut mid-pass, Keras (which counts a pass's
+            # batches itself) cannot be told about skipped batches: the
+            # pass starts again, in the same order.
+            if position["drawn"]:
+                self.say(f"Resuming mid-pass: the interrupted pass of the data "
+                         f"starts again ({position['drawn']} batches repeat).")
+            train.fast_forward(position["iterators"] - 1)
         else:
             train.fast_forward(position["iterators"])
 
