@@ -292,7 +292,7 @@ def _tracked_dataset_class():
         tasks map their preprocessor over the data inside `fit`)."""
 
         def __init__(self):
-            self.iterators, self.drawn, self.skip = 0, 0, 0
+            self.iterators, self.drawn = 0, 0
 
     class TrackedDataset(tf.data.Dataset):
         """A `tf.data.Dataset` that counts the iterators made from it.
@@ -303,9 +303,10 @@ def _tracked_dataset_class():
         the k-th epoch's order. Keras' `fit` makes iterators at known
         points (one per epoch; with `steps_per_epoch`, one kept across
         epochs), so a resumed run that first makes as many iterators as
-        the interrupted one had, and skips the batches already drawn from
-        the last one, sees exactly the data the interrupted run would
-        have. There is no public way to observe `iter()` on a dataset;
+        the interrupted one had sees the shuffle orders the interrupted
+        run would have. (Batches already drawn from a kept stream cannot
+        be skipped: Keras counts a pass's batches itself, and would run
+        out mid-epoch.) There is no public way to observe `iter()` on a dataset;
         this subclass reuses the wrapped dataset's variant tensor
         (`Dataset._variant_tensor`, TensorFlow 2.20 and 2.21), so its
         iterators share the wrapped dataset's seed generator. `map` and
@@ -351,21 +352,16 @@ def _tracked_dataset_class():
 
         def __iter__(self):
             iterator = super().__iter__()
-            position = self._position
-            position.iterators += 1
-            position.drawn, skip, position.skip = 0, position.skip, 0
-            for _ in range(skip):
-                next(iterator)
-                position.drawn += 1
+            self._position.iterators += 1
+            self._position.drawn = 0
             return iterator
 
-        def fast_forward(self, iterators, skip=0):
+        def fast_forward(self, iterators):
             """Makes (and drops) iterators until `iterators` have been
-            made; the next one made skips `skip` batches."""
+            made, so the next one draws the shuffle order it would have."""
             while self._position.iterators < iterators:
                 super().__iter__()
                 self._position.iterators += 1
-            self._position.skip = int(skip)
 
     _TRACKED.append(TrackedDataset)
     return TrackedDataset

@@ -19,8 +19,8 @@ causal LM cannot always be reloaded from it), loads the weights and flags,
 compiles the stage as the original run did, and restores the optimizer
 and callbacks when `fit` starts. The training data comes back to the same
 position too (`kft._keras_internals.TrackedDataset`): the same shuffle
-order for the epoch that resumes, and, for stages with `steps_per_epoch`,
-the same place in the data stream.
+order for the epoch that resumes. A `steps_per_epoch` stream cut mid-pass
+starts that pass again (see `RecipeRun._fast_forward_data`).
 """
 
 import json

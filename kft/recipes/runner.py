@@ -246,7 +246,7 @@ class RecipeRun:
 
     def _track_data(self):
         """Counts the training data's iterators, so that a resumed run sees
-        the same shuffle order and stream position (one device only: a
+        the same shuffle order (one device only: a
         tf.distribute strategy makes its own iterators)."""
         import tensorflow as tf
 
@@ -287,9 +287,9 @@ class RecipeRun:
 
     def _fast_forward_data(self, state, resume_from):
         """Brings the training data to where the checkpoint left it: as
-        many iterators made (each draws the next shuffle order) and, when
-        the stage goes on with its `steps_per_epoch` stream, the batches
-        already drawn from the last one skipped."""
+        many iterators made (each draws the next shuffle order). A stage
+        that goes on with its `steps_per_epoch` stream takes that stream's
+        iterator again, from the start of its pass."""
         position = state.get("data")
         train = self.bundle.train
         if position is None or not hasattr(train, "fast_forward"):
