@@ -213,3 +213,25 @@ def test_checkpoint_holds_optimizer_random_state_and_flags(tmp_path):
         m.fit(np.ones((8, 4)), np.ones((8, 2)), epochs=1, verbose=0, shuffle=False)
     for mine, theirs in zip(fresh.weights, trained.weights):
         np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), atol=1e-7)
+
+
+def test_fast_forward_gives_the_shuffle_order_the_next_epoch_would_have():
+    import tensorflow as tf
+
+    from kft._keras_internals import tracked_dataset
+
+    def data():
+        return tracked_dataset(tf.data.Dataset.range(16).shuffle(
+            16, seed=5, reshuffle_each_iteration=True).batch(4))
+
+    whole = data()
+    orders = [[b.numpy().tolist() for b in whole] for _ in range(4)]
+    assert whole.iterators == 4 and len({str(o) for o in orders}) == 4
+    resumed = data()
+    resumed.fast_forward(2)  # two epochs were done
+    assert [[b.numpy().tolist() for b in resumed]] == orders[2:3]
+    # map / prefetch (a keras-hub preprocessor) keep the count.
+    mapped = resumed.map(lambda x: x * 2).prefetch(1)
+    assert [b.numpy().tolist() for b in mapped] == [
+        [2 * v for v in batch] for batch in orders[3]]
+    assert resumed.iterators == 4
