@@ -18,12 +18,19 @@ from kft.convert.assets import prepare
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", default=list(ASSETS),
-                        choices=list(ASSETS), metavar="NAME")
+    # No `choices=` on a `nargs="*"` positional: argparse (3.11 and older)
+    # checks a list default against `choices` as one value and refuses it.
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"assets to convert (default: all of "
+                             f"{', '.join(ASSETS)})")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in ASSETS]
+    if unknown:
+        parser.error(f"unknown asset {unknown[0]!r}; choose from "
+                     f"{', '.join(ASSETS)}")
     status = 0
-    for name in args.names:
+    for name in args.names or list(ASSETS):
         try:
             prepare(name, force=args.force)
         except FileNotFoundError as error:
