@@ -59,17 +59,14 @@ import time
 import traceback
 
 import numpy as np
+from _llm import ALPHA
+from _llm import RANK
+from _llm import SMOLLM2
+from _llm import TINY
+from _llm import batches
+from _llm import build_lm
+from _llm import import_kft_first
 
-# What kft converts SmolLM2-135M-Instruct to (kft.convert.gguf): the
-# keras-hub Llama 3 backbone. keras-hub's converter reads no rms_norm_eps;
-# 1e-5 is SmolLM2's own.
-SMOLLM2 = dict(vocabulary_size=49152, num_layers=30, num_query_heads=9,
-               num_key_value_heads=3, hidden_dim=576, intermediate_dim=1536,
-               rope_max_wavelength=100000, layer_norm_epsilon=1e-5,
-               tie_word_embeddings=True)
-TINY = dict(SMOLLM2, vocabulary_size=512, num_layers=2, num_query_heads=4,
-            num_key_value_heads=2, hidden_dim=64, intermediate_dim=128)
-RANK, ALPHA = 8, 16
 METHODS = {
     "full": {"adapter": "full", "quantize": None, "lr": 2e-5},
     "lora": {"adapter": "kft_lora", "quantize": None, "lr": 2e-4},
@@ -90,12 +87,6 @@ _T0 = float(os.environ.setdefault("GPU_LLM_T0", str(time.time())))
 
 def log(message, name="main"):
     print(f"[{time.time() - _T0:6.1f}s {name}] {message}", flush=True)
-
-
-def import_kft_first():
-    """kft's modules before Keras: they then load without TensorFlow."""
-    for name in ("kft.lora", "kft.sft", "kft.causal_lm"):
-        importlib.import_module(name)
 
 
 # === One run (a worker process) ===
@@ -125,45 +116,16 @@ def memory(device):
 
 
 def build(method, config):
-    """The model to train and the keras-hub LM under it."""
+    """The model to train (`kft.sft.SFTCausalLM`), compiled."""
     import keras
-    import keras_hub
 
-    from kft.causal_lm import _quantize
-    from kft.freezing import train_only
-    from kft.lora import LORA_TARGET_PRESETS
-    from kft.lora import apply_lora
     from kft.sft import SFTCausalLM
 
     spec = METHODS[method]
-    backbone = keras_hub.models.Llama3Backbone(**config)
-    lm = keras_hub.models.Llama3CausalLM(backbone=backbone, preprocessor=None)
-    if spec["quantize"]:
-        _quantize(lm, spec["quantize"])
-    if spec["adapter"] == "kft_lora":
-        apply_lora(lm, targets="all-linear", rank=RANK, alpha=ALPHA)
-    elif spec["adapter"] == "keras_lora":
-        names = set(LORA_TARGET_PRESETS["Llama3Backbone"]["attention"]
-                    + LORA_TARGET_PRESETS["Llama3Backbone"]["mlp"])
-        layers = [layer for layer in backbone._flatten_layers()
-                  if layer.name in names]
-        train_only(lm, layers)
-        for layer in layers:
-            layer.enable_lora(RANK, lora_alpha=ALPHA)
-    elif spec["adapter"] == "frozen":
-        train_only(lm, [backbone.get_layer("sequence_output_layernorm")])
+    lm = build_lm(config, spec["adapter"], quantize=spec["quantize"])
     model = SFTCausalLM(lm)
     model.compile(optimizer=keras.optimizers.Adam(spec["lr"]))
     return model
-
-
-def batches(steps, batch_size, length, vocabulary_size, seed):
-    """`steps` batches of random rows, every token real and weighted."""
-    rng = np.random.default_rng(seed)
-    rows = steps * batch_size
-    tokens = rng.integers(3, vocabulary_size, (rows, length + 1)).astype("int32")
-    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((rows, length), bool)}
-    return x, tokens[:, 1:], np.ones((rows, length), "float32")
 
 
 def run_one(name, args, locks):

@@ -1,0 +1,164 @@
+"""What a LoRA train step costs, counted by XLA: kft LoRA, full, `enable_lora`.
+
+Deterministic, machine-independent figures for issue 24: the JAX train
+step of a causal LM is compiled on the CPU (`jax.jit(model.train_step)
+.lower(state, batch).compile()`, no step is run) and XLA's own analysis
+of the compiled module is read: flops and bytes accessed
+(`cost_analysis()`), temporary memory (`memory_analysis()`), the arrays
+of state the step takes (trainable, non-trainable, optimizer and metric
+variables) and the matmuls (`dot` instructions, and oneDNN matmul custom
+calls) in the optimised HLO text.
+
+The model: a keras-hub `Llama3Backbone` of SmolLM2-135M's shape
+(vocabulary 49152, 30 layers, hidden 576, intermediate 1536, 9 query / 3
+key-value heads, tied embeddings; `_llm.SMOLLM2`) with random weights,
+under `keras.config.set_dtype_policy("bfloat16")`, trained through
+`kft.sft.SFTCausalLM` (AdamW, its default loss: sparse cross-entropy from
+the logits over the weighted tokens) on sequence 512, batch 8. Variants:
+
+- `full`: every weight trains;
+- `kft_lora`: `kft.lora.apply_lora(lm, "all-linear", rank=8, alpha=16)`
+  (q, k, v, o, gate, up, down);
+- `enable_lora`: keras-hub's `backbone.enable_lora(8,
+  target_layer_names=[the same seven projections])`.
+
+    python benchmarks/lora_cost.py [--layers 30] [--seq 512] [--batch 8]
+        [--variants full,kft_lora,enable_lora]
+
+`--layers 2 --seq 64 --batch 2` checks the script in a minute; the
+default shape compiles for a few minutes per variant on two CPU cores.
+
+Measured (default shape; keras 3.15.1, keras-hub 0.32.0, jax 0.10.2, XLA
+CPU; the same on any machine). Before issue 24 (kft at 64336e3):
+
+                        full     kft_lora  enable_lora  kft/full  kft/enable_lora
+    flops (T)         3.7810       2.7366       3.5429     0.724            0.772
+    bytes accessed (GB) 128.74     136.47       117.84     1.060            1.158
+    temporary (GB)   16.3456      16.5986      16.1889     1.015            1.025
+    state arrays         822        1,958        1,538     2.382            1.273
+    matmuls              813        1,856        1,439     2.283            1.290
+"""
+
+import argparse
+import gc
+import os
+import re
+import sys
+import time
+
+os.environ["KERAS_BACKEND"] = "jax"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _llm import SMOLLM2  # noqa: E402
+from _llm import batches  # noqa: E402
+from _llm import build_lm  # noqa: E402
+from _llm import import_kft_first  # noqa: E402
+
+# Variant name -> `_llm.build_lm` adapter.
+VARIANTS = {"full": "full", "kft_lora": "kft_lora",
+            "enable_lora": "keras_hub_lora"}
+METRICS = ("flops", "bytes_accessed", "temp_bytes", "state_arrays", "matmuls")
+# A matmul in optimised HLO: a `dot`, or (XLA:CPU with oneDNN) a custom
+# call to a oneDNN matmul.
+_MATMUL = re.compile(r"\sdot\(|custom_call_target=\"[^\"]*matmul[^\"]*\"")
+
+
+def compiled_step(adapter, config, sequence_length, batch_size):
+    """The compiled JAX train step of one variant, and its state."""
+    import jax
+    import keras
+
+    from kft.sft import SFTCausalLM
+
+    keras.config.set_dtype_policy("bfloat16")
+    keras.utils.set_random_seed(0)
+    model = SFTCausalLM(build_lm(config, adapter))
+    model.compile(optimizer=keras.optimizers.AdamW(2e-4))
+    data = tuple(batches(1, batch_size, sequence_length,
+                         config["vocabulary_size"], seed=0))
+    # What `fit` does before its first step: builds the optimizer, the
+    # loss and the metrics (their variables are part of the state).
+    model._symbolic_build(data_batch=data)
+    state = tuple([v.value for v in variables] for variables in (
+        model.trainable_variables, model.non_trainable_variables,
+        model.optimizer.variables, model.metrics_variables))
+    compiled = jax.jit(model.train_step).lower(state, data).compile()
+    return compiled, state
+
+
+def measure(compiled, state):
+    """`{metric: value}` of a compiled step (see `METRICS`)."""
+    import jax
+
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per module
+        cost = cost[0]
+    return {
+        "flops": float(cost["flops"]),
+        "bytes_accessed": float(cost["bytes accessed"]),
+        "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+        "state_arrays": len(jax.tree_util.tree_leaves(state)),
+        "matmuls": len(_MATMUL.findall(compiled.as_text())),
+    }
+
+
+def _value(metric, value):
+    if metric == "flops":
+        return f"{value / 1e12:.4f} T"
+    if metric in ("bytes_accessed", "temp_bytes"):
+        return f"{value / 1e9:.4f} GB"
+    return f"{value:,}"
+
+
+def table(results):
+    """Rows per metric: each variant, then kft/full and kft/enable_lora."""
+    names = list(results)
+    ratios = [(a, b) for a, b in (("kft_lora", "full"),
+                                  ("kft_lora", "enable_lora"))
+              if a in results and b in results]
+    header = f"{'':<16}" + "".join(f"{n:>16}" for n in names) + "".join(
+        f"{a.split('_')[0] + '/' + b:>18}" for a, b in ratios)
+    lines = [header, "-" * len(header)]
+    for metric in METRICS:
+        row = f"{metric:<16}" + "".join(
+            f"{_value(metric, results[n][metric]):>16}" for n in names)
+        row += "".join(f"{results[a][metric] / results[b][metric]:>18.3f}"
+                       for a, b in ratios)
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=SMOLLM2["num_layers"])
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, from {list(VARIANTS)}")
+    args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    import_kft_first()
+    import keras
+
+    config = dict(SMOLLM2, num_layers=args.layers)
+    print(f"shape: {args.layers} layers, sequence {args.seq}, batch "
+          f"{args.batch}, bfloat16", flush=True)
+    results = {}
+    for name in variants:
+        start = time.perf_counter()
+        compiled, state = compiled_step(VARIANTS[name], config, args.seq,
+                                        args.batch)
+        results[name] = measure(compiled, state)
+        print(f"{name}: compiled in {time.perf_counter() - start:.0f} s: "
+              f"{results[name]}", flush=True)
+        del compiled, state
+        keras.backend.clear_session()
+        gc.collect()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
