@@ -416,7 +416,8 @@ def lr_find(model, data, start_lr=1e-7, end_lr=10.0, num_steps=100,
     Args:
         model: a compiled Keras model.
         data: a `tf.data.Dataset` of `(x, y)` batches (repeated as needed).
-        start_lr, end_lr: the range, tested exponentially.
+        start_lr: the start of the range, tested exponentially.
+        end_lr: the end of the range.
         num_steps: steps of the test (fewer when the loss diverges).
         stop_factor: stop when the loss exceeds this times its best.
         plot_path: where to save the plot, if given.

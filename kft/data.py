@@ -218,7 +218,9 @@ def from_numpy(
         x: images, `(N, H, W)` or `(N, H, W, C)`, any numeric dtype, raw
             pixel values in [0, 255].
         y: integer class labels, `(N,)`.
-        x_val, y_val: a separate validation set (else `validation_split`).
+        x_val: images of a separate validation set (else
+            `validation_split`).
+        y_val: the labels of `x_val`.
         batch_size: batch size.
         validation_split: share of each class held out for validation.
         shuffle: shuffle the training set every epoch.
@@ -499,8 +501,8 @@ def from_tfds(
     Args:
         name: the tfds name, e.g. `"tf_flowers"`.
         data_dir: where the prepared data lives (tfds' `data_dir`).
-        train_split, val_split: tfds split strings (`val_split=None` for
-            no validation).
+        train_split: a tfds split string.
+        val_split: a tfds split string (`None` for no validation).
         download: allow tfds to download and prepare the data.
         shuffle: shuffle the training files and examples every epoch.
 

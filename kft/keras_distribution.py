@@ -317,7 +317,10 @@ def keras_distribution(name, mesh=None, *, layout=None, devices=None):
     and yields None, so a recipe runner can enter it whatever the name.
 
     Args:
-        name, mesh, layout, devices: as for `make_distribution`.
+        name: as for `make_distribution`.
+        mesh: as for `make_distribution`.
+        layout: as for `make_distribution`.
+        devices: as for `make_distribution`.
 
     Yields:
         The distribution (None for a tf.distribute name).

@@ -532,7 +532,10 @@ def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
             the LM head). For any model, `"pointwise"`: every 1x1
             `Conv2D` (a CNN's expand / project / shortcut convolutions,
             e.g. MobileNetV2's, EfficientNet's, ResNet's bottlenecks).
-        rank, alpha, dropout, use_rslora: see `LoRADense`.
+        rank: see `LoRADense`.
+        alpha: see `LoRADense`.
+        dropout: see `LoRADense`.
+        use_rslora: see `LoRADense`.
         trainable: names (substrings or regexes) of other layers that keep
             training, such as the classification head (PEFT's
             `modules_to_save`).

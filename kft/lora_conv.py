@@ -26,12 +26,17 @@ class LoRAConv2D(_LoRAMixin, keras.layers.Conv2D):
     """A Conv2D with a frozen kernel and a trainable low-rank update.
 
     Args:
-        filters, kernel_size: as `keras.layers.Conv2D`.
+        filters: as `keras.layers.Conv2D`.
+        kernel_size: as `keras.layers.Conv2D`.
         rank: rank `r` of the update (the filters of `A`). Keras' Conv2D
             keeps its spatial rank (2) in `self.rank`; the LoRA rank is
             `self.adapter_rank`.
-        alpha, dropout, use_rslora, merged, use_dora, init: as
-            `kft.lora.LoRADense`.
+        alpha: as `kft.lora.LoRADense`.
+        dropout: as `kft.lora.LoRADense`.
+        use_rslora: as `kft.lora.LoRADense`.
+        merged: as `kft.lora.LoRADense`.
+        use_dora: as `kft.lora.LoRADense`.
+        init: as `kft.lora.LoRADense`.
         **kwargs: `keras.layers.Conv2D` arguments (`groups` must be 1).
 
     Example:

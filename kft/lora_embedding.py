@@ -71,10 +71,15 @@ class LoRAEmbedding(_LoRAEmbeddingMixin, keras.layers.Embedding):
     """An Embedding with a frozen table and a trainable low-rank update.
 
     Args:
-        input_dim, output_dim: as `keras.layers.Embedding`.
-        rank, alpha, use_rslora, merged, use_dora, init: as
-            `kft.lora.LoRADense` (DoRA's norm is per embedding dimension,
-            over the vocabulary, as PEFT's). `init="pissa"` / `"olora"`
+        input_dim: as `keras.layers.Embedding`.
+        output_dim: as `keras.layers.Embedding`.
+        rank: as `kft.lora.LoRADense`.
+        alpha: as `kft.lora.LoRADense`.
+        use_rslora: as `kft.lora.LoRADense`.
+        merged: as `kft.lora.LoRADense`.
+        use_dora: as `kft.lora.LoRADense` (DoRA's norm is per embedding
+            dimension, over the vocabulary, as PEFT's).
+        init: as `kft.lora.LoRADense`; `init="pissa"` / `"olora"`
             factor the table.
         dropout: kept in the config; not applied (token ids).
         **kwargs: `keras.layers.Embedding` arguments.

@@ -349,7 +349,8 @@ def loraplus(
             or a Keras `LearningRateSchedule`).
         ratio: `B`'s rate over `A`'s (the paper suggests 16, i.e. 2**4).
         optimizer: a Keras optimizer name (`adamw`, `adam`, `sgd`, ...).
-        exclude_from_weight_decay, **optimizer_kwargs: as `discriminative`.
+        exclude_from_weight_decay: as `discriminative`.
+        **optimizer_kwargs: as `discriminative`.
 
     Returns:
         A `keras.optimizers.MultiOptimizer` (a `DiscriminativeOptimizer`).

@@ -144,7 +144,7 @@ def _is_keras_optimizer(value):
 class Stage(Strict):
     """One training stage.
 
-    Args:
+    Attributes:
         name: shown in logs and the run report.
         epochs: epochs in this stage.
         trainable: `"head"` (backbone frozen), `"all"`, `"none"`,

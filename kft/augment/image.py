@@ -110,7 +110,8 @@ class RandomAffine(keras.layers.Layer):
             from.
         shear: max shear angle in degrees.
         zoom: `(low, high)` zoom factors per axis (> 1 zooms out).
-        horizontal_flip, vertical_flip: random flips.
+        horizontal_flip: random horizontal flips.
+        vertical_flip: random vertical flips.
         fill_mode, fill_value: for points outside the input.
         seed: random seed.
     """
@@ -379,9 +380,10 @@ class ImageAugmentation:
     Args:
         rotation_range: degrees; each image turns by a uniform angle in
             `[-rotation_range, rotation_range]`.
-        width_shift_range, height_shift_range: a fraction of the size
-            (< 1) or a number of pixels (>= 1), or a list of values to
-            choose from (pixels, or fractions when all are < 1).
+        width_shift_range: a fraction of the size (< 1) or a number of
+            pixels (>= 1), or a list of values to choose from (pixels, or
+            fractions when all are < 1).
+        height_shift_range: as `width_shift_range`.
         brightness_range: `[low, high]`: each image is multiplied by a
             factor in that range (the legacy meaning;
             `keras.layers.RandomBrightness` adds an offset instead).
@@ -392,11 +394,13 @@ class ImageAugmentation:
             `[-range, range]` added to all channels.
         fill_mode: `"nearest"`, `"constant"`, `"reflect"` or `"wrap"`.
         cval: the fill value for `"constant"`.
-        horizontal_flip, vertical_flip: random flips.
+        horizontal_flip: random horizontal flips.
+        vertical_flip: random vertical flips.
         rescale: multiply by this after the random transforms.
-        featurewise_center, featurewise_std_normalization: subtract the
-            data set's per-channel mean / divide by its std; call `fit(x)`
-            first.
+        featurewise_center: subtract the data set's per-channel mean;
+            call `fit(x)` first.
+        featurewise_std_normalization: divide by the data set's
+            per-channel std; call `fit(x)` first.
         validation_split: share held out for `subset="validation"`.
         seed: seed for the transforms, the split and the shuffling; the
             same seed gives the same augmented stream.

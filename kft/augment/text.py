@@ -108,8 +108,10 @@ class TextAugmentation:
     of them).
 
     Args:
-        synonym_replacement, random_insertion, random_swap,
-            random_deletion: the share of words each operation changes.
+        synonym_replacement: the share of words this operation changes.
+        random_insertion: the share of words this operation changes.
+        random_swap: the share of words this operation changes.
+        random_deletion: the share of words this operation changes.
         synonyms: `"wordnet"` (default), a `WordNet`, or a dict
             `{word: [synonyms]}`.
         back_translate: a callable `text -> text` (e.g. translate to
