@@ -10,6 +10,15 @@ class says how to run its base (`_base_output`) and its adapter
 adapters (`kft.lora_init` for PiSSA / OLoRA), DoRA, merge and unmerge,
 weight saving and the config.
 
+The adapters run in the compute dtype. `A` and `B` are float32 masters
+(so are their gradients and optimizer state), cast for the step to the
+dtype of the base's output, with the scale and the on / off flag
+(`lora_active`) folded into the cast of `B`, an `(r, fan_out)` multiply:
+no activation is upcast to float32, kept for the backward pass in
+float32, or multiplied by a flag. Under a float32 policy nothing is cast
+and the update is `x @ A @ (scale * B)`, the same numbers as `scale * (x
+@ A @ B)` to float32 rounding.
+
 DoRA (Liu et al. 2024, `use_dora=True`) gives each output unit a
 trainable float32 magnitude `m`, initialised to the column norms of `W +
 scale * A @ B`, and computes `m * (W + scale * A @ B) / ||W + scale * A @
@@ -17,9 +26,13 @@ B||_c`, the norm taken over the fan-in of each output unit. As PEFT
 (`weight_norm.detach()`, the paper's section 4.3), no gradient flows
 through the norm: it is recomputed from the current `A`, `B` at every
 step but treated as a constant, which saves the backward pass through
-the full `(fan_in, fan_out)` matrix. The layer runs it as PEFT does,
-`base(x) + (m / norm - 1) * base(x) + m / norm * scale * lora(x)`, so a
-magnitude near 1 keeps its precision under mixed precision.
+the full `(fan_in, fan_out)` matrix. The norm is not formed from that
+matrix either: `||W + s A B||^2 = ||W||^2 + 2 s <W, A B> + s^2 ||A B||^2`
+per column, where `<W, A B>` and `||A B||^2` are rank-sized contractions
+of `A^T W` (computed in the compute dtype) and of `A^T A`. The layer
+runs it as PEFT does, `base(x) + (m / norm - 1) * base(x) + m / norm *
+scale * lora(x)`, so a magnitude near 1 keeps its precision under mixed
+precision.
 """
 
 import math
@@ -113,7 +126,10 @@ class _LoRAMixin:
         self._fans = self._adapter_dims()
         self._check_variant()
         fan_in, fan_out = self._fans
-        self._dropout_seed = keras.random.SeedGenerator()
+        # Random state only where there is dropout (it is state of every
+        # train step, and saved).
+        self._dropout_seed = (keras.random.SeedGenerator() if self.dropout
+                              else None)
         a_init, b_init = self._initializers()
         # float32 whatever the dtype policy, and not cast to the compute
         # dtype when read (autocast=False): LoRA updates underflow in fp16.
@@ -124,7 +140,8 @@ class _LoRAMixin:
             name="lora_b", shape=(self.adapter_rank, fan_out), initializer=b_init,
             dtype="float32", autocast=False)
         # A variable, not a Python flag: a train or predict function traced
-        # before merge() must see the change.
+        # before merge() must see the change. It scales `B` (`_factors`),
+        # never an activation.
         self.lora_active = self.add_weight(
             name="lora_active", shape=(), trainable=False, dtype="float32",
             autocast=False,
@@ -190,11 +207,22 @@ class _LoRAMixin:
         """DoRA's `||W + scale * A @ B||` per output unit (float32), of the
         kernel as `call` reads it: rounded to the compute dtype (under
         mixed precision Keras autocasts it there, and not elsewhere), so
-        that a fresh magnitude gives a factor of exactly 1."""
-        update = ops.matmul(self.lora_a, self.lora_b) * self.scale
+        that a fresh magnitude gives a factor of 1.
+
+        Without the `(fan_in, fan_out)` matrix `W + scale * A @ B`: per
+        column, `||W||^2 + 2 s <W, A B> + s^2 ||A B||^2`, with `<W, A B> =
+        sum_r B * (A^T W)` (`A^T W` in the compute dtype) and `||A B||^2 =
+        sum_r B * (A^T A B)`.
+        """
         kernel = ops.cast(self._flat_kernel(), self.compute_dtype)
-        weight = ops.cast(kernel, "float32") + update
-        return ops.sqrt(ops.sum(ops.square(weight), axis=0))
+        a, b, s = self.lora_a, self.lora_b, self.scale
+        squares = ops.sum(ops.square(ops.cast(kernel, "float32")), axis=0)
+        projected = ops.matmul(ops.transpose(ops.cast(a, kernel.dtype)), kernel)
+        cross = ops.sum(b * ops.cast(projected, "float32"), axis=0)
+        update = ops.sum(b * ops.matmul(ops.matmul(ops.transpose(a), a), b),
+                         axis=0)
+        total = squares + (2.0 * s) * cross + (s * s) * update
+        return ops.sqrt(ops.maximum(total, 0.0))
 
     def _dora_factor_minus_one(self):
         """`m / ||W + s A B|| - 1` (0 while inactive), no gradient through
@@ -208,25 +236,33 @@ class _LoRAMixin:
             return keras.random.dropout(inputs, self.dropout, seed=self._dropout_seed)
         return inputs
 
-    def _adapter_output(self, x):
-        """`x @ A @ B` (float32) in the output's layout, the contracted
-        axes of `x` flattened (Dense, EinsumDense; others override)."""
+    def _factors(self, dtype):
+        """`A` and `scale * lora_active * B`, cast to `dtype` for the step
+        (their gradients flow back to the float32 masters)."""
+        b = self.lora_b * (self.scale * self.lora_active)
+        return ops.cast(self.lora_a, dtype), ops.cast(b, dtype)
+
+    def _adapter_output(self, x, a, b):
+        """`x @ a @ b` in the output's layout, the contracted axes of `x`
+        flattened (Dense, EinsumDense; others override)."""
         free = len(x.shape) - self._contracted
         batch_shape = ops.shape(x)[:free]
-        flat = ops.reshape(ops.cast(x, "float32"), (*batch_shape, -1))
-        update = ops.matmul(ops.matmul(flat, self.lora_a), self.lora_b)
+        flat = ops.reshape(ops.cast(x, a.dtype), (*batch_shape, -1))
+        update = ops.matmul(ops.matmul(flat, a), b)
         return ops.reshape(update, (*batch_shape, *self._output_dims))
 
-    def _update(self, x):
-        """`scale * x @ A @ B` (float32), in the output's layout."""
-        return self._adapter_output(x) * (self.scale * self.lora_active)
+    def _update(self, x, dtype):
+        """`scale * x @ A @ B` in `dtype` (the base output's), in the
+        output's layout; zero while inactive."""
+        dtype = keras.backend.standardize_dtype(dtype)
+        return self._adapter_output(x, *self._factors(dtype))
 
     def _adapted(self, inputs, training):
         """The base output plus the (DoRA-scaled) update, before the bias
         and the activation."""
         x = self._dropped(inputs, training)
         base = self._base_output(inputs)
-        update = ops.cast(self._update(x), base.dtype)
+        update = self._update(x, base.dtype)
         if not self.use_dora:
             return base + update
         excess = self._dora_factor_minus_one()
@@ -255,8 +291,8 @@ class _LoRAMixin:
             outputs = super().quantized_call(inputs, training=training)
         finally:
             self.activation = activation
-        update = self._update(self._dropped(inputs, training))
-        outputs = outputs + ops.cast(update, outputs.dtype)
+        update = self._update(self._dropped(inputs, training), outputs.dtype)
+        outputs = outputs + update
         return activation(outputs) if nonlinear else outputs
 
     def merge(self):

@@ -77,12 +77,12 @@ class LoRAConv2D(_LoRAMixin, keras.layers.Conv2D):
         return self.convolution_op(
             inputs, ops.cast(kernel_variable(self), inputs.dtype))
 
-    def _adapter_output(self, x):
-        a = ops.reshape(self.lora_a, (*self._delta_shape[:-1], self.adapter_rank))
-        hidden = self.convolution_op(ops.cast(x, "float32"), a)
+    def _adapter_output(self, x, a, b):
+        a = ops.reshape(a, (*self._delta_shape[:-1], self.adapter_rank))
+        hidden = self.convolution_op(ops.cast(x, a.dtype), a)
         if self.data_format == "channels_last":
-            return ops.matmul(hidden, self.lora_b)
-        hidden = ops.matmul(ops.moveaxis(hidden, 1, -1), self.lora_b)
+            return ops.matmul(hidden, b)
+        hidden = ops.matmul(ops.moveaxis(hidden, 1, -1), b)
         return ops.moveaxis(hidden, -1, 1)
 
     def call(self, inputs, training=None):

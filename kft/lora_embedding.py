@@ -54,8 +54,8 @@ class _LoRAEmbeddingMixin(_LoRAMixin):
     def _base_output(self, ids):
         return ops.take(self._base_kernel(), ids, axis=0)
 
-    def _adapter_output(self, ids):
-        return ops.matmul(ops.take(self.lora_a, ids, axis=0), self.lora_b)
+    def _adapter_output(self, ids, a, b):
+        return ops.matmul(ops.take(a, ids, axis=0), b)
 
     def _lookup(self, inputs):
         if keras.backend.standardize_dtype(inputs.dtype) not in ("int32", "int64"):
@@ -129,11 +129,11 @@ class LoRAReversibleEmbedding(_LoRAEmbeddingMixin, keras.layers.ReversibleEmbedd
         dtype = self.reverse_dtype or x.dtype
         x = ops.cast(x, dtype)
         logits = ops.matmul(x, ops.cast(ops.transpose(self._base_kernel()), dtype))
-        update = ops.matmul(ops.matmul(ops.cast(x, "float32"),
-                                       ops.transpose(self.lora_b)),
-                            ops.transpose(self.lora_a))
-        update = update * (self.scale * self.lora_active)
-        return logits + ops.cast(update, logits.dtype)
+        # In the logits' dtype: a float32 update would be vocabulary-sized.
+        a, b = self._factors(keras.backend.standardize_dtype(logits.dtype))
+        update = ops.matmul(ops.matmul(ops.cast(x, b.dtype), ops.transpose(b)),
+                            ops.transpose(a))
+        return logits + update
 
     def _soft_cap(self, logits):
         if self.logit_soft_cap is None:

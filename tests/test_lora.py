@@ -294,3 +294,34 @@ def test_merged_keras_hub_model_saves_as_the_plain_backbone(tmp_path):
     x = _bert_inputs()
     np.testing.assert_allclose(keras.saving.load_model(path).predict(x, verbose=0),
                                model.predict(x, verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", (False, True))
+def test_adapters_run_in_the_compute_dtype_and_train_float32_masters(use_dora):
+    """Under bfloat16 no activation-sized tensor of the traced call is
+    float32 (the adapters are cast, not the input); A and B stay float32
+    and train; there is no random state without dropout."""
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("inspects a TensorFlow graph")
+    keras.utils.set_random_seed(0)
+    layer = LoRADense(5, rank=2, alpha=4, use_dora=use_dora, dtype="bfloat16")
+    layer.build((None, 6))
+    assert {v.dtype for v in layer.trainable_weights} == {"float32"}
+    assert not any("seed" in v.path for v in layer.variables)
+    batch = 7  # no weight has this size
+    graph = tf.function(layer).get_concrete_function(
+        tf.TensorSpec((batch, 6), "bfloat16")).graph
+    float32 = [op.name for op in graph.get_operations() for t in op.outputs
+               if t.dtype == tf.float32 and t.shape.rank and t.shape[0] == batch]
+    assert not float32, float32
+
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, layer(inputs))
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    assert keras.backend.standardize_dtype(model(x).dtype) == "bfloat16"
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.fit(x, np.ones((8, 5)), epochs=2, verbose=0)
+    assert layer.lora_b.dtype == "float32"
+    assert np.abs(np.asarray(layer.lora_b)).sum() > 0

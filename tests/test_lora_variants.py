@@ -239,6 +239,20 @@ def test_dora_output_is_the_formula_and_its_norm_gets_no_gradient():
            ((x @ weight) * upstream).sum(0) / np.linalg.norm(weight, axis=0), 1e-4)
 
 
+@pytest.mark.parametrize("case", sorted(c for c in CASES if "dora" in c))
+def test_dora_norm_without_the_full_matrix_equals_the_full_matrix_norm(case):
+    """`||W||^2 + 2 s <W, A B> + s^2 ||A B||^2` per column (what a step
+    computes) is the norm of `W + s A B` (what it avoids forming)."""
+    model = _adapted(case)
+    _perturb(model)
+    for layer in lora_layers(model):
+        kernel = np.asarray(layer._flat_kernel())
+        weight = kernel + layer.scale * (np.asarray(layer.lora_a)
+                                         @ np.asarray(layer.lora_b))
+        _close(np.asarray(layer._column_norms()),
+               np.linalg.norm(weight, axis=0), 1e-6)
+
+
 def test_pissa_and_olora_factor_the_kernel_as_peft_does():
     rng = np.random.default_rng(0)
     kernel = rng.normal(size=(6, 5)).astype("float32")
