@@ -24,6 +24,7 @@ from kft.freezing import set_trainable
 from kft.heads import head_kind
 from kft.heads import loss_and_metrics
 from kft.heads import outputs_logits
+from kft.lm_loss import causal_lm_loss_and_metrics
 from kft.stage_optimizers import make_optimizer
 from kft.stage_optimizers import steps_per_epoch
 from kft.stages import EarlyStoppingConfig
@@ -160,9 +161,7 @@ def _loss_and_metrics(session, stage):
     if describe(session.model).task == "causal_lm":
         # SFT batches weight completion tokens only: the loss is averaged
         # over weighted tokens, the token accuracy weighted the same way.
-        loss = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction="mean_with_sample_weight")
-        return loss, [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        return causal_lm_loss_and_metrics()
     loss, metrics = loss_and_metrics(
         head_kind(session.model), _labels_one_hot(session.train_data),
         from_logits=outputs_logits(session.model))

@@ -38,6 +38,7 @@ from keras import ops
 
 from kft.anatomy import Anatomy
 from kft.anatomy import family_entry
+from kft.lm_loss import causal_lm_loss_and_metrics
 
 __all__ = [
     "FORMATS",
@@ -753,22 +754,61 @@ class SFTCausalLM(keras.Model):
                        training=training)
 
     def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto",
-                **kwargs):
+                train_metrics=False, **kwargs):
         """`keras.Model.compile` with SFT defaults for `"auto"`.
 
-        `optimizer`: Adam(2e-5), as keras-hub's `CausalLM`; `loss`: sparse
-        cross-entropy on logits, averaged over the weighted (completion)
-        tokens; `weighted_metrics`: token accuracy.
+        `optimizer`: Adam(2e-5), as keras-hub's `CausalLM`; `loss`:
+        `kft.lm_loss.CausalLMLoss`, sparse cross-entropy on the logits
+        (never cast to float32 as a whole), averaged over the weighted
+        (completion) tokens; `weighted_metrics`: token accuracy.
+        `train_metrics`: whether the compiled metrics also update in
+        training steps; by default only `evaluate` (and validation)
+        computes them: token accuracy is an argmax over the vocabulary of
+        every token, each step, for a number the loss already tracks.
         """
         if isinstance(optimizer, str) and optimizer == "auto":
             optimizer = keras.optimizers.Adam(2e-5)
+        default_loss, default_metrics = causal_lm_loss_and_metrics()
         if isinstance(loss, str) and loss == "auto":
-            loss = keras.losses.SparseCategoricalCrossentropy(
-                from_logits=True, reduction="mean_with_sample_weight")
+            loss = default_loss
         if isinstance(weighted_metrics, str) and weighted_metrics == "auto":
-            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
+            weighted_metrics = default_metrics
+        self.train_metrics = bool(train_metrics)
         super().compile(optimizer=optimizer, loss=loss,
                         weighted_metrics=weighted_metrics, **kwargs)
+
+    def train_step(self, *args, **kwargs):
+        # Keras traces this once per train function: the flag holds while
+        # `compute_metrics` is traced inside it.
+        self._in_train_step = True
+        try:
+            return super().train_step(*args, **kwargs)
+        finally:
+            self._in_train_step = False
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Keras' `compute_metrics`; in a training step without
+        `train_metrics`, the loss alone (no compiled metric updates)."""
+        if getattr(self, "train_metrics", True) or not getattr(
+                self, "_in_train_step", False):
+            return super().compute_metrics(x, y, y_pred, sample_weight)
+        return self._metric_results(compiled=False)
+
+    def get_metrics_result(self):
+        # Compiled metrics that never updated (training steps only, so
+        # far) are not built, and have no result yet.
+        return self._metric_results()
+
+    def _metric_results(self, compiled=True):
+        results = {}
+        for metric in self.metrics:
+            # "compile_metrics": Keras' container of the compiled metrics.
+            if metric.name == "compile_metrics" and not (compiled and metric.built):
+                continue
+            result = metric.result()
+            results.update(result if isinstance(result, dict)
+                           else {metric.name: result})
+        return results
 
     def get_config(self):
         config = super().get_config()

@@ -361,6 +361,19 @@ def case_scaled_schedule(tmp_path):
         _close(reloaded(step), schedule(step))
 
 
+def case_causal_lm_loss(tmp_path):
+    from kft.lm_loss import CausalLMLoss
+
+    loss = CausalLMLoss(chunk_size=3, reduction="sum")
+    reloaded = _through_json(loss)
+    assert type(reloaded) is CausalLMLoss
+    assert (reloaded.chunk_size, reloaded.reduction) == (3, "sum")
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype("float32")
+    labels = rng.integers(0, 7, (2, 5)).astype("int32")
+    _close(reloaded(labels, logits), loss(labels, logits))
+
+
 # Registered name -> case. A new registered kft object needs one here.
 CASES = {
     "kft>ImagePreprocessing": case_image_preprocessing,
@@ -387,6 +400,7 @@ CASES = {
     "kft>PromptTunedCausalLM": case_prompt_tuned_causal_lm,
     "kft>DiscriminativeOptimizer": case_discriminative_optimizer,
     "kft>ScaledSchedule": case_scaled_schedule,
+    "kft>CausalLMLoss": case_causal_lm_loss,
 }
 # Registered but never instantiated, so there is nothing to round-trip:
 # `LoRAContainer` is only the loader that `load_model` calls for a
