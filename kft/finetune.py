@@ -293,9 +293,14 @@ def fine_tune(
         model: a model from `kft.build_classifier` or
             `kft.build_text_classifier` (any Keras model works when each
             stage gives `loss` and uses `"all"`/`"none"` or
-            `{"layers": ...}`).
+            `{"layers": ...}`). A keras-hub `CausalLM` (from
+            `kft.build_causal_lm`) trains inside `kft.sft.SFTCausalLM`,
+            which shares its weights (its own `fit` would run its
+            preprocessor on tokenised batches again): `model.generate`
+            then uses what it learned.
         train_data: a batched `tf.data.Dataset` of `(x, y)`, or a tuple
-            `(x, y)` of arrays.
+            `(x, y)` of arrays (for a causal LM, `kft.data.sft_dataset`'s
+            `(x, y, sample_weight)` batches).
         val_data: the same for validation, or `None`.
         stages: a list of `Stage`s or dicts of their fields, e.g.
             `{"name": "head", "epochs": 5, "trainable": "head",
@@ -343,9 +348,11 @@ def fine_tune(
     plan = plan_training(stages, policy=policy, epochs=epochs,
                          freeze_epochs=freeze_epochs, every=every,
                          learning_rate=learning_rate, resume_from=resume_from)
+    scope = _strategy_scope(model, strategy)
+    with scope():
+        model = _trainable_model(model)
     session = _Session(model, train_data, val_data, list(callbacks or []),
-                       verbose, _strategy_scope(model, strategy),
-                       recompile_on_resume)
+                       verbose, scope, recompile_on_resume)
     histories, epochs_done = [], plan.epochs_done
     for planned in plan.stages:
         resuming = planned.resume_start is not None
@@ -358,6 +365,18 @@ def fine_tune(
         epochs_done += len(history.epoch)
         histories.append(history)
     return histories
+
+
+def _trainable_model(model):
+    """A keras-hub `CausalLM` inside `kft.sft.SFTCausalLM` (same weights);
+    any other model as it is."""
+    if not type(model).__module__.startswith("keras_hub"):
+        return model  # kft's own models, SFTCausalLM included
+    if describe(model).task != "causal_lm":
+        return model
+    from kft.sft import SFTCausalLM
+
+    return SFTCausalLM(model)
 
 
 def _find_rate(session, stage, loss, metrics):

@@ -147,3 +147,23 @@ def test_smollm2_packed_sft_batches_match_unpacked_logits():
     for i, (begin, end) in enumerate(zip([0, *ends[:-1]], ends)):
         np.testing.assert_allclose(packed[0, begin:end], single[i, :end - begin],
                                    atol=1e-3)
+
+
+def test_fine_tune_trains_the_causal_lm_that_build_causal_lm_returns(checkpoint):
+    """keras-hub's `CausalLM.fit` would run the tokenizer on the tokenised
+    SFT batches again; `fine_tune` trains it inside `SFTCausalLM`, which
+    shares its weights, so `lm` itself learns."""
+    import kft
+
+    lm = build_causal_lm(checkpoint, sequence_length=16)
+    records = [{"prompt": "a b", "completion": " c d"},
+               {"prompt": "b a", "completion": " e"}]
+    data = kft.data.sft_dataset(records, lm, batch_size=2, shuffle=False)
+    (x, _, _), _ = kft.sft.sft_examples(records, lm, shuffle=False)
+    before = np.asarray(lm(x), "float32")
+    histories = kft.fine_tune(lm, data, data, verbose=0, stages=[
+        {"name": "sft", "epochs": 4, "trainable": "all", "learning_rate": 1e-2}])
+    history = histories[0].history
+    assert history["loss"][-1] < history["loss"][0]
+    assert "val_accuracy" in history and "accuracy" not in history
+    assert np.abs(np.asarray(lm(x), "float32") - before).max() > 1e-3
