@@ -2,8 +2,12 @@ import keras
 import numpy as np
 import pytest
 from conftest import changed_after_fit
+from llm_fixtures import tiny_causal_lm
 
 from kft.lora import LoRADense
+from kft.lora import apply_lora
+from kft.sft import SFTCausalLM
+from kft.sft import sft_examples
 
 
 def _model(rank=2, alpha=4.0, dropout=0.0):
@@ -325,3 +329,32 @@ def test_adapters_run_in_the_compute_dtype_and_train_float32_masters(use_dora):
     model.fit(x, np.ones((8, 5)), epochs=2, verbose=0)
     assert layer.lora_b.dtype == "float32"
     assert np.abs(np.asarray(layer.lora_b)).sum() > 0
+
+
+def test_bfloat16_lora_loss_curve_follows_float32_on_a_tiny_llama():
+    """50 steps of all-linear LoRA under the bfloat16 policy (adapters cast
+    to bfloat16 for each step, float32 masters) track the float32 run
+    within bfloat16's precision."""
+    records = [{"prompt": "a b", "completion": " c d e"},
+               {"prompt": "b a", "completion": " e d"},
+               {"prompt": "hello", "completion": " a a b"},
+               {"prompt": "c", "completion": " b c"}]
+
+    def losses(policy):
+        keras.config.set_dtype_policy(policy)
+        try:
+            lm = tiny_causal_lm(sequence_length=16)
+            apply_lora(lm, targets="all-linear", rank=4, alpha=8)
+            (x, y, w), _ = sft_examples(records, lm, shuffle=False)
+            model = SFTCausalLM(lm)
+            model.compile(optimizer=keras.optimizers.Adam(1e-2))
+            history = model.fit(x, y, sample_weight=w, batch_size=4, epochs=50,
+                                verbose=0, shuffle=False)
+        finally:
+            keras.config.set_dtype_policy("float32")
+        assert lm.backbone.compute_dtype == policy
+        return np.array(history.history["loss"])
+
+    exact, bf16 = losses("float32"), losses("bfloat16")
+    assert exact[-1] < exact[0] - 0.2
+    np.testing.assert_allclose(bf16, exact, rtol=2e-2)
