@@ -26,8 +26,8 @@ the logits over the weighted tokens) on sequence 512, batch 8. Variants:
         [--variants full,kft_lora,enable_lora]
 
 `--layers 2 --seq 64 --batch 2` checks the script in half a minute; the
-default shape compiles in about 20 s per variant on two CPU cores (and
-needs about 4 GB of memory).
+default shape compiles in about 20 s per variant on two CPU cores (the
+three in a minute, at a peak of 2.8 GB resident).
 
 Measured (default shape; keras 3.15.1, keras-hub 0.32.0, jax 0.10.2, XLA
 CPU; the same on any machine). Before issue 24 (kft at 64336e3):
