@@ -102,7 +102,9 @@ def pytest_terminal_summary(terminalreporter):
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     for outcome in counts:
         for report in terminalreporter.stats.get(outcome, []):
-            if ("large", outcome) in getattr(report, "user_properties", ()):
+            # pytest-xdist sends the properties back as lists
+            properties = [tuple(p) for p in getattr(report, "user_properties", ())]
+            if ("large", outcome) in properties:
                 if report.when == "call" or outcome != "passed":
                     counts[outcome] += 1
     terminalreporter.write_line(

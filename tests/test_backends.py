@@ -15,7 +15,8 @@ def test_subset_passes_on_the_jax_backend():
     pytest.importorskip("jax", reason="jax not installed (test extra: jax[cpu])")
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p",
+         "no:cacheprovider",
          os.path.join(HERE, "jax_subset.py")],
         cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

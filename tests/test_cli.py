@@ -127,13 +127,43 @@ def _smollm2_ready():
             and os.path.isfile("/usr/share/wordnet/data.noun"))
 
 
+# One `--smoke` run per kind of packaged recipe (CI's time budget, see
+# CONTRIBUTING.md): the cheapest recipe of each kind stands for the others,
+# which tests/test_recipes.py validates without training. A new kind of
+# recipe needs its entry here (test_every_recipe_kind_has_a_smoke_run).
+SMOKE_RECIPES = {
+    "image": "flowers_mobilenet_v2",
+    "image_preset": "efficientnet_lite0_fashion",
+    "text": "fortunes_minilm_lora",
+    "audio": "speech_commands_whisper_tiny",
+    "causal_lm": "sft_smollm2_lora",
+}
+
+
+def _recipe_kind(name):
+    from kft.recipes import load_recipe
+
+    model = load_recipe(name).model
+    return ("causal_lm" if model.causal_lm is not None
+            else "audio" if model.audio is not None
+            else "text" if model.text is not None
+            else "image_preset" if model.preset is not None else "image")
+
+
+def test_every_recipe_kind_has_a_smoke_run():
+    kinds = {_recipe_kind(name) for name in list_recipes()}
+    assert kinds == set(SMOKE_RECIPES)
+    for kind, name in SMOKE_RECIPES.items():
+        assert _recipe_kind(name) == kind, name
+
+
 def _smoke_params():
     """MiniLM recipes need the MiniLM checkpoint, the EfficientNet-Lite0
     recipe its converted directory (large optional assets)."""
     from kft.recipes import load_recipe
 
     params = []
-    for name in list_recipes():
+    for name in SMOKE_RECIPES.values():
         model = load_recipe(name).model
         if model.causal_lm == "smollm2":
             params.append(pytest.param(name, marks=[
@@ -167,8 +197,8 @@ def _smoke_params():
 
 
 @pytest.mark.parametrize("name", _smoke_params())
-def test_every_packaged_recipe_passes_smoke_offline(name, tmp_path, no_network,
-                                                    capsys):
+def test_each_kind_of_packaged_recipe_passes_smoke_offline(name, tmp_path,
+                                                          no_network, capsys):
     out = str(tmp_path / "smoke")
     assert main(["run", name, "--smoke", "--quiet", "--output-dir", out]) == 0
     metrics = json.load(open(os.path.join(out, "metrics.json")))

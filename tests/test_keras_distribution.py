@@ -22,7 +22,8 @@ def test_data_and_model_parallel_on_4_jax_host_devices():
     env = {**os.environ, "KERAS_BACKEND": "jax",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p",
+         "no:cacheprovider",
          os.path.join(HERE, "jax_distribution_subset.py")],
         cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
