@@ -25,26 +25,22 @@ from kft.offline import NetworkUnavailableError
 from kft.prompt_causal import PromptTunedCausalLM
 from kft.prompt_causal import generate as prompt_generate
 from kft.prompt_causal import prompt_tune_causal_lm
-from kft.recipes import audio as recipe_audio
 from kft.recipes.errors import RecipeError
 from kft.sft import SFTCausalLM
 from kft.sft import read_records
 from kft.text import build_text_classifier
 from kft.text import prompt_tune_classifier
 
-__all__ = ["augment_training_data", "build_data", "build_model", "evaluate",
-           "evaluate_sft", "generate_samples", "input_shape_of", "load_arrays",
-           "sft_data", "synthetic_data"]
+__all__ = ["adapt", "augment_training_data", "causal_model", "evaluate",
+           "evaluate_sft", "generate_samples", "image_data", "image_input_shape",
+           "image_model", "load_arrays", "sft_data", "synthetic_data",
+           "text_data", "text_model"]
 
 
-def input_shape_of(config):
-    """The image shape a recipe's model takes (`()` for text models,
-    `(samples,)` for audio models)."""
+def image_input_shape(config):
+    """The image shape a recipe's image model (`model.backbone` or
+    `model.preset`) takes."""
     model = config.model
-    if model.text is not None or model.causal_lm is not None:
-        return ()
-    if model.audio is not None:
-        return (recipe_audio.clip_samples(model),)
     if model.input_shape:
         return tuple(model.input_shape)
     if model.preset is not None:
@@ -64,13 +60,8 @@ def load_arrays(path, key):
         raise RecipeError(f"{key}: {error}") from None
 
 
-def build_data(data_config, input_shape, sample_rate=16000):
-    """Builds the `DataBundle` a recipe's `data:` section describes
-    (`sample_rate`: an audio model's, `model.sample_rate`)."""
-    if data_config.source in ("text_file", "fortunes"):
-        return _text_data(data_config)
-    if data_config.source in ("audio_folder", "espeak_words"):
-        return recipe_audio.audio_data(data_config, input_shape[0], sample_rate)
+def image_data(data_config, input_shape):
+    """The `DataBundle` of an image recipe's `data:` section."""
     common = dict(batch_size=data_config.batch_size, shuffle=data_config.shuffle,
                   image_size=tuple(data_config.image_size or input_shape[:2]),
                   channels=input_shape[2])
@@ -112,7 +103,8 @@ def _network_key(key):
         raise RecipeError(f"{key}: {error}") from None
 
 
-def _text_data(data_config):
+def text_data(data_config):
+    """The `DataBundle` of a text recipe's `data:` section."""
     if data_config.source == "text_file":
         if not os.path.isfile(data_config.path):
             raise RecipeError(f"data.path: no such file {data_config.path!r}")
@@ -158,16 +150,14 @@ def augment_training_data(train, augmentation, seed):
 
 
 def synthetic_data(config, input_shape):
-    """Random images (or texts) of the recipe's shape, 2 or 3 classes, for
-    `--smoke`."""
-    if config.model.audio is not None:
-        return recipe_audio.synthetic_audio(config, input_shape[0])
+    """Random images (or texts, with `input_shape=()`) of the recipe's
+    shape, 2 or 3 classes, for `--smoke`."""
     head = HeadConfig.from_value(config.model.head)
     classes = 2 if head.kind == "binary" else 3
     rng = np.random.default_rng(config.seed)
     n = 4 * classes
     names = [f"class_{i}" for i in range(classes)]
-    if config.model.text is not None:
+    if input_shape == ():
         words = ["alpha", "beta", "gamma", "delta", "data", "model", "text"]
         texts = [" ".join(rng.choice(words, 6)) for _ in range(n)]
         return kft_data.from_texts(
@@ -180,31 +170,26 @@ def synthetic_data(config, input_shape):
                                class_names=names)
 
 
-def build_model(config, num_classes, input_shape, load_weights=True):
-    """The model a recipe's `model:` (and `lora:` / `prompt_tuning:`)
-    describe: a kft image classifier, a keras-hub text classifier, or a
-    causal LM. `load_weights=False` builds image and text models with
-    random weights (a causal LM always loads its checkpoint)."""
+def image_model(config, num_classes, input_shape):
+    """The image classifier of a recipe's `model:` (a `keras.applications`
+    backbone or a keras-hub preset), adapted as `lora:` says."""
     model_config = config.model
-    if not load_weights and model_config.text is None:
-        # Random weights (a smoke run, or a resume that loads its own).
-        model_config = model_config.model_copy(update={"weights": None})
     if model_config.preset is not None:
-        return _adapt(config, _preset_classifier(model_config, num_classes,
-                                                 input_shape))
-    if model_config.causal_lm is not None:
-        return _causal_lm(config)
-    if model_config.audio is not None:
-        return _adapt(config, recipe_audio.audio_classifier(model_config,
-                                                            num_classes))
-    if model_config.text is None:
-        with _network_key("model.weights"):
-            model = build_classifier(
-                model_config.backbone, num_classes,
-                weights=model_config.weights, input_shape=input_shape,
-                head=model_config.head, bn=model_config.bn,
-                **model_config.backbone_kwargs)
-        return _adapt(config, model)
+        return adapt(config, _preset_classifier(model_config, num_classes,
+                                                input_shape))
+    with _network_key("model.weights"):
+        model = build_classifier(
+            model_config.backbone, num_classes,
+            weights=model_config.weights, input_shape=input_shape,
+            head=model_config.head, bn=model_config.bn,
+            **model_config.backbone_kwargs)
+    return adapt(config, model)
+
+
+def text_model(config, num_classes, load_weights=True):
+    """The keras-hub text classifier of `model.text`, adapted as `lora:` /
+    `prompt_tuning:` say (`load_weights=False`: random weights)."""
+    model_config = config.model
     try:
         model = build_text_classifier(
             model_config.text, num_classes,
@@ -212,7 +197,7 @@ def build_model(config, num_classes, input_shape, load_weights=True):
             load_weights=load_weights)
     except (RuntimeError, ValueError) as error:
         raise RecipeError(f"model.text: {error}") from None
-    return _adapt(config, model)
+    return adapt(config, model)
 
 
 def _preset_classifier(model_config, num_classes, input_shape):
@@ -228,7 +213,7 @@ def _preset_classifier(model_config, num_classes, input_shape):
         raise RecipeError(f"model.preset: {error}") from None
 
 
-def _causal_lm(config):
+def causal_model(config):
     """The recipe's causal LM (LoRA applied) inside `kft.sft.SFTCausalLM`,
     the Keras model that trains on SFT batches and shares its weights; with
     `prompt_tuning:`, a `PromptTunedCausalLM` (the base frozen)."""
@@ -333,7 +318,7 @@ def _lora_error(error):
     return f"{key}: {error}"
 
 
-def _adapt(config, model):
+def adapt(config, model):
     """Prompt tuning or LoRA, as the recipe's sections say."""
     if config.prompt_tuning is not None:
         prompt = config.prompt_tuning

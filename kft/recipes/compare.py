@@ -19,139 +19,22 @@ import time
 
 import yaml
 
-from kft.recipes.causal import CAUSAL_METHODS
-from kft.recipes.causal import causal_method_changes
 from kft.recipes.causal import causal_stored
 from kft.recipes.checkpoint import read_history
 from kft.recipes.errors import RecipeError
 from kft.recipes.loader import load_recipe
 from kft.recipes.loader import resolved
+from kft.recipes.methods import DEFAULT_CAUSAL_METHODS
+from kft.recipes.methods import DEFAULT_METHODS
+from kft.recipes.methods import METHODS
+from kft.recipes.methods import method_stages
+from kft.recipes.tasks import task_for
 from kft.report import figure
-from kft.stages import policy_stages
 
 __all__ = ["DEFAULT_CAUSAL_METHODS", "DEFAULT_METHODS", "METHODS", "compare",
            "method_stages"]
 
-METHODS = ("head", "full", "gradual", "discriminative", "lora", "dora",
-           "pissa", "loraplus", "prompt", "qlora")
-_TEXT_ONLY = ("prompt",)
-# The LoRA variants: the `lora` method's adapters (same targets, rank and
-# rate) with one `lora:` option changed.
-_LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True},
-                  "pissa": {"init": "pissa"}, "loraplus": {"lr_ratio": 16}}
 _RESULT = "result.json"
-
-# Learning rates per method: (image model, text model). Pretrained CNNs
-# take larger rates than transformers; adapters and prompts larger still.
-_RATES = {
-    "head": (1e-3, 5e-3),
-    "full": (1e-4, 5e-5),
-    "gradual": (1e-3, 1e-4),
-    "discriminative": ((1e-5, 1e-3), 1e-4),
-    "lora": (1e-3, 1e-3),
-    "dora": (1e-3, 1e-3),
-    "pissa": (1e-3, 1e-3),
-    # A's rate (and the head's), a quarter of lora's; B at 16x. At lora's
-    # 1e-3, B's 1.6e-2 diverged on the quickstart task and lost 16 points
-    # on MiniLM.
-    "loraplus": (2.5e-4, 2.5e-4),
-    "prompt": (None, 1e-2),
-}
-_DESCRIPTIONS = {
-    "head": "backbone frozen, the head alone (a linear probe for text models)",
-    "full": "every weight trains at one small rate",
-    "gradual": "the head for one epoch, then one more backbone block per epoch",
-    "discriminative": ("every weight, rates spread from the stem (lowest) to "
-                       "the head (CNNs) or decayed 0.8x per layer below the "
-                       "head (transformers)"),
-    "lora": ("LoRA rank 8 on query and value (transformers) or the 1x1 "
-             "convolutions (CNNs), plus the head"),
-    "dora": "as lora, with DoRA (a trained magnitude per output unit)",
-    "pissa": "as lora, A and B started from the kernel's top singular vectors",
-    "loraplus": "as lora, with LoRA+: the B matrices at 16x the rate",
-    "prompt": "20 virtual tokens plus the head; the backbone frozen",
-}
-
-
-def method_stages(method, epochs, text):
-    """The `stages:` (and adapter sections) a method stands for.
-
-    Returns:
-        `(changes, reason)`: the recipe keys to set, or `None` and why the
-        method does not apply.
-    """
-    if method not in METHODS:
-        raise RecipeError(
-            f"--methods: unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    if method == "qlora":  # see kft.recipes.causal.causal_method_changes
-        return None, ("quantizes a causal LM's base (model.causal_lm); this "
-                      "recipe's model is not one")
-    if method in _TEXT_ONLY and not text:
-        return None, ("adapts transformer text models (model.text); this "
-                      "recipe's model is an image model")
-    rate = _RATES[method][1 if text else 0]
-    if method == "gradual" and epochs < 2:
-        return None, "needs at least 2 epochs (one for the head)"
-    if method == "head":
-        stages = [{"name": "head", "epochs": epochs, "trainable": "head",
-                   "learning_rate": rate}]
-    elif method == "full":
-        stages = [{"name": "full", "epochs": epochs, "trainable": "all",
-                   "learning_rate": rate}]
-    elif method == "gradual":
-        stages = policy_stages("gradual", epochs - 1, freeze_epochs=1, every=1,
-                               learning_rate=rate)
-    elif method == "discriminative":
-        stage = {"name": "discriminative", "epochs": epochs, "trainable": "all"}
-        if text:
-            stage.update(learning_rate=rate, layer_decay=0.8)
-        else:
-            stage.update(learning_rate=list(rate))
-        stages = [stage]
-    else:
-        stages = [{"name": method, "epochs": epochs, "trainable": "keep",
-                   "learning_rate": rate}]
-    changes = {"stages": stages, "policy": None, "lora": None,
-               "prompt_tuning": None}
-    if method in _LORA_VARIANTS:
-        targets = ["query", "value"] if text else ["query", "value", "pointwise"]
-        changes["lora"] = {"targets": targets, "rank": 8, "alpha": 16,
-                           **_LORA_VARIANTS[method]}
-    if method == "prompt":
-        changes["prompt_tuning"] = {"num_virtual_tokens": 20}
-    return changes, None
-
-
-def _causal_method(method, epochs, base):
-    """A method on a causal LM (`kft.recipes.causal`); the LoRA variants
-    are its `lora` method with their option (LoRA+ at a quarter of the
-    rate, as on text and image models)."""
-    if method == "lora" or method not in _LORA_VARIANTS:
-        return causal_method_changes(method, epochs, base)
-    changes, reason = causal_method_changes("lora", epochs, base)
-    stage = changes["stages"][0]
-    stage["name"] = method
-    if method == "loraplus":
-        stage["learning_rate"] /= 4
-    changes["lora"] = {**changes["lora"], **_LORA_VARIANTS[method]}
-    return changes, reason
-
-
-def _audio_method(method, epochs):
-    """A method on a Whisper encoder (`model.audio`): as on a text
-    transformer (its rates, LoRA on query and value, layer-wise rate
-    decay over the encoder's blocks), without prompt tuning. Gradual
-    unfreezing's first epoch trains the new head alone, at the `head`
-    method's rate: at 1e-4 it stayed near chance (0.27 after 3 epochs on
-    `speech_commands_whisper_tiny`)."""
-    if method in _TEXT_ONLY:
-        return None, ("adapts transformer text models (model.text); this "
-                      "recipe's model is an audio model")
-    changes, reason = method_stages(method, epochs, True)
-    if method == "gradual" and changes is not None:
-        first = {**changes["stages"][0], "learning_rate": _RATES["head"][1]}
-        changes["stages"] = [first, *changes["stages"][1:]]
-    return changes, reason
 
 
 def _run_one(recipe_path, run_dir, smoke, log_path):
@@ -359,8 +242,6 @@ def _plot(results, path):
     fig.savefig(path, dpi=100)
 
 
-DEFAULT_METHODS = ("head", "full", "gradual", "discriminative")
-DEFAULT_CAUSAL_METHODS = ("full", "lora", "qlora", "prompt")
 
 
 def compare(recipe, methods=None, *, epochs=None, seeds=(0,), output_dir=None,
@@ -369,12 +250,11 @@ def compare(recipe, methods=None, *, epochs=None, seeds=(0,), output_dir=None,
 
     Args:
         recipe: a packaged recipe name or a YAML path.
-        methods: names from `METHODS` (default: `DEFAULT_METHODS`, or
-            `DEFAULT_CAUSAL_METHODS` for a causal LM); those that do not
-            apply to the
-            model (prompt tuning on an image model; on a causal LM all but
-            `full`, `lora`, `qlora` and `prompt`) are skipped with a
-            reason.
+        methods: names from `METHODS` (default: the task's
+            `default_methods`: `DEFAULT_METHODS`, or `DEFAULT_CAUSAL_METHODS`
+            for a causal LM); those that do not apply to the model (prompt
+            tuning on an image model; on a causal LM all but `full`,
+            `lora`, `qlora` and `prompt`) are skipped with a reason.
         epochs: the epoch budget of every method (default: the recipe's
             total epochs).
         seeds: one run per method and seed.
@@ -390,25 +270,20 @@ def compare(recipe, methods=None, *, epochs=None, seeds=(0,), output_dir=None,
         `compare.md` and `compare.png` beside it).
     """
     config = load_recipe(recipe, overrides)
+    task = task_for(config)
     if methods is None:
-        methods = (DEFAULT_CAUSAL_METHODS if config.model.causal_lm is not None
-                   else DEFAULT_METHODS)
+        methods = task.default_methods
     methods, seeds = _check_methods(methods), [int(s) for s in seeds]
     epochs = epochs or sum(stage.epochs for stage in config.stages)
     if epochs < 1:
         raise RecipeError(f"--epochs must be >= 1. Received: {epochs}")
-    text = config.model.text is not None
     output_dir = output_dir or os.path.join(config.output_dir or "runs",
                                             f"compare-{config.name}")
     os.makedirs(output_dir, exist_ok=True)
     base = resolved(config)
     results = []
-    causal = config.model.causal_lm is not None
     for method in methods:
-        changes, reason = (_causal_method(method, epochs, base)
-                           if causal else _audio_method(method, epochs)
-                           if config.model.audio is not None
-                           else method_stages(method, epochs, text))
+        changes, reason = task.method_changes(method, epochs, base)
         for seed in seeds:
             if changes is None:
                 results.append({"method": method, "seed": seed,
@@ -424,8 +299,7 @@ def compare(recipe, methods=None, *, epochs=None, seeds=(0,), output_dir=None,
     report = {"recipe": config.name, "epochs": epochs, "seeds": seeds,
               "smoke": smoke, "methods": summary, "advice": _advice(summary),
               "runs": results,
-              "descriptions": {m: CAUSAL_METHODS[m][1] if causal and m in
-                               CAUSAL_METHODS else _DESCRIPTIONS.get(m, "")
+              "descriptions": {m: task.method_description(m)
                                for m in methods}}
     _write_report(report, results, output_dir)
     report["output_dir"] = output_dir

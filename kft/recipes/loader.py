@@ -11,6 +11,8 @@ import yaml
 from kft.recipes.errors import RecipeError
 from kft.recipes.errors import format_validation_error
 from kft.recipes.schema import RecipeConfig
+from kft.recipes.tasks.base import get_task
+from kft.recipes.tasks.base import registered_tasks
 
 __all__ = [
     "PACKAGED_DIR",
@@ -124,19 +126,27 @@ def load_recipe(name_or_path, overrides=None):
     path = resolve_recipe_path(name_or_path)
     raw = apply_overrides(_read_yaml(path), overrides)
     try:
-        return RecipeConfig.model_validate(raw)
+        config = RecipeConfig.model_validate(raw)
     except pydantic.ValidationError as error:
         raise RecipeError(
             f"{path}: " + format_validation_error(error, model=RecipeConfig)
         ) from None
+    if config.task is not None and config.task not in registered_tasks():
+        get_task(config.task)  # the RecipeError naming the registered tasks
+    return config
 
 
 _PYTHON_ONLY = {"stages": {"__all__": {"callbacks", "loss", "metrics"}}}
 
 
 def resolved(config):
-    """The recipe with every default filled in, as plain data."""
-    return config.model_dump(mode="json", exclude=_PYTHON_ONLY)
+    """The recipe with every default filled in, as plain data (without
+    `task:` when the model section picks the task: recipes from before
+    `task:` existed keep their hash)."""
+    data = config.model_dump(mode="json", exclude=_PYTHON_ONLY)
+    if data.get("task") is None:
+        data.pop("task", None)
+    return data
 
 
 def config_hash(config):

@@ -34,16 +34,6 @@ from kft.freezing import format_trainable_summary
 from kft.lora import lora_layers
 from kft.lora import save_adapter
 from kft.recipes.builders import augment_training_data
-from kft.recipes.builders import build_data
-from kft.recipes.builders import build_model
-from kft.recipes.builders import evaluate
-from kft.recipes.builders import evaluate_sft
-from kft.recipes.builders import generate_samples
-from kft.recipes.builders import input_shape_of
-from kft.recipes.builders import sft_data
-from kft.recipes.builders import synthetic_data
-from kft.recipes.causal import variable_bytes
-from kft.recipes.causal import write_prompt
 from kft.recipes.checkpoint import RunCheckpoint
 from kft.recipes.checkpoint import read_history
 from kft.recipes.checkpoint import read_state
@@ -52,6 +42,7 @@ from kft.recipes.errors import RecipeError
 from kft.recipes.loader import config_hash
 from kft.recipes.loader import resolved
 from kft.recipes.resume import restore_model
+from kft.recipes.tasks import task_for
 
 __all__ = ["RecipeRun", "default_output_dir", "run_recipe", "smoke_config"]
 
@@ -62,22 +53,21 @@ def default_output_dir(config):
 
 
 def smoke_config(config):
-    """The recipe shrunk to a wiring check: random weights, two steps per
-    stage (over two epochs, so unfreezing schedules fire), tiny batches."""
+    """The recipe shrunk to a wiring check: random weights (as its task
+    says), two steps per stage (over two epochs, so unfreezing schedules
+    fire), tiny batches."""
+    config = task_for(config).smoke_config(config)
     stages = []
     for stage in config.stages:
         update = {"epochs": min(stage.epochs, 2), "steps_per_epoch": 1}
         if stage.lr_find:
             update["lr_find"] = {"start_lr": 1e-6, "end_lr": 1.0, "num_steps": 3}
         stages.append(stage.model_copy(update=update))
-    model = config.model
-    if model.text is None and model.causal_lm is None:
-        model = model.model_copy(update={"weights": None})
     # No generation: compiling a real LM's generate loop takes minutes on a
     # CPU (the tests check generation on tiny models).
     config = config.model_copy(update={"generate": None})
     data = config.data.model_copy(update={"batch_size": min(config.data.batch_size, 4)})
-    return config.model_copy(update={"model": model, "data": data, "stages": stages})
+    return config.model_copy(update={"data": data, "stages": stages})
 
 
 @contextlib.contextmanager
@@ -109,6 +99,7 @@ class RecipeRun:
             output_dir = output_dir or tempfile.mkdtemp(
                 prefix=f"kft-smoke-{config.name}-")
         self.config = config
+        self.task = task_for(config)
         self.output_dir = output_dir or default_output_dir(config)
         # Where this process writes: the run directory, or, for a
         # multi-worker run's non-chief workers, a scratch directory
@@ -195,17 +186,14 @@ class RecipeRun:
 
     def _setup_data(self):
         config = self.config
-        self.input_shape = input_shape_of(config)
-        if config.model.causal_lm is not None:
-            return  # SFT batches need the model's tokenizer: _setup_model
-        self.bundle = (synthetic_data(config, self.input_shape) if self.smoke
-                       else build_data(config.data, self.input_shape,
-                                       config.model.sample_rate))
+        self.input_shape = self.task.input_shape(config)
+        self.bundle = self.task.build_data(config, self.input_shape, self.smoke)
+        if self.bundle is None:
+            return  # the task builds it once the model is there
         if config.augmentation is not None:
             self.bundle.train = augment_training_data(
                 self.bundle.train, config.augmentation, config.seed)
-        self._track_data()
-        self.timings["data_seconds"] = round(time.perf_counter() - self.started, 2)
+        self.data_ready()
 
     def _setup_model(self):
         # Built in the strategy's scope: variables are mirrored. A resumed
@@ -213,12 +201,11 @@ class RecipeRun:
         # weights, random states and trainable flags.
         fresh = self.state is None and not self.smoke
         with self.strategy.scope():
-            if self.config.model.causal_lm is not None:
-                self.model = build_model(self.config, 0, ())
-                self._setup_sft()
-            else:
-                self.model = build_model(self.config, self.bundle.num_classes,
-                                         self.input_shape, load_weights=fresh)
+            self.model = self.task.build_model(self.config, self.bundle,
+                                               self.input_shape,
+                                               load_weights=fresh)
+            if self.bundle is None:
+                self.task.setup_after_model(self)
             if self.state is not None:
                 restore_model(self.model, self.state["path"])
         if self.state is not None:
@@ -227,22 +214,11 @@ class RecipeRun:
         self.say(f"Run directory: {self.output_dir}")
         self.say(format_trainable_summary(self.model))
 
-    def _setup_sft(self):
-        """SFT data from the model's tokenizer, and the greedy samples of
-        `generate:` before training."""
-        config, lm = self.config, self.model.lm
-        if self.smoke:
-            config = config.model_copy(update={"data": config.data.model_copy(
-                update={"max_examples": 8})})
-        self.bundle = sft_data(config, lm)
+    def data_ready(self):
+        """Called once the training data is built: tracks its iterators
+        (exact resume) and times the data set-up."""
         self._track_data()
         self.timings["data_seconds"] = round(time.perf_counter() - self.started, 2)
-        # The base model, before training (also when resuming: the model
-        # is rebuilt from the recipe before the checkpoint is loaded).
-        self.samples = {"before": generate_samples(lm, self.config.generate)}
-        if self.bundle.val is not None and not self.smoke:
-            self.model.compile()  # SFT defaults: the loss fine_tune uses
-            self.before = evaluate_sft(self.model, self.bundle.val)
 
     def _track_data(self):
         """Counts the training data's iterators, so that a resumed run sees
@@ -264,7 +240,7 @@ class RecipeRun:
         if resume_from is not None and resume_from[0] >= len(config.stages):
             # Every stage had finished: compiled as the last one was, for
             # the evaluation.
-            compile_stage(self.model, self.bundle.train, config.stages[-1])
+            compile_stage(self.model, self.bundle.train, self._stages()[-1])
             return
         # The NaN guard first: a broken epoch never reaches the checkpoint.
         checkpoint = RunCheckpoint(self.write_dir, config.callbacks.checkpoints,
@@ -279,11 +255,22 @@ class RecipeRun:
         try:
             self.histories = fine_tune(
                 self.model, self.bundle.train, self.bundle.val,
-                stages=config.stages, callbacks=callbacks, verbose=self.verbose,
+                stages=self._stages(), callbacks=callbacks, verbose=self.verbose,
                 resume_from=resume_from, recompile_on_resume=True,
                 strategy=self.strategy if distributed else None)
         except NonFiniteLoss as error:
             raise RuntimeError(self._non_finite_message(error)) from None
+
+    def _stages(self):
+        """The recipe's stages, with the task's loss and metrics where a
+        stage names none (a recipe cannot: they are Python objects)."""
+        compiled = self.task.loss_and_metrics(self.config, self.model)
+        if compiled is None:
+            return self.config.stages
+        loss, metrics = compiled
+        return [stage if stage.loss is not None else stage.model_copy(
+            update={"loss": loss, "metrics": metrics})
+            for stage in self.config.stages]
 
     def _fast_forward_data(self, state, resume_from):
         """Brings the training data to where the checkpoint left it: as
@@ -320,64 +307,21 @@ class RecipeRun:
     # === Finalize ===
 
     def finalize(self):
-        """Saves the model (and adapter), plots, evaluates; returns and
-        writes `metrics.json`."""
-        if self.config.model.causal_lm is not None:
-            return self._finalize_causal_lm()
-        self.model.save(self.path("model.keras"))
-        adapter = self._save_adapter() if self.config.lora is not None else None
-        rows = read_history(self.path("history.csv"))
-        report.plot_curves(rows, self.path("plots", "curves.png"))
-        bundle = self.bundle
-        eval_data = bundle.val if bundle.val is not None else bundle.train
-        evaluation = evaluate(self.model, eval_data, bundle.class_names,
-                              self.write_dir)
-        metrics = self._metrics(rows, evaluation)
-        if adapter:
-            metrics["adapter"] = adapter
+        """Saves the model (and adapter), plots, evaluates, as the run's
+        task says; returns and writes `metrics.json`."""
+        metrics = self.task.finalize(self)
         report.write_metrics(self.path("metrics.json"), metrics)
         return metrics
 
-    def _finalize_causal_lm(self):
-        """Adapters (kft and PEFT format), the prompt or the weights,
-        held-out NLL and perplexity, greedy samples before / after;
-        `metrics.json`."""
-        lm = self.model.lm
-        prompted = self.config.prompt_tuning is not None
-        if prompted:  # the virtual tokens alone; the base is unchanged
-            saved = {"prompt": write_prompt(self.model, self.write_dir)}
-        elif self.config.lora is not None:
-            saved = {"adapter": self._save_adapter()}
-            peft_dir = self.path("adapter_peft")
-            try:
-                save_adapter(lm, peft_dir, format="peft")
-                saved["adapter_peft"] = "adapter_peft/"
-            except ValueError as error:  # e.g. a family PEFT naming lacks
-                saved["adapter_peft"] = f"not written: {error}"
-        else:
-            lm.save_weights(self.path("model.weights.h5"))
-            saved = {"weights": "model.weights.h5"}
-        rows = read_history(self.path("history.csv"))
-        report.plot_curves(rows, self.path("plots", "curves.png"))
-        evaluation = evaluate_sft(self.model, self.bundle.val or self.bundle.train)
-        self.samples["after"] = generate_samples(
-            self.model if prompted else lm, self.config.generate)
-        if self.samples["after"]:
-            report.write_metrics(self.path("samples.json"), self.samples)
-        metrics = self._metrics(rows, evaluation)
-        if self.before is not None:
-            metrics["final"]["val_before"] = self.before
-        metrics.update(saved, model_bytes=variable_bytes(self.model))
-        report.write_metrics(self.path("metrics.json"), metrics)
-        return metrics
-
-    def _save_adapter(self):
+    def save_adapter(self):
         """Writes `adapter.npz` (the LoRA weights alone) and describes it."""
         path = save_adapter(self.model, self.path("adapter.npz"))
         return {"file": "adapter.npz", "bytes": os.path.getsize(path),
                 "layers": len(lora_layers(self.model))}
 
-    def _metrics(self, rows, evaluation):
+    def metrics(self, rows, evaluation):
+        """The `metrics.json` dict: `evaluation` as the final validation
+        (or training) metrics, with the stages, timings and versions."""
         config, bundle = self.config, self.bundle
         train_keys = ("loss", "accuracy", "mae", "auc")
         return {

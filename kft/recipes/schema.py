@@ -363,6 +363,9 @@ class RecipeConfig(Strict):
 
     name: str
     description: str = ""
+    # The kind of run (kft.recipes.tasks): a registered task's name; by
+    # default the one the model section calls for.
+    task: str | None = None
     seed: int = 0
     deterministic: bool = False
     output_dir: str | None = None
