@@ -25,7 +25,7 @@ from kft._keras_internals import child_layers
 
 __all__ = [
     "Anatomy",
-    "backbone_blocks",
+    "backbone_blocks_of",
     "count_params",
     "describe",
     "family_entry",
@@ -281,9 +281,13 @@ def _transformer_blocks(children):
     return [(n, ls) for n, ls in named if any(layer.weights for layer in ls)]
 
 
-def backbone_blocks(model, name=None):
-    """`(name, layers)` blocks of the model's backbone, input to output."""
-    base = find_backbone(model, name)
+def backbone_blocks_of(model, backbone=None):
+    """`(name, layers)` blocks of the backbone inside `model`, input to
+    output: CNN blocks, or a keras-hub transformer's embeddings, each
+    `transformer_layer_i` and the pooler. `backbone`: the nested
+    backbone layer's name (default: the model's anatomy). For a bare
+    backbone, `kft.backbones.named_backbone_blocks`."""
+    base = find_backbone(model, backbone)
     return split_backbone(base, describe(model).family)
 
 

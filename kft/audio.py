@@ -40,7 +40,7 @@ __all__ = [
     "AttentionPooling",
     "ClipWaveform",
     "LogMelSpectrogram",
-    "POOLINGS",
+    "AUDIO_POOLINGS",
     "Resample",
     "build_audio_classifier",
     "moonshine_encoder",
@@ -48,7 +48,7 @@ __all__ = [
     "whisper_mel_filters",
 ]
 
-POOLINGS = ("mean", "attention")
+AUDIO_POOLINGS = ("mean", "attention")
 WHISPER_SAMPLE_RATE = 16000
 WHISPER_FAMILY = "WhisperBackbone"
 MOONSHINE_FAMILY = "MoonshineBackbone"
@@ -388,8 +388,8 @@ def _check_audio_args(num_classes, sample_rate, max_seconds, pooling, bn, weight
     if not isinstance(max_seconds, (int, float)) or isinstance(max_seconds, bool):
         raise ValueError(f"max_seconds must be a number of seconds. Received: "
                          f"max_seconds={max_seconds!r}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}. Received: "
+    if pooling not in AUDIO_POOLINGS:
+        raise ValueError(f"pooling must be one of {AUDIO_POOLINGS}. Received: "
                          f"pooling={pooling!r}")
     if bn not in ("frozen", "train"):
         raise ValueError(f"bn must be 'frozen' or 'train'. Received: bn={bn!r}")
@@ -401,7 +401,7 @@ def _check_audio_args(num_classes, sample_rate, max_seconds, pooling, bn, weight
     if head.pooling != "avg":
         raise ValueError(
             "Set the pooling over time with build_audio_classifier(pooling=...), "
-            f"one of {POOLINGS}; not in head. Received: head pooling="
+            f"one of {AUDIO_POOLINGS}; not in head. Received: head pooling="
             f"{head.pooling!r}")
     return head
 

@@ -10,7 +10,7 @@ import keras
 
 from kft import offline
 from kft._keras_internals import before_keras_download
-from kft.anatomy import backbone_blocks as backbone_blocks_of
+from kft.anatomy import backbone_blocks_of
 from kft.anatomy import split_backbone
 from kft.families import BackboneFamily
 from kft.families import BlockSplitter

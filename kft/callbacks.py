@@ -20,8 +20,8 @@ from kft._keras_internals import WEIGHT_DECAY_ATTRIBUTES
 from kft._keras_internals import distribute_strategy
 from kft._keras_internals import mark_trainable_state_compiled
 from kft._keras_internals import own_trainable_variables
+from kft.anatomy import backbone_blocks_of
 from kft.anatomy import count_params
-from kft.freezing import backbone_blocks_of
 from kft.freezing import batch_norm_policy
 from kft.freezing import find_backbone
 from kft.freezing import leaves

@@ -27,7 +27,7 @@ import keras
 from kft._keras_internals import all_layers
 from kft._keras_internals import child_layers
 from kft._keras_internals import set_trainable_flag
-from kft.anatomy import backbone_blocks as _named_blocks
+from kft.anatomy import backbone_blocks_of
 from kft.anatomy import count_params
 from kft.anatomy import describe
 from kft.anatomy import find_backbone
@@ -35,7 +35,6 @@ from kft.anatomy import head_layers
 from kft.stages import parse_trainable
 
 __all__ = [
-    "backbone_blocks_of",
     "batch_norm_policy",
     "find_backbone",
     "format_trainable_summary",
@@ -163,7 +162,7 @@ def unfreeze(
     if last_n_blocks is None and layers is None:
         targets = leaves(model)
     if last_n_blocks is not None:
-        blocks = _named_blocks(model, backbone)
+        blocks = backbone_blocks_of(model, backbone)
         if last_n_blocks == "all":
             last_n_blocks = len(blocks)
         if not isinstance(last_n_blocks, int) or last_n_blocks < 0:
@@ -281,7 +280,7 @@ def trainable_summary(model, backbone=None):
         others = head_layers(model, backbone)
     if base is not None:
         base_on = base.trainable
-        for name, block in _named_blocks(model, backbone):
+        for name, block in backbone_blocks_of(model, backbone):
             if not base_on:
                 params = count_params(w for layer in block for w in layer.weights)
                 if params:
@@ -292,13 +291,6 @@ def trainable_summary(model, backbone=None):
             row(name, block)
     row("head", others)
     return rows
-
-
-def backbone_blocks_of(model, backbone=None):
-    """`(name, layers)` blocks of the model's backbone, input to output:
-    CNN blocks, or a keras-hub transformer's embeddings, each
-    `transformer_layer_i` and the pooler (`kft.anatomy.backbone_blocks`)."""
-    return _named_blocks(model, backbone)
 
 
 def format_trainable_summary(model, backbone=None):

@@ -15,7 +15,7 @@ import keras
 from kft._keras_internals import all_layers
 from kft._keras_internals import optimizer_map
 from kft._keras_internals import optimizer_rate
-from kft.anatomy import backbone_blocks
+from kft.anatomy import backbone_blocks_of
 from kft.anatomy import count_params
 from kft.anatomy import describe as describe_model
 from kft.anatomy import head_layers
@@ -25,7 +25,7 @@ from kft.stages import OPTIMIZERS
 __all__ = [
     "DEFAULT_WEIGHT_DECAY_EXCLUDES",
     "DiscriminativeOptimizer",
-    "describe",
+    "describe_groups",
     "discriminative",
     "format_description",
     "layerwise_lr_decay",
@@ -110,7 +110,7 @@ def lr_blocks(model):
             "'transformer_layer_N' layers). Use `rules=` with regexes "
             "instead."
         )
-    named = [(n, ls) for n, ls in backbone_blocks(model)
+    named = [(n, ls) for n, ls in backbone_blocks_of(model)
              if any(layer.weights for layer in ls)]
     head = head_layers(model)
     if head:
@@ -123,14 +123,14 @@ def _resolve_rule(model, key, blocks):
     if isinstance(key, bool):
         raise ValueError(f"Rule key {key!r} is not a regex, name or block index.")
     if isinstance(key, int):
-        backbone_blocks = [b for b in blocks if b[0] != "head"]
-        if not -len(backbone_blocks) <= key < len(backbone_blocks):
+        backbone_only = [b for b in blocks if b[0] != "head"]
+        if not -len(backbone_only) <= key < len(backbone_only):
             raise ValueError(
                 f"Rule key {key} is not a block index: the backbone has "
-                f"{len(backbone_blocks)} blocks (0 to {len(backbone_blocks) - 1}, "
+                f"{len(backbone_only)} blocks (0 to {len(backbone_only) - 1}, "
                 "or negative from the top)."
             )
-        name, layers = backbone_blocks[key]
+        name, layers = backbone_only[key]
         return f"block {key} ({name})", _layer_regex(layers)
     if not isinstance(key, str):
         raise ValueError(f"Rule key {key!r} is not a regex, name or block index.")
@@ -409,7 +409,7 @@ def _scaled(rate, factor):
     return float(rate) * factor
 
 
-def describe(optimizer, model):
+def describe_groups(optimizer, model):
     """One row per group: rule, variables, parameters, learning rate, decay.
 
     Returns:
@@ -451,7 +451,7 @@ def describe(optimizer, model):
 def format_description(optimizer, model):
     """`describe` as a text table."""
     lines = [f"{'group':<24}{'vars':>6}{'params':>12}{'lr':>12}{'wd':>10}"]
-    for r in describe(optimizer, model):
+    for r in describe_groups(optimizer, model):
         lr = r["learning_rate"]
         lr = f"{lr:.3g}" if isinstance(lr, float) else lr
         wd = r["weight_decay"]

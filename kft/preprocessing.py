@@ -9,6 +9,8 @@ wrong-preprocessing bug (feeding [0, 1] pixels to a network trained on
 import keras
 from keras import ops
 
+from kft.families import PREPROCESSING_MODES
+
 __all__ = ["ImagePreprocessing", "PREPROCESSING_MODES"]
 
 # Channel statistics of ImageNet, in RGB order, as used by
@@ -17,7 +19,6 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
-PREPROCESSING_MODES = ("tf", "torch", "caffe", "none")
 
 
 @keras.saving.register_keras_serializable(package="kft")

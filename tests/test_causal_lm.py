@@ -8,7 +8,7 @@ from llm_fixtures import CHAT_TEMPLATE
 from llm_fixtures import tiny_causal_lm
 from llm_fixtures import write_hf_checkpoint
 
-from kft.anatomy import backbone_blocks
+from kft.anatomy import backbone_blocks_of
 from kft.anatomy import describe
 from kft.causal_lm import build_causal_lm
 from kft.causal_lm import read_chat_template
@@ -41,7 +41,7 @@ def test_builds_from_a_local_hf_directory_offline(original, checkpoint,
     anatomy = describe(lm)
     assert (anatomy.task, anatomy.family, anatomy.logits) == (
         "causal_lm", "Llama3Backbone", True)
-    assert [name for name, _ in backbone_blocks(lm)] == [
+    assert [name for name, _ in backbone_blocks_of(lm)] == [
         "embeddings", "transformer_layer_0", "transformer_layer_1", "top"]
 
 
@@ -132,7 +132,7 @@ def test_smollm2_packed_sft_batches_match_unpacked_logits():
 
     lm = build_causal_lm(_smollm2_dir(), sequence_length=96)
     assert lm.chat_template and describe(lm).task == "causal_lm"
-    assert len(backbone_blocks(lm)) == 32  # embeddings, 30 layers, top
+    assert len(backbone_blocks_of(lm)) == 32  # embeddings, 30 layers, top
     chats = [{"messages": [{"role": "user", "content": question},
                            {"role": "assistant", "content": answer}]}
              for question, answer in [("What is 2 + 2?", "4."),

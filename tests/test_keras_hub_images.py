@@ -10,7 +10,7 @@ from conftest import make_images
 
 import kft
 from kft import optimizers
-from kft.anatomy import backbone_blocks
+from kft.anatomy import backbone_blocks_of
 from kft.callbacks import GradualUnfreezing
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -93,7 +93,7 @@ def test_builds_takes_raw_pixels_and_splits_into_ordered_blocks(family):
     assert (anatomy.task, anatomy.family, anatomy.backbone) == (
         "image_classifier", family, "backbone")
     assert model.get_layer("backbone").trainable is False
-    assert [n for n, _ in backbone_blocks(model)] == FAMILIES[family][1]
+    assert [n for n, _ in backbone_blocks_of(model)] == FAMILIES[family][1]
     x, _ = _data(4)
     probabilities = model.predict(x, verbose=0)
     assert probabilities.shape == (4, 2)
@@ -110,7 +110,7 @@ def test_last_block_stage_trains_exactly_that_block_and_the_head(family):
     kft.fine_tune(model, (x, y), stages=[
         {"epochs": 1, "trainable": {"last_n_blocks": 1}, "learning_rate": 1e-2}],
         verbose=0)
-    last_name, last_layers = backbone_blocks(model)[-1]
+    last_name, last_layers = backbone_blocks_of(model)[-1]
     in_last = {v.path for layer in last_layers for v in layer.weights
                if "moving" not in v.path}
     changed = _changed(model, before)
@@ -139,7 +139,7 @@ def test_layerwise_decay_reaches_every_block(family):
     kft.unfreeze(model)
     names = FAMILIES[family][1]
     optimizer = optimizers.layerwise_lr_decay(model, 1e-3, 0.5)
-    rows = {r["group"]: r for r in optimizers.describe(optimizer, model)}
+    rows = {r["group"]: r for r in optimizers.describe_groups(optimizer, model)}
     assert rows["head"]["learning_rate"] == pytest.approx(1e-3)
     for depth, name in enumerate(reversed(names), 1):
         assert rows[name]["learning_rate"] == pytest.approx(1e-3 * 0.5 ** depth)
@@ -165,7 +165,7 @@ def test_gradual_unfreezing_inside_one_fit_on_a_vit():
     model.fit(x, y, batch_size=8, epochs=2, verbose=0,
               callbacks=[GradualUnfreezing({0: 0, 1: 1}, verbose=0), recorder])
     start, first, second = recorder.ends
-    top = {v.path for layer in backbone_blocks(model)[-1][1] for v in layer.weights}
+    top = {v.path for layer in backbone_blocks_of(model)[-1][1] for v in layer.weights}
 
     def moved(before, after):
         return {p for p in before if not np.array_equal(before[p], after[p])}
@@ -198,7 +198,7 @@ def test_save_and_reload_predicts_the_same(family, tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0),
                                model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
     assert kft.describe(loaded) == kft.describe(model)
-    assert [n for n, _ in backbone_blocks(loaded)] == FAMILIES[family][1]
+    assert [n for n, _ in backbone_blocks_of(loaded)] == FAMILIES[family][1]
 
 
 def test_sequence_pooling_token_and_bad_sources():
@@ -250,7 +250,7 @@ def test_real_efficientnet_lite0_classifies_a_photograph_through_kft():
 
     model = kft.build_classifier("efficientnet_lite0_imagenet", 1000)
     assert model.input_shape == (None, 224, 224, 3)
-    assert len(backbone_blocks(model)) == 18  # stem, 16 MBConv blocks, top
+    assert len(backbone_blocks_of(model)) == 18  # stem, 16 MBConv blocks, top
     # kft's head takes the ImageNet classifier's weights: the same function.
     reference = keras_hub.models.ImageClassifier.from_preset(LITE0)
     model.get_layer("head_output").set_weights(

@@ -16,7 +16,7 @@ def _vgg(bn="frozen"):
 
 
 def _rates(optimizer, model):
-    rows = optimizers.describe(optimizer, model)
+    rows = optimizers.describe_groups(optimizer, model)
     return {r["group"]: r["learning_rate"] for r in rows}
 
 
@@ -30,14 +30,14 @@ def test_rules_by_name_index_and_regex():
     assert rates["block4"] == pytest.approx(1e-5)
     assert rates[r"block[123]_.*"] == pytest.approx(1e-6)
     assert isinstance(opt, keras.optimizers.MultiOptimizer)
-    rows = {r["group"]: r for r in optimizers.describe(opt, model)}
+    rows = {r["group"]: r for r in optimizers.describe_groups(opt, model)}
     assert rows["block4"]["variables"] == 6  # 3 convs, kernel + bias
 
 
 def test_lr_range_is_geometric_over_blocks_and_head():
     model = _vgg()
     opt = optimizers.discriminative(model, lr=(1e-5, 1e-3))
-    rows = optimizers.describe(opt, model)
+    rows = optimizers.describe_groups(opt, model)
     groups = [r for r in rows if r["variables"]]
     assert [r["group"] for r in groups] == [f"block{i}" for i in range(1, 6)] + ["head"]
     expected = [1e-5 * 100 ** (i / 5) for i in range(6)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from llm_fixtures import tiny_causal_lm
 
-from kft.anatomy import backbone_blocks
+from kft.anatomy import backbone_blocks_of
 from kft.anatomy import describe
 from kft.sft import SFTCausalLM
 from kft.sft import packed_logits
@@ -214,7 +214,7 @@ def test_fit_then_generate_follows_the_trained_completion(packing):
 def test_sft_model_shares_weights_and_anatomy(lm):
     model = SFTCausalLM(lm)
     assert describe(model).task == "causal_lm" == describe(lm).task
-    assert [name for name, _ in backbone_blocks(model)] == [
+    assert [name for name, _ in backbone_blocks_of(model)] == [
         "embeddings", "transformer_layer_0", "transformer_layer_1", "top"]
     assert {id(w) for w in model.weights} == {id(w) for w in lm.weights}
     (x, _, _), _ = sft_examples(["a b", "c"], lm, format="text")

@@ -134,3 +134,14 @@ def test_short_lora_fine_tune_on_real_topics_beats_the_untrained_head():
          "learning_rate": 1e-3}], verbose=0)
     after = model.evaluate(bundle.val, return_dict=True, verbose=0)["accuracy"]
     assert after >= 0.75 and after > before + 0.1, (before, after)
+
+
+def test_weights_are_asked_for_as_the_other_builders_ask(tmp_path):
+    """`weights="preset"` / `None`, as `build_classifier` and
+    `build_audio_classifier` take them; `load_weights` still works, with a
+    deprecation warning."""
+    with pytest.raises(ValueError, match="weights=True"):
+        kft.build_text_classifier(str(tmp_path), 2, weights=True)
+    with pytest.warns(DeprecationWarning, match="weights='preset'"):
+        with pytest.raises(Exception):  # an empty directory is no model
+            kft.build_text_classifier(str(tmp_path), 2, load_weights=False)

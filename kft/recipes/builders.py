@@ -194,7 +194,7 @@ def text_model(config, num_classes, load_weights=True):
         model = build_text_classifier(
             model_config.text, num_classes,
             sequence_length=model_config.sequence_length,
-            load_weights=load_weights)
+            weights="preset" if load_weights else None)
     except (RuntimeError, ValueError) as error:
         raise RecipeError(f"model.text: {error}") from None
     return adapt(config, model)
