@@ -63,6 +63,7 @@ from kft.lora_base import _LoRAMixin
 from kft.lora_base import drop_variable
 from kft.lora_base import lora_layers
 from kft.lora_base import retrace
+from kft.lora_config import LoRAConfig
 from kft.lora_conv import LoRAConv2D
 from kft.lora_embedding import LoRAEmbedding
 from kft.lora_embedding import LoRAReversibleEmbedding
@@ -72,7 +73,7 @@ from kft.lora_init import check_init
 from kft.lora_init import plain_lora_weights
 from kft.safe_npz import read_npz_with_meta
 
-__all__ = ["INITS", "LORA_TARGET_PRESETS", "LoRAConv2D", "LoRADense",
+__all__ = ["INITS", "LORA_TARGET_PRESETS", "LoRAConfig", "LoRAConv2D", "LoRADense",
            "LoRAEinsumDense", "LoRAEmbedding", "LoRAReversibleEmbedding",
            "active_adapter", "apply_lora", "combine_adapters",
            "disable_adapters", "enable_adapters", "load_adapter", "lora_layers",
@@ -519,11 +520,17 @@ def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
                init="default"):
     """Adds LoRA adapters to the matching layers of a built model, in place.
 
+    The set-up is given as keyword arguments, or as one `kft.lora.LoRAConfig`
+    (or a dict of its fields) in place of `targets`:
+    `apply_lora(model, LoRAConfig(targets="all-linear", rank=16))`.
+
     Args:
         model: a built Keras model (keras-hub backbones included). Its
             Dense / EinsumDense layers may be float or quantized by Keras
             (`model.quantize("int8")` / `"int4"`: QLoRA).
-        targets: a preset, or layer-name substrings or regexes (a list may
+        targets: a `LoRAConfig` or a dict of its fields (then the other
+            arguments are left out), or a preset, or layer-name substrings
+            or regexes (a list may
             mix both); every Dense, EinsumDense, Conv2D (groups=1) and
             Embedding whose name (or path) matches is adapted. Presets, for
             the keras-hub backbones in `LORA_TARGET_PRESETS`:
@@ -557,6 +564,8 @@ def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
     >>> apply_lora(model, targets=("query",), rank=2)
     1
     """
+    if isinstance(targets, (LoRAConfig, dict)):
+        return apply_lora(model, **LoRAConfig.from_value(targets).apply_kwargs())
     if isinstance(targets, str):
         targets = (targets,)
     check_init(init)

@@ -358,3 +358,36 @@ def test_bfloat16_lora_loss_curve_follows_float32_on_a_tiny_llama():
     exact, bf16 = losses("float32"), losses("bfloat16")
     assert exact[-1] < exact[0] - 0.2
     np.testing.assert_allclose(bf16, exact, rtol=2e-2)
+
+
+def _two_dense_model():
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(5, name="query")(inputs)
+    outputs = keras.layers.Dense(3, name="value")(hidden)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_one_lora_config_object_for_the_api_and_the_recipes(as_dict):
+    """`apply_lora(model, LoRAConfig(...))` (or its dict) is the keyword
+    call; a recipe's `lora:` section is the same class."""
+    from kft.lora import LoRAConfig
+    from kft.recipes.schema import LoRAConfig as RecipeLoRAConfig
+
+    config = LoRAConfig(targets=["value"], rank=2, alpha=4, use_rslora=True)
+    by_object = _two_dense_model()
+    assert apply_lora(by_object, config.model_dump() if as_dict else config) == 1
+    by_keywords = _two_dense_model()
+    apply_lora(by_keywords, targets=("value",), rank=2, alpha=4,
+               use_rslora=True)
+    for model in (by_object, by_keywords):
+        layer = model.get_layer("value")
+        assert isinstance(layer, LoRADense) and layer.rank == 2
+        assert layer.scale == pytest.approx(4 / np.sqrt(2))
+        assert not isinstance(model.get_layer("query"), LoRADense)
+    assert issubclass(RecipeLoRAConfig, LoRAConfig)
+    assert RecipeLoRAConfig().trainable == ["logits"]  # a recipe's default
+    with pytest.raises(ValueError, match="rank"):
+        apply_lora(_two_dense_model(), {"targets": ["value"], "rank": 0})
+    with pytest.raises(ValueError, match="ranks"):
+        apply_lora(_two_dense_model(), {"targets": ["value"], "ranks": 2})

@@ -226,15 +226,11 @@ def causal_model(config):
         raise RecipeError(f"model.causal_lm: {error}") from None
     if config.lora is not None:
         lora = config.lora
-        targets = lora.targets if isinstance(lora.targets, str) else tuple(
-            lora.targets)
-        trainable = () if "trainable" not in lora.model_fields_set else tuple(
-            lora.trainable)
+        if "trainable" not in lora.model_fields_set:
+            # A causal LM has no head: nothing but the adapters trains.
+            lora = lora.model_copy(update={"trainable": []})
         try:
-            apply_lora(lm, targets=targets, rank=lora.rank, alpha=lora.alpha,
-                       dropout=lora.dropout, use_rslora=lora.use_rslora,
-                       trainable=trainable, use_dora=lora.use_dora,
-                       init=lora.init)
+            apply_lora(lm, lora)
         except ValueError as error:
             raise RecipeError(_lora_error(error)) from None
     if config.prompt_tuning is not None:
@@ -328,14 +324,8 @@ def adapt(config, model):
         except ValueError as error:
             raise RecipeError(f"prompt_tuning: {error}") from None
     if config.lora is not None:
-        lora = config.lora
         try:
-            targets = lora.targets if isinstance(lora.targets, str) else tuple(
-                lora.targets)
-            apply_lora(model, targets=targets, rank=lora.rank,
-                       alpha=lora.alpha, dropout=lora.dropout,
-                       use_rslora=lora.use_rslora, use_dora=lora.use_dora,
-                       init=lora.init, trainable=tuple(lora.trainable))
+            apply_lora(model, config.lora)
         except ValueError as error:
             raise RecipeError(_lora_error(error)) from None
     return model

@@ -13,6 +13,7 @@ import kft.families as backbones
 from kft.head_config import HeadConfig
 from kft.keras_distribution import KERAS_DISTRIBUTIONS
 from kft.keras_distribution import check_mesh
+from kft.lora_config import LoRAConfig as LibraryLoRAConfig
 from kft.speech_data import PITCHES
 from kft.speech_data import SPEECH_COMMANDS
 from kft.speech_data import SPEEDS
@@ -262,12 +263,13 @@ class AudioAugmentationConfig(Strict):
         return self
 
 
-class LoRAConfig(Strict):
+class LoRAConfig(LibraryLoRAConfig):
     """`lora:` `kft.lora.apply_lora` on a text model, a causal LM or an
-    image classifier; stages then train the adapters and what `trainable`
-    names (a text classifier's `logits`, an image classifier's `head_`
-    layers; nothing else for a causal LM). `targets` is a list of layer
-    names / regexes or a preset: `attention`, `mlp`, `all-linear`,
+    image classifier: the library's `kft.lora.LoRAConfig`, with a recipe's
+    default of what else trains. Stages then train the adapters and what
+    `trainable` names (a text classifier's `logits`, an image classifier's
+    `head_` layers; nothing else for a causal LM). `targets` is a list of
+    layer names / regexes or a preset: `attention`, `mlp`, `all-linear`,
     `pointwise` (1x1 convolutions). Image models default to `[query,
     value, pointwise]`: the attention of a ViT, the 1x1 convolutions of a
     CNN. `use_dora: true` is DoRA, `init: pissa` / `olora` start the
@@ -275,14 +277,6 @@ class LoRAConfig(Strict):
     the B matrices at 16x its learning rate: the stages' `lora_lr_ratio`,
     unless a stage sets its own)."""
 
-    targets: str | list[str] = ["query", "value"]
-    rank: int = Field(default=8, ge=1)
-    alpha: float = Field(default=16.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    use_rslora: bool = False
-    use_dora: bool = False
-    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
-    lr_ratio: float | None = Field(default=None, gt=0)
     trainable: list[str] = ["logits"]
 
 
