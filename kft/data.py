@@ -33,6 +33,7 @@ __all__ = [
     "load_wordnet_glosses",
     "without_files",
     "sft_dataset",
+    "preference_dataset",
     "load_text_file",
     "scan_image_folder",
     "subset_per_class",
@@ -912,3 +913,20 @@ def from_audio_folder(directory, **kwargs):
     from kft.audio_data import from_audio_folder as load
 
     return load(directory, **kwargs)
+
+
+def preference_dataset(records_or_path, lm, *, format="prompt_chosen_rejected",
+                       batch_size=8, shuffle=True, **kwargs):
+    """Preference batches for a causal LM: `kft.preference_data.preference_dataset`.
+
+    Yields `(x, y, sample_weight)` of shape `(batch, 2, length)`: the chosen
+    and the rejected answer of each prompt (TRL's `prompt`, `chosen`,
+    `rejected`; or chat `messages`; or unpaired `prompt`, `completion`,
+    `label` for KTO), weight 1 on the answers' tokens only; train with
+    `kft.preference.PreferenceCausalLM(lm)`. See
+    `kft.preference_data.preference_dataset` for every argument.
+    """
+    from kft.preference_data import preference_dataset as build
+
+    return build(records_or_path, lm, format=format, batch_size=batch_size,
+                 shuffle=shuffle, **kwargs)
