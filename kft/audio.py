@@ -17,7 +17,6 @@ the encoder uses the first rows of its position table, as keras-hub's
 the encoder to the shorter windows, at a fraction of the 30-second cost.
 """
 
-import dataclasses
 import math
 
 import keras
@@ -525,8 +524,8 @@ def build_audio_classifier(preset, num_classes, *, sample_rate=16000,
     x = encoder(x, training=False) if bn == "frozen" else encoder(x)
     if pooling == "attention":
         x = AttentionPooling(name="head_attention_pool")(x)
-    head = dataclasses.replace(
-        head, pooling="token" if pooling == "attention" else "avg")
+    head = head.model_copy(
+        update={"pooling": "token" if pooling == "attention" else "avg"})
     outputs = build_head(x, num_classes, head)
 
     # === Config ===

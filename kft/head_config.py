@@ -1,10 +1,15 @@
 """`HeadConfig`: what goes on top of the backbone, as plain data.
 
 Kept free of Keras so that recipes validate their `model.head` without
-starting TensorFlow; `kft.heads` builds the layers.
+starting TensorFlow; `kft.heads` builds the layers. A pydantic model, as
+`kft.stages.Stage` and `kft.lora.LoRAConfig` are: the Python API takes the
+object or a dict of its fields, and a recipe's `model.head` is validated
+by it.
 """
 
-import dataclasses
+import pydantic
+
+from kft.validation import Strict
 
 __all__ = ["HEAD_KINDS", "POOLINGS", "HeadConfig"]
 
@@ -12,11 +17,10 @@ HEAD_KINDS = ("multiclass", "binary", "multilabel", "regression")
 POOLINGS = ("avg", "max", "flatten", "token")
 
 
-@dataclasses.dataclass
-class HeadConfig:
+class HeadConfig(Strict):
     """What goes on top of the backbone.
 
-    Args:
+    Attributes:
         kind: `"multiclass"` (softmax), `"binary"` (one sigmoid unit),
             `"multilabel"` (one sigmoid per class) or `"regression"`
             (linear outputs).
@@ -28,6 +32,11 @@ class HeadConfig:
         activation: activation of the hidden layers.
         dropout: dropout rate before each Dense layer (0 for none).
         batch_norm: add BatchNormalization after each hidden layer.
+
+    Example:
+
+    >>> HeadConfig(hidden=128, dropout=0.5).hidden
+    (128,)
     """
 
     kind: str = "multiclass"
@@ -37,30 +46,39 @@ class HeadConfig:
     dropout: float = 0.0
     batch_norm: bool = False
 
-    def __post_init__(self):
-        if self.kind not in HEAD_KINDS:
-            raise ValueError(
-                f"Unknown head kind. Expected one of {HEAD_KINDS}. "
-                f"Received: kind={self.kind!r}"
-            )
-        if self.pooling not in POOLINGS:
-            raise ValueError(
-                f"Unknown pooling. Expected one of {POOLINGS}. "
-                f"Received: pooling={self.pooling!r}"
-            )
-        if isinstance(self.hidden, int):
-            self.hidden = (self.hidden,)
-        self.hidden = tuple(self.hidden or ())
-        if any(not isinstance(u, int) or u < 1 for u in self.hidden):
-            raise ValueError(
-                "head hidden sizes must be positive integers. Received: "
-                f"hidden={list(self.hidden)}"
-            )
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(
-                f"head dropout must be in [0, 1). Received: "
-                f"dropout={self.dropout!r}"
-            )
+    @pydantic.field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value):
+        if value not in HEAD_KINDS:
+            raise ValueError(f"Unknown head kind. Expected one of {HEAD_KINDS}. "
+                             f"Received: kind={value!r}")
+        return value
+
+    @pydantic.field_validator("pooling")
+    @classmethod
+    def _known_pooling(cls, value):
+        if value not in POOLINGS:
+            raise ValueError(f"Unknown pooling. Expected one of {POOLINGS}. "
+                             f"Received: pooling={value!r}")
+        return value
+
+    @pydantic.field_validator("hidden", mode="before")
+    @classmethod
+    def _hidden_sizes(cls, value):
+        hidden = (value,) if isinstance(value, int) else tuple(value or ())
+        if any(isinstance(u, bool) or not isinstance(u, int) or u < 1
+               for u in hidden):
+            raise ValueError("head hidden sizes must be positive integers. "
+                             f"Received: hidden={list(hidden)}")
+        return hidden
+
+    @pydantic.field_validator("dropout")
+    @classmethod
+    def _dropout_range(cls, value):
+        if not 0.0 <= float(value) < 1.0:
+            raise ValueError("head dropout must be in [0, 1). Received: "
+                             f"dropout={value!r}")
+        return value
 
     @classmethod
     def from_value(cls, value):
@@ -70,15 +88,17 @@ class HeadConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):
-            allowed = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(value) - allowed)
+            unknown = sorted(set(value) - set(cls.model_fields))
             if unknown:
-                raise ValueError(
-                    f"Unknown head option(s) {unknown}. Allowed: "
-                    f"{sorted(allowed)}."
-                )
-            return cls(**value)
+                raise ValueError(f"Unknown head option(s) {unknown}. Allowed: "
+                                 f"{sorted(cls.model_fields)}.")
+            try:
+                return cls(**value)
+            except pydantic.ValidationError as error:
+                # One plain sentence per problem (a recipe error quotes it).
+                raise ValueError("; ".join(
+                    e["msg"].removeprefix("Value error, ")
+                    for e in error.errors())) from None
         raise ValueError(
             "head must be None, a dict or a kft.heads.HeadConfig. Received: "
-            f"head={value!r}"
-        )
+            f"head={value!r}")
