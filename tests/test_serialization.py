@@ -23,9 +23,9 @@ import kft
 from kft.augment.audio import AudioAugmentationLayer
 from kft.augment.audio import SpecAugment
 from kft.augment.image import ImageAugmentationLayer
-from kft.augment.image import RandomAffine
-from kft.augment.image import RandomBrightnessScale
-from kft.augment.image import RandomChannelShift
+from kft.augment.image_layers import RandomAffine
+from kft.augment.image_layers import RandomBrightnessScale
+from kft.augment.image_layers import RandomChannelShift
 from kft.heads import FirstToken
 from kft.lora import LoRADense
 from kft.lora import LoRAEinsumDense
@@ -205,6 +205,26 @@ def case_sft_causal_lm(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     assert type(loaded) is SFTCausalLM
+    _close(loaded.predict_on_batch(x), expected)
+
+def case_preference_causal_lm(tmp_path):
+    from llm_fixtures import tiny_causal_lm
+
+    from kft.preference import PreferenceCausalLM
+
+    lm = tiny_causal_lm(sequence_length=8, tie_word_embeddings=False)
+    lm.preprocessor = None  # as case_sft_causal_lm: what keras-hub reloads
+    model = PreferenceCausalLM(lm, loss="simpo", beta=1.5, gamma=0.3)
+    ids = np.array([[[1, 5, 7, 9], [1, 5, 8, 0]], [[1, 6, 8, 0], [1, 6, 0, 0]]],
+                   "int32")
+    x = {"token_ids": ids, "padding_mask": ids > 0}
+    expected = model.predict_on_batch(x)
+    path = tmp_path / "preference.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded) is PreferenceCausalLM
+    assert (loaded.loss_name, loaded.beta, loaded.options) == ("simpo", 1.5,
+                                                               {"gamma": 0.3})
     _close(loaded.predict_on_batch(x), expected)
 
 
@@ -397,6 +417,7 @@ CASES = {
     "kft>AttentionPooling": case_attention_pooling,
     "kft>ClipWaveform": case_clip_waveform,
     "kft>SFTCausalLM": case_sft_causal_lm,
+    "kft>PreferenceCausalLM": case_preference_causal_lm,
     "kft>PromptTunedCausalLM": case_prompt_tuned_causal_lm,
     "kft>DiscriminativeOptimizer": case_discriminative_optimizer,
     "kft>ScaledSchedule": case_scaled_schedule,
