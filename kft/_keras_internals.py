@@ -280,19 +280,20 @@ def tracked_dataset(dataset):
 _TRACKED = []
 
 
+class _StreamPosition:
+    """Iterators made and batches drawn, shared by a `TrackedDataset` and
+    the datasets derived from it with `map` / `prefetch` (keras-hub tasks
+    map their preprocessor over the data inside `fit`)."""
+
+    def __init__(self):
+        self.iterators, self.drawn = 0, 0
+
+
 def _tracked_dataset_class():
     """`TrackedDataset`, defined on first use (TensorFlow imports lazily)."""
     if _TRACKED:
         return _TRACKED[0]
     import tensorflow as tf
-
-    class Position:
-        """Iterators made and batches drawn, shared by a `TrackedDataset`
-        and the datasets derived from it with `map` / `prefetch` (keras-hub
-        tasks map their preprocessor over the data inside `fit`)."""
-
-        def __init__(self):
-            self.iterators, self.drawn = 0, 0
 
     class TrackedDataset(tf.data.Dataset):
         """A `tf.data.Dataset` that counts the iterators made from it.
@@ -320,7 +321,7 @@ def _tracked_dataset_class():
 
         def __init__(self, dataset, position=None):
             self._wrapped = dataset
-            self._position = position or Position()
+            self._position = position or _StreamPosition()
             super().__init__(dataset._variant_tensor)
 
         def _inputs(self):
