@@ -43,7 +43,9 @@ def test_every_packaged_recipe_validates_and_opens_with_its_command(name):
     from kft.recipes.loader import resolve_recipe_path
 
     first = open(resolve_recipe_path(name)).readline()
-    assert first.startswith(f"# kft run {name}")
+    # A recipe with a search space opens with the search that runs it.
+    command = "tune" if config.search is not None else "run"
+    assert first.startswith(f"# kft {command} {name}")
 
 
 def test_overrides_set_nested_and_list_values():

@@ -11,6 +11,7 @@ import yaml
 from kft.recipes.errors import RecipeError
 from kft.recipes.errors import format_validation_error
 from kft.recipes.schema import RecipeConfig
+from kft.recipes.search import check_search_space
 from kft.recipes.tasks.base import get_task
 from kft.recipes.tasks.base import registered_tasks
 
@@ -133,6 +134,10 @@ def load_recipe(name_or_path, overrides=None):
         ) from None
     if config.task is not None and config.task not in registered_tasks():
         get_task(config.task)  # the RecipeError naming the registered tasks
+    if config.search is not None:
+        problems = check_search_space(config, RecipeConfig)
+        if problems:
+            raise RecipeError(f"{path}: Invalid recipe:\n  " + "\n  ".join(problems))
     return config
 
 
@@ -141,11 +146,12 @@ _PYTHON_ONLY = {"stages": {"__all__": {"callbacks", "loss", "metrics"}}}
 
 def resolved(config):
     """The recipe with every default filled in, as plain data (without
-    `task:` when the model section picks the task: recipes from before
-    `task:` existed keep their hash)."""
+    `task:` when the model section picks the task, and without an empty
+    `search:`: recipes from before those keys existed keep their hash)."""
     data = config.model_dump(mode="json", exclude=_PYTHON_ONLY)
-    if data.get("task") is None:
-        data.pop("task", None)
+    for key in ("task", "search"):
+        if data.get(key) is None:
+            data.pop(key, None)
     return data
 
 

@@ -14,6 +14,7 @@ from kft.head_config import HeadConfig
 from kft.keras_distribution import KERAS_DISTRIBUTIONS
 from kft.keras_distribution import check_mesh
 from kft.lora_config import LoRAConfig as LibraryLoRAConfig
+from kft.recipes.search import Distribution
 from kft.speech_data import PITCHES
 from kft.speech_data import SPEECH_COMMANDS
 from kft.speech_data import SPEEDS
@@ -25,7 +26,7 @@ from kft.stages import policy_stages
 from kft.validation import Strict
 
 __all__ = ["DataConfig", "LoRAConfig", "ModelConfig", "PromptTuningConfig",
-           "RecipeConfig"]
+           "RecipeConfig", "SearchConfig"]
 
 IMAGE_SOURCES = ("builtin", "numpy", "image_folder", "tfds")
 TEXT_SOURCES = ("text_file", "fortunes")
@@ -352,6 +353,33 @@ class PolicyConfig(Strict):
     learning_rate: float | tuple[float, float] = 1e-3
 
 
+class SearchConfig(Strict):
+    """`search:` the hyperparameters `kft tune` searches (`kft run`
+    ignores it).
+
+    `space` maps dotted recipe keys (`stages.1.learning_rate`,
+    `lora.rank`, `data.batch_size`) to a `Distribution`. `metric` is the
+    per-epoch value each trial reports (default: the task's validation
+    metric, `val_accuracy` for classifiers, `val_loss` otherwise) and
+    `direction` whether it is maximized (default: minimize a loss or
+    error, maximize anything else). `pruner` stops a trial whose metric
+    falls behind the others' at the same epoch (`median`, `hyperband`,
+    `none`), after `min_epochs` epochs and, for `median`, after
+    `startup_trials` trials have finished. `seed` seeds the sampler
+    (default: the recipe's seed).
+    """
+
+    space: dict[str, Distribution] = Field(min_length=1)
+    metric: str | None = None
+    direction: Literal["maximize", "minimize"] | None = None
+    trials: int = Field(default=20, ge=1)
+    timeout_minutes: float | None = Field(default=None, gt=0)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    min_epochs: int = Field(default=1, ge=1)
+    startup_trials: int = Field(default=3, ge=0)
+    seed: int | None = None
+
+
 class RecipeConfig(Strict):
     """A whole recipe: model, data, stages and run settings."""
 
@@ -374,6 +402,8 @@ class RecipeConfig(Strict):
     generate: GenerateConfig | None = None
     policy: PolicyConfig | None = None
     stages: list[Stage] = Field(default=[], validate_default=True)
+    # What `kft tune` searches; runs ignore it.
+    search: SearchConfig | None = None
 
     @pydantic.model_validator(mode="after")
     def _audio_needs(self):
