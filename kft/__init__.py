@@ -34,8 +34,8 @@ _EXPORTS = {
 }
 _SUBMODULES = (
     "anatomy", "augment", "backbones", "callbacks", "causal_lm", "data",
-    "distribute", "families", "heads", "lora", "optimizers", "prompt",
-    "prompt_causal", "report", "sft", "stages",
+    "distribute", "families", "heads", "lora", "optimizers", "preference",
+    "prompt", "prompt_causal", "report", "sft", "stages",
 )
 # What `import kft` loads on first use: the library, with every Keras
 # object it registers for `keras.saving.load_model`.

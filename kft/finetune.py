@@ -158,6 +158,10 @@ def _compiled_from_checkpoint(model):
 def _loss_and_metrics(session, stage):
     if stage.loss is not None:
         return stage.loss, stage.metrics
+    if getattr(session.model, "computes_own_loss", False):
+        # e.g. kft.preference.PreferenceCausalLM: its loss and metrics are
+        # its own (compile(loss="auto")).
+        return "auto", None
     if describe(session.model).task == "causal_lm":
         # SFT batches weight completion tokens only: the loss is averaged
         # over weighted tokens, the token accuracy weighted the same way.
