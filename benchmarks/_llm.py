@@ -34,7 +34,7 @@ ADAPTERS = ("full", "kft_lora", "keras_lora", "keras_hub_lora", "frozen")
 
 def import_kft_first():
     """kft's modules before Keras: they then load without TensorFlow."""
-    for name in ("kft.lora", "kft.sft", "kft.causal_lm"):
+    for name in ("kft.lora", "kft.sft", "kft.causal_lm", "kft.remat"):
         importlib.import_module(name)
 
 
@@ -46,7 +46,7 @@ def all_linear_names():
     return list(preset["attention"] + preset["mlp"])
 
 
-def build_lm(config, adapter="full", quantize=None):
+def build_lm(config, adapter="full", quantize=None, remat=False):
     """A random `Llama3CausalLM` (no preprocessor), adapted as `adapter` says.
 
     Args:
@@ -55,6 +55,8 @@ def build_lm(config, adapter="full", quantize=None):
         adapter: one of `ADAPTERS`.
         quantize: None, `"int8"` or `"int4"`: the base quantized as
             `kft.build_causal_lm(quantize=...)` does, before the adapters.
+        remat: rematerialise each transformer block (`kft.remat.set_remat`,
+            what `kft.build_causal_lm(remat=True)` does).
 
     Returns:
         The keras-hub `CausalLM`, uncompiled.
@@ -64,6 +66,7 @@ def build_lm(config, adapter="full", quantize=None):
     from kft.causal_lm import _quantize
     from kft.freezing import train_only
     from kft.lora import apply_lora
+    from kft.remat import set_remat
 
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter must be one of {ADAPTERS}. "
@@ -85,6 +88,8 @@ def build_lm(config, adapter="full", quantize=None):
         backbone.enable_lora(RANK, target_layer_names=sorted(names))
     elif adapter == "frozen":
         train_only(lm, [backbone.get_layer("sequence_output_layernorm")])
+    if remat:
+        set_remat(lm)
     return lm
 
 

@@ -23,7 +23,12 @@ the logits over the weighted tokens) on sequence 512, batch 8. Variants:
   target_layer_names=[the same seven projections])`.
 
     python benchmarks/lora_cost.py [--layers 30] [--seq 512] [--batch 8]
-        [--variants full,kft_lora,enable_lora]
+        [--variants full,kft_lora,enable_lora] [--remat]
+
+`--remat` compiles each variant a second time with its transformer blocks
+rematerialised (`kft.remat.set_remat`, `build_causal_lm(remat=True)`)
+and adds the ratio with / without remat per variant; issue 24's remat
+case is `--seq 4096 --batch 1 --remat`.
 
 `--layers 2 --seq 64 --batch 2` checks the script in half a minute; the
 default shape compiles in about 20 s per variant on two CPU cores (the
@@ -85,6 +90,12 @@ import sys
 import time
 
 os.environ["KERAS_BACKEND"] = "jax"
+# XLA:CPU removes `jax.checkpoint`'s optimization barriers before a CSE
+# pass, which merges the recomputation back into the forward pass (remat
+# then saves nothing); XLA:GPU removes them only after scheduling. Keep
+# them, as the GPU does. No effect on a step without remat (same numbers).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                           "--xla_disable_hlo_passes=cse_barrier_expander").strip()
 # `_llm` beside this file, and the kft of this checkout (not an installed one).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
@@ -103,7 +114,7 @@ METRICS = ("flops", "bytes_accessed", "temp_bytes", "state_arrays", "matmuls")
 _MATMUL = re.compile(r"\sdot\(|custom_call_target=\"[^\"]*matmul[^\"]*\"")
 
 
-def compiled_step(adapter, config, sequence_length, batch_size):
+def compiled_step(adapter, config, sequence_length, batch_size, remat=False):
     """The compiled JAX train step of one variant, and its state."""
     import jax
     import keras
@@ -112,7 +123,7 @@ def compiled_step(adapter, config, sequence_length, batch_size):
 
     keras.config.set_dtype_policy("bfloat16")
     keras.utils.set_random_seed(0)
-    model = SFTCausalLM(build_lm(config, adapter))
+    model = SFTCausalLM(build_lm(config, adapter, remat=remat))
     model.compile(optimizer=keras.optimizers.AdamW(2e-4))
     data = tuple(batches(1, batch_size, sequence_length,
                          config["vocabulary_size"], seed=0))
@@ -150,18 +161,30 @@ def _value(metric, value):
     return f"{value:,}"
 
 
+def _ratios(results):
+    """`(numerator, denominator)` pairs of the table: kft/full,
+    kft/enable_lora, and each variant with remat / without."""
+    pairs = [("kft_lora", "full"), ("kft_lora", "enable_lora")]
+    pairs += [(f"{name}+remat", name) for name in VARIANTS]
+    return [(a, b) for a, b in pairs if a in results and b in results]
+
+
+def _ratio_label(a, b):
+    if a == f"{b}+remat":
+        return f"{b.split('_')[0]} remat/no"
+    return f"{a.split('_')[0]}/{b}"
+
+
 def table(results):
-    """Rows per metric: each variant, then kft/full and kft/enable_lora."""
+    """Rows per metric: each variant, then the ratios of `_ratios`."""
     names = list(results)
-    ratios = [(a, b) for a, b in (("kft_lora", "full"),
-                                  ("kft_lora", "enable_lora"))
-              if a in results and b in results]
-    header = f"{'':<16}" + "".join(f"{n:>16}" for n in names) + "".join(
-        f"{a.split('_')[0] + '/' + b:>18}" for a, b in ratios)
+    ratios = _ratios(results)
+    header = f"{'':<16}" + "".join(f"{n:>18}" for n in names) + "".join(
+        f"{_ratio_label(a, b):>18}" for a, b in ratios)
     lines = [header, "-" * len(header)]
     for metric in METRICS:
         row = f"{metric:<16}" + "".join(
-            f"{_value(metric, results[n][metric]):>16}" for n in names)
+            f"{_value(metric, results[n][metric]):>18}" for n in names)
         row += "".join(f"{results[a][metric] / results[b][metric]:>18.3f}"
                        for a, b in ratios)
         lines.append(row)
@@ -175,6 +198,9 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from {list(VARIANTS)}")
+    parser.add_argument("--remat", action="store_true",
+                        help="also each variant with its transformer blocks "
+                        "rematerialised (kft.remat.set_remat)")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -187,13 +213,16 @@ def main():
     print(f"shape: {args.layers} layers, sequence {args.seq}, batch "
           f"{args.batch}, bfloat16", flush=True)
     results = {}
-    for name in variants:
+    runs = [(name, remat) for name in variants
+            for remat in ((False, True) if args.remat else (False,))]
+    for name, remat in runs:
+        label = f"{name}+remat" if remat else name
         start = time.perf_counter()
         compiled, state = compiled_step(VARIANTS[name], config, args.seq,
-                                        args.batch)
-        results[name] = measure(compiled, state)
-        print(f"{name}: compiled in {time.perf_counter() - start:.0f} s: "
-              f"{results[name]}", flush=True)
+                                        args.batch, remat=remat)
+        results[label] = measure(compiled, state)
+        print(f"{label}: compiled in {time.perf_counter() - start:.0f} s: "
+              f"{results[label]}", flush=True)
         del compiled, state
         keras.backend.clear_session()
         gc.collect()

@@ -39,7 +39,8 @@ def resolve_causal_lm_preset(preset):
     resolver = CAUSAL_LM_PRESETS.get(str(preset))
     return resolver() if resolver else str(preset)
 
-def build_causal_lm(preset, *, sequence_length=None, dtype=None, quantize=None):
+def build_causal_lm(preset, *, sequence_length=None, dtype=None, quantize=None,
+                    remat=False):
     """A keras-hub causal LM (with its tokenizer / preprocessor) from a preset.
 
     `generate` takes raw strings; train it on `kft.sft.sft_dataset` batches
@@ -59,6 +60,11 @@ def build_causal_lm(preset, *, sequence_length=None, dtype=None, quantize=None):
             weights after loading with keras' `Model.quantize`, weight-only
             (activations stay in `dtype`); with `"int4"` the token embedding
             (the output head when tied) is int8.
+        remat: rematerialise each transformer block in training
+            (`kft.remat.set_remat`): the backward pass runs the blocks'
+            forward pass again instead of keeping their activations, for
+            long sequences that would not fit otherwise (about a third more
+            compute per step). `kft.plan_memory` says what it saves.
 
     Returns:
         A `keras_hub.models.CausalLM`, with `chat_template` (a Jinja string
@@ -96,6 +102,10 @@ def build_causal_lm(preset, *, sequence_length=None, dtype=None, quantize=None):
         lm.preprocessor.sequence_length = sequence_length
     if quantize is not None:
         _quantize(lm, quantize)
+    if remat:
+        from kft.remat import set_remat
+
+        set_remat(lm)
     lm.chat_template = read_chat_template(preset)
     return lm
 

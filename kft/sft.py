@@ -39,6 +39,8 @@ from keras import ops
 from kft.anatomy import Anatomy
 from kft.anatomy import family_entry
 from kft.lm_loss import causal_lm_loss_and_metrics
+from kft.remat import remat_enabled
+from kft.remat import set_remat
 
 __all__ = [
     "FORMATS",
@@ -721,6 +723,10 @@ class SFTCausalLM(keras.Model):
 
     Args:
         lm: a keras-hub `CausalLM`.
+        remat: True to rematerialise `lm`'s transformer blocks in training
+            (`kft.remat.set_remat`, on `lm` itself), False to turn it off,
+            None (the default) to keep `lm` as it is (e.g. from
+            `kft.build_causal_lm(remat=True)`). Saved in the config.
         **kwargs: for `keras.Model` (e.g. `name`).
 
     Example:
@@ -733,9 +739,11 @@ class SFTCausalLM(keras.Model):
     ```
     """
 
-    def __init__(self, lm, **kwargs):
+    def __init__(self, lm, remat=None, **kwargs):
         kwargs.setdefault("name", f"sft_{lm.name}")
         super().__init__(**kwargs)
+        if remat is not None and bool(remat) != remat_enabled(lm):
+            set_remat(lm, remat)
         self.lm = lm
         self.built = lm.built
         self.anatomy = Anatomy(task="causal_lm", backbone=lm.backbone.name,
@@ -744,6 +752,11 @@ class SFTCausalLM(keras.Model):
     @property
     def backbone(self):
         return self.lm.backbone
+
+    @property
+    def remat(self):
+        """Whether `lm`'s transformer blocks are rematerialised in training."""
+        return remat_enabled(self.lm)
 
     def call(self, inputs, training=None):
         if "segment_ids" in inputs:
@@ -813,6 +826,7 @@ class SFTCausalLM(keras.Model):
     def get_config(self):
         config = super().get_config()
         config["lm"] = keras.saving.serialize_keras_object(self.lm)
+        config["remat"] = self.remat
         return config
 
     @classmethod

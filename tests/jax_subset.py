@@ -69,3 +69,36 @@ def test_tensorflow_only_features_say_so():
                       verbose=0)
     with pytest.raises(ValueError, match="TensorFlow backend"):
         kft.distribute.make_strategy("mirrored")
+
+
+def test_remat_checkpoints_each_block_with_the_same_gradients():
+    """On JAX `set_remat` is `jax.checkpoint` per transformer block (one
+    optimization barrier each in the lowered step), with the plain step's
+    loss and gradients."""
+    import jax
+    from llm_fixtures import tiny_causal_lm
+
+    def step(remat):
+        lm = tiny_causal_lm(sequence_length=16)
+        model = kft.sft.SFTCausalLM(lm, remat=remat)
+        model.compile(optimizer=keras.optimizers.SGD(1.0))
+        (x, y, weight), _ = kft.sft.sft_examples(
+            ["a b c d e", "b a", "c d a b"], lm, format="text", shuffle=False)
+        data = (x, y, weight)
+        model._symbolic_build(data_batch=data)  # what fit does first
+        state = ([v.value for v in model.trainable_variables],
+                 [v.value for v in model.non_trainable_variables],
+                 [v.value for v in model.optimizer.variables],
+                 [v.value for v in model.metrics_variables])
+        lowered = jax.jit(model.train_step).lower(state, data)
+        logs, (trainable, *_) = lowered.compile()(state, data)
+        changes = [before - after for before, after in zip(state[0], trainable)]
+        return (lowered.as_text().count("optimization_barrier"),
+                float(logs["loss"]), changes)
+
+    barriers, loss, changes = step(False)
+    remat_barriers, remat_loss, remat_changes = step(True)
+    assert barriers == 0 and remat_barriers == 2  # two transformer blocks
+    assert remat_loss == pytest.approx(loss, abs=1e-5)
+    for change, remat_change in zip(changes, remat_changes, strict=True):
+        np.testing.assert_allclose(remat_change, change, atol=1e-5)

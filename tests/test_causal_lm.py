@@ -149,6 +149,16 @@ def test_smollm2_packed_sft_batches_match_unpacked_logits():
                                    atol=1e-3)
 
 
+def test_remat_rematerialises_every_transformer_block(original, checkpoint):
+    from kft.remat import remat_enabled
+    from kft.sft import SFTCausalLM
+
+    lm = build_causal_lm(checkpoint, sequence_length=16, remat=True)
+    assert remat_enabled(lm) and SFTCausalLM(lm).remat
+    assert not remat_enabled(build_causal_lm(checkpoint, sequence_length=16))
+    np.testing.assert_allclose(logits(lm), logits(original), atol=1e-5)
+
+
 def test_fine_tune_trains_the_causal_lm_that_build_causal_lm_returns(checkpoint):
     """keras-hub's `CausalLM.fit` would run the tokenizer on the tokenised
     SFT batches again; `fine_tune` trains it inside `SFTCausalLM`, which

@@ -86,6 +86,10 @@ def test_full_sft_recipe_trains_everything_and_saves_weights(tmp_path,
       "generate": None, "data": {"source": "builtin",
                                  "name": "fashion_mnist_holdout"}},
      "model.quantize is for model.causal_lm"),
+    ({"model": {"backbone": "vgg16", "remat": True}, "lora": None,
+      "generate": None, "data": {"source": "builtin",
+                                 "name": "fashion_mnist_holdout"}},
+     "model.remat is for model.causal_lm"),
     ({"model": {"causal_lm": "x", "input_shape": [32, 32, 3]}},
      "are for image models"),
     ({"prompt_tuning": {"num_virtual_tokens": 4}, "lora": None},
@@ -94,6 +98,27 @@ def test_full_sft_recipe_trains_everything_and_saves_weights(tmp_path,
 def test_bad_causal_lm_recipes_name_the_key(tmp_path, change, needle):
     with pytest.raises(RecipeError, match=needle):
         load_recipe(_recipe(tmp_path, "/nonexistent", **change))
+
+
+def test_model_remat_reaches_the_model_and_round_trips(tmp_path, checkpoint):
+    """`model.remat: true` builds the LM with rematerialised blocks and
+    stays in the resolved config (what config.yaml holds and a rebuilt run
+    reads); off, the resolved config has no `remat` (earlier runs keep
+    their hash)."""
+    from kft.recipes.builders import causal_model
+    from kft.recipes.loader import config_hash
+    from kft.recipes.loader import resolved
+
+    path = _recipe(tmp_path, checkpoint)
+    plain = load_recipe(path)
+    config = load_recipe(path, ["model.remat=true"])
+    assert "remat" not in resolved(plain)["model"]
+    assert resolved(config)["model"]["remat"] is True
+    assert config_hash(config) != config_hash(plain)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(resolved(config)))
+    assert load_recipe(str(tmp_path / "config.yaml")).model.remat is True
+    assert causal_model(config).remat is True
+    assert causal_model(plain).remat is False
 
 
 def test_a_missing_checkpoint_is_a_recipe_error(tmp_path):

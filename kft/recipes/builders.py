@@ -221,7 +221,8 @@ def causal_model(config):
     try:
         lm = build_causal_lm(model_config.causal_lm,
                              sequence_length=model_config.sequence_length,
-                             quantize=model_config.quantize)
+                             quantize=model_config.quantize,
+                             remat=model_config.remat)
     except (RuntimeError, ValueError, FileNotFoundError) as error:
         raise RecipeError(f"model.causal_lm: {error}") from None
     if config.lora is not None:

@@ -146,12 +146,15 @@ _PYTHON_ONLY = {"stages": {"__all__": {"callbacks", "loss", "metrics"}}}
 
 def resolved(config):
     """The recipe with every default filled in, as plain data (without
-    `task:` when the model section picks the task, and without an empty
-    `search:`: recipes from before those keys existed keep their hash)."""
+    `task:` when the model section picks the task, without an empty
+    `search:` and without `model.remat: false`: recipes from before those
+    keys existed keep their hash)."""
     data = config.model_dump(mode="json", exclude=_PYTHON_ONLY)
     for key in ("task", "search"):
         if data.get(key) is None:
             data.pop(key, None)
+    if not data["model"].get("remat"):  # likewise `model.remat: false`
+        data["model"].pop("remat", None)
     return data
 
 

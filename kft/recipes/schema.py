@@ -55,7 +55,10 @@ class ModelConfig(Strict):
     names a Whisper or Moonshine checkpoint in `audio` (`whisper_tiny`, a keras-hub
     preset name, `hf://...`, or a local directory), read by
     `kft.build_audio_classifier` with `sample_rate`, `max_seconds` and
-    `pooling`; `weights` is `preset` (the default) or null.
+    `pooling`; `weights` is `preset` (the default) or null. A `causal_lm`
+    may be `quantize`d (int8 / int4) and its transformer blocks
+    rematerialised in training (`remat: true`, for long sequences; see
+    `kft plan`).
     """
 
     backbone: str | None = None
@@ -68,6 +71,7 @@ class ModelConfig(Strict):
     max_seconds: float = Field(default=30.0, gt=0, le=30)
     pooling: Literal["mean", "attention"] = "mean"
     quantize: Literal["int8", "int4"] | None = None
+    remat: bool = False
     sequence_length: int = Field(default=128, ge=8)
     weights: str | None = None
     input_shape: tuple[int, int, int] | None = None
@@ -87,6 +91,8 @@ class ModelConfig(Strict):
                              "model.audio (a speech encoder)")
         if self.quantize is not None and self.causal_lm is None:
             raise ValueError("model.quantize is for model.causal_lm")
+        if self.remat and self.causal_lm is None:
+            raise ValueError("model.remat is for model.causal_lm")
         if self.preset is not None:
             if self.backbone_kwargs:
                 raise ValueError("model.backbone_kwargs are for model.backbone "
