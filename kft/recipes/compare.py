@@ -35,6 +35,7 @@ __all__ = ["DEFAULT_CAUSAL_METHODS", "DEFAULT_METHODS", "METHODS", "compare",
            "method_stages"]
 
 _RESULT = "result.json"
+_HIGHER_IS_BETTER = ("val_accuracy", "val_reward_accuracy")
 
 
 def _run_one(recipe_path, run_dir, smoke, log_path):
@@ -65,18 +66,21 @@ def _measure(run_dir, peak_mb, wall):
 
     rows = read_history(os.path.join(run_dir, "history.csv"))
     # A causal LM's measure is its held-out completion loss (its token
-    # accuracy says little), kept with perplexity and the model's bytes.
+    # accuracy says little), kept with perplexity and the model's bytes; a
+    # preference run's is its held-out reward accuracy.
     causal = "model_bytes" in metrics
-    monitor = "val_accuracy" if not causal and any(
-        "val_accuracy" in r for r in rows) else "val_loss"
+    monitor = ("val_reward_accuracy" if any("val_reward_accuracy" in r for r in rows)
+               else "val_accuracy" if not causal and any(
+                   "val_accuracy" in r for r in rows) else "val_loss")
     values = [r[monitor] for r in rows if monitor in r]
-    best = (max(values) if monitor == "val_accuracy" else min(values)) \
+    best = (max(values) if monitor in _HIGHER_IS_BETTER else min(values)) \
         if values else None
     params = metrics["params"]
     trainable = max((s["trainable_params"] for s in metrics["stages"]),
                     default=params["trainable"])
     extra = {"model_bytes": metrics["model_bytes"], "perplexity": None if
-             best is None else round(math.exp(min(best, 50)), 4)} if causal else {}
+             best is None or monitor != "val_loss"
+             else round(math.exp(min(best, 50)), 4)} if causal else {}
     if causal:
         stored, what = causal_stored(metrics, run_dir)
     elif "adapter" in metrics:
@@ -136,10 +140,11 @@ def _summaries(results, methods):
             "stored_bytes": ok[0]["stored_bytes"],
             "stored": ok[0]["stored"],
         }
-        if "model_bytes" in ok[0]:  # a causal LM: held-out loss -> perplexity
-            summary[method].update(
-                perplexity=math.exp(min(statistics.fmean(best), 50)),
-                model_bytes=ok[0]["model_bytes"])
+        if "model_bytes" in ok[0]:  # a causal LM
+            summary[method]["model_bytes"] = ok[0]["model_bytes"]
+        if ok[0].get("perplexity") is not None:  # its held-out loss
+            summary[method]["perplexity"] = math.exp(
+                min(statistics.fmean(best), 50))
     return summary
 
 
@@ -154,7 +159,7 @@ def _advice(summary):
                  for m, s in summary.items() if s["status"] != "ok"}
     if not done:
         return sentences
-    higher = next(iter(done.values()))["monitor"] == "val_accuracy"
+    higher = next(iter(done.values()))["monitor"] in _HIGHER_IS_BETTER
 
     def quality(s):
         """The metric as a share of the best (1.0 = the best)."""
@@ -273,7 +278,10 @@ def compare(recipe, methods=None, *, epochs=None, seeds=(0,), output_dir=None,
     task = task_for(config)
     if methods is None:
         methods = task.default_methods
-    methods, seeds = _check_methods(methods), [int(s) for s in seeds]
+    # A task may name methods of its own (a preference task: its losses).
+    methods = _check_methods(methods, (*METHODS, *task.default_methods,
+                                       *getattr(task, "methods", ())))
+    seeds = [int(s) for s in seeds]
     epochs = epochs or sum(stage.epochs for stage in config.stages)
     if epochs < 1:
         raise RecipeError(f"--epochs must be >= 1. Received: {epochs}")
@@ -306,14 +314,17 @@ def compare(recipe, methods=None, *, epochs=None, seeds=(0,), output_dir=None,
     return report
 
 
-def _check_methods(methods):
+def _check_methods(methods, allowed=METHODS):
+    """`methods` without repeats; a `RecipeError` for a name that is
+    neither a kft method nor one of the task's own."""
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise RecipeError("--methods: give at least one method")
-    unknown = [m for m in methods if m not in METHODS]
+    allowed = tuple(dict.fromkeys(allowed))
+    unknown = [m for m in methods if m not in allowed]
     if unknown:
         raise RecipeError(f"--methods: unknown {unknown}; allowed: "
-                          f"{', '.join(METHODS)}")
+                          f"{', '.join(allowed)}")
     return methods
 
 

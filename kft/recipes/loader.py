@@ -150,7 +150,7 @@ def resolved(config):
     `search:` and without `model.remat: false`: recipes from before those
     keys existed keep their hash)."""
     data = config.model_dump(mode="json", exclude=_PYTHON_ONLY)
-    for key in ("task", "search"):
+    for key in ("task", "search", "preference"):  # empty preference: too
         if data.get(key) is None:
             data.pop(key, None)
     if not data["model"].get("remat"):  # likewise `model.remat: false`

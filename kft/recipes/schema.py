@@ -14,6 +14,9 @@ from kft.head_config import HeadConfig
 from kft.keras_distribution import KERAS_DISTRIBUTIONS
 from kft.keras_distribution import check_mesh
 from kft.lora_config import LoRAConfig as LibraryLoRAConfig
+from kft.recipes.preference_config import PREFERENCE_SOURCES
+from kft.recipes.preference_config import PreferenceConfig
+from kft.recipes.preference_config import check_preference
 from kft.recipes.search import Distribution
 from kft.speech_data import PITCHES
 from kft.speech_data import SPEECH_COMMANDS
@@ -32,7 +35,8 @@ IMAGE_SOURCES = ("builtin", "numpy", "image_folder", "tfds")
 TEXT_SOURCES = ("text_file", "fortunes")
 SFT_SOURCES = ("sft_file", "wordnet_glosses")
 AUDIO_SOURCES = ("audio_folder", "espeak_words")
-DATA_SOURCES = IMAGE_SOURCES + TEXT_SOURCES + SFT_SOURCES + AUDIO_SOURCES
+DATA_SOURCES = (IMAGE_SOURCES + TEXT_SOURCES + SFT_SOURCES + PREFERENCE_SOURCES
+                + AUDIO_SOURCES)
 # espeak_words' keys, and their defaults (kft.speech_data: no TensorFlow).
 _ESPEAK_KEYS = {"words": SPEECH_COMMANDS, "voices": TRAIN_VOICES,
                 "val_voices": VAL_VOICES, "speeds": SPEEDS, "pitches": PITCHES}
@@ -163,7 +167,9 @@ class DataConfig(Strict):
     sources (for `model.causal_lm`): `sft_file` (`.jsonl` / `.json` /
     `.csv` / `.tsv` records in `format`) and `wordnet_glosses` (WordNet's
     noun definitions, "Define: word" -> gloss); `packing`, `truncation`,
-    `max_examples`. Audio sources (for `model.audio`; clips at the model's
+    `max_examples`. `preference_file` (with `preference:`): `path` to pairs
+    or unpaired records, `format` `prompt_chosen_rejected` (the default),
+    `messages` or `unpaired`. Audio sources (for `model.audio`; clips at the model's
     `sample_rate`, cut or padded to its `max_seconds`): `audio_folder`
     (`path`, one folder of `.wav` files per class) and `espeak_words`
     (`words` spoken by espeak-ng in `voices` at `speeds` x `pitches`,
@@ -172,8 +178,8 @@ class DataConfig(Strict):
     """
 
     source: Literal["builtin", "numpy", "image_folder", "tfds", "text_file",
-                    "fortunes", "sft_file", "wordnet_glosses", "audio_folder",
-                    "espeak_words"]
+                    "fortunes", "sft_file", "wordnet_glosses", "preference_file",
+                    "audio_folder", "espeak_words"]
     name: str | None = None
     path: str | None = None
     data_dir: str | None = None
@@ -190,7 +196,10 @@ class DataConfig(Strict):
     label_column: str = "label"
     topics: list[str] | None = None
     # Supervised fine-tuning of causal LMs (`kft.data.sft_dataset`).
-    format: Literal["prompt_completion", "messages", "text"] = "prompt_completion"
+    # Preference tuning (`preference_file`): prompt_chosen_rejected,
+    # messages or unpaired (`kft.data.preference_dataset`).
+    format: Literal["prompt_completion", "messages", "text",
+                    "prompt_chosen_rejected", "unpaired"] = "prompt_completion"
     packing: bool = False
     truncation: Literal["drop_long", "truncate_completion",
                         "truncate_prompt"] = "drop_long"
@@ -207,7 +216,8 @@ class DataConfig(Strict):
         needs = {"builtin": "name", "tfds": "name", "numpy": "path",
                  "image_folder": "path", "text_file": "path",
                  "fortunes": None, "sft_file": "path",
-                 "wordnet_glosses": None, "audio_folder": "path",
+                 "wordnet_glosses": None, "preference_file": "path",
+                 "audio_folder": "path",
                  "espeak_words": None}[self.source]
         if needs and getattr(self, needs) is None:
             raise ValueError(f"source {self.source!r} needs data.{needs}")
@@ -406,6 +416,7 @@ class RecipeConfig(Strict):
     lora: LoRAConfig | None = None
     prompt_tuning: PromptTuningConfig | None = None
     generate: GenerateConfig | None = None
+    preference: PreferenceConfig | None = None
     policy: PolicyConfig | None = None
     stages: list[Stage] = Field(default=[], validate_default=True)
     # What `kft tune` searches; runs ignore it.
@@ -443,11 +454,13 @@ class RecipeConfig(Strict):
     @pydantic.model_validator(mode="after")
     def _causal_lm_needs(self):
         causal = self.model.causal_lm is not None
-        if causal != (self.data.source in SFT_SOURCES):
+        if causal != (self.data.source in SFT_SOURCES + PREFERENCE_SOURCES):
             raise ValueError(
                 "a causal LM (model.causal_lm) trains on an SFT data source "
-                f"{list(SFT_SOURCES)}, and those only feed causal LMs; "
+                f"{list(SFT_SOURCES)} or a preference data source "
+                f"{list(PREFERENCE_SOURCES)}, and those only feed causal LMs; "
                 f"data.source is {self.data.source!r}")
+        check_preference(self)
         if self.generate is not None and not causal:
             raise ValueError("generate: is for causal LMs (model.causal_lm)")
         if causal and self.prompt_tuning is not None and self.data.packing:

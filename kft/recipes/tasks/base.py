@@ -28,6 +28,7 @@ _BUILTIN = {
     "audio_classification": "kft.recipes.tasks.classification:AudioClassification",
     "text_classification": "kft.recipes.tasks.classification:TextClassification",
     "image_classification": "kft.recipes.tasks.classification:ImageClassification",
+    "causal_lm_preference": "kft.recipes.tasks.preference:PreferenceTuning",
 }
 _TASKS = dict(_BUILTIN)  # name -> Task, or the "module:Class" to import
 # Installed packages add tasks under this entry-point group (name = the

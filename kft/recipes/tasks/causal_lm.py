@@ -32,7 +32,8 @@ class CausalLMSFT(Task):
     default_methods = DEFAULT_CAUSAL_METHODS
 
     def matches(self, config):
-        return config.model.causal_lm is not None
+        # A recipe with preference: is a preference run (tasks/preference.py).
+        return config.model.causal_lm is not None and config.preference is None
 
     def smoke_config(self, config):
         return config  # the checkpoint is the model: kept
