@@ -5,6 +5,7 @@ then `kft eval`, `kft generate` and `kft compare` on the run."""
 import json
 import os
 
+import numpy as np
 import pytest
 import yaml
 from llm_fixtures import tiny_causal_lm
@@ -77,8 +78,10 @@ def test_dpo_lora_recipe_reports_reward_accuracy_before_and_after(tmp_path,
     samples = json.load(open(os.path.join(run_dir, "samples.json")))
     assert len(samples["before"]) == len(samples["after"]) == 1
 
+    from kft.causal_lm import build_causal_lm
     from kft.cli import main
     from kft.recipes.evaluate import generate_run
+    from kft.recipes.evaluate import load_run
 
     # kft eval rebuilds the base, loads the adapters, finds the numbers again.
     assert main(["eval", run_dir]) == 0
@@ -86,6 +89,18 @@ def test_dpo_lora_recipe_reports_reward_accuracy_before_and_after(tmp_path,
     for key in ("loss", "reward_accuracy", "reward_margin"):
         assert result[key] == pytest.approx(after[key], abs=1e-4)
     assert generate_run(run_dir, ["a b"], max_length=12) == samples["after"]
+    # kft export merges the adapters into a Hugging Face checkpoint that
+    # gives the preference-tuned model's logits.
+    out = str(tmp_path / "export")
+    assert main(["export", run_dir, "--output", out]) == 0
+    assert json.load(open(os.path.join(out, "kft_export.json")))["format"] == (
+        "transformers")
+    merged = build_causal_lm(out, sequence_length=16)
+    _, tuned = load_run(run_dir)
+    x = {"token_ids": np.array([[1, 70, 260, 261, 40, 41]], "int32"),
+         "padding_mask": np.ones((1, 6), bool)}
+    np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(tuned.lm(x)),
+                               atol=1e-5)
 
 
 def test_full_fine_tuning_precomputes_the_reference_once(tmp_path, checkpoint):
