@@ -30,6 +30,7 @@ _EXPORTS = {
     "lr_find": "kft.callbacks",
     "register_backbone": "kft.families",
     "trainable_summary": "kft.freezing",
+    "tune": "kft.recipes.tune",
     "unfreeze": "kft.freezing",
 }
 _SUBMODULES = (

@@ -51,6 +51,7 @@ def _parser():
                           metavar="KEY.PATH=VALUE")
     _add_run(sub)
     _add_compare(sub)
+    _add_tune(sub)
     _add_run_dir_commands(sub)
     _add_convert(sub)
     generate = sub.add_parser(
@@ -134,6 +135,32 @@ def _add_compare(sub):
     compare.add_argument("--smoke", action="store_true",
                          help="synthetic data, random weights, two steps per stage")
     _add_offline(compare)
+
+
+def _add_tune(sub):
+    tune = sub.add_parser(
+        "tune", help="search a recipe's hyperparameters (its search: section)")
+    tune.add_argument("recipe", help="packaged recipe name or path (with "
+                                     "--show: a study directory)")
+    tune.add_argument("--trials", type=int, default=None,
+                      help="trials to finish, complete or pruned, counting a "
+                           "resumed study's (default: the study's number, "
+                           "else search.trials)")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue the study: finished trials are kept, a "
+                           "trial cut mid-way runs again")
+    tune.add_argument("--output-dir", default=None,
+                      help="study directory (default: runs/tune-<name>)")
+    tune.add_argument("--storage", default=None, metavar="URL",
+                      help="a database URL several workers share (e.g. "
+                           "postgresql://user@host/db); default: SQLite in "
+                           "the study directory")
+    tune.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY.PATH=VALUE")
+    tune.add_argument("--show", action="store_true",
+                      help="print the trials of the study directory RECIPE")
+    tune.add_argument("--quiet", action="store_true", help="no line per trial")
+    _add_offline(tune)
 
 
 def _add_run_dir_commands(sub):
@@ -233,6 +260,20 @@ def _cmd_compare(args):
         raise RuntimeError(f"methods failed: {failed} (see their log.txt)")
 
 
+def _cmd_tune(args):
+    from kft.recipes.tune import show
+    from kft.recipes.tune import tune
+
+    if args.show:
+        print(show(args.recipe))
+        return
+    result = tune(args.recipe, args.trials, output_dir=args.output_dir,
+                  storage=args.storage, resume=args.resume,
+                  overrides=args.overrides, verbose=not args.quiet)
+    print(show(result["study_dir"]))
+    print(f"Wrote {result['study_dir']}/: {', '.join(result['files'])}")
+
+
 def _cmd_eval(args):
     from kft.recipes.evaluate import evaluate_run
 
@@ -312,7 +353,8 @@ def _cmd_convert(args):
 _COMMANDS = {"list": "_cmd_list", "show": "_cmd_show", "validate": "_cmd_validate",
              "run": "_cmd_run", "compare": "_cmd_compare", "eval": "_cmd_eval",
              "export": "_cmd_export", "convert": "_cmd_convert",
-             "generate": "_cmd_generate"}
+             "generate": "_cmd_generate",
+             "tune": "_cmd_tune"}
 
 
 def main(argv=None):

@@ -53,14 +53,16 @@ def test_the_library_never_imports_recipes_or_the_cli(module):
     assert not wrong, f"{module} imports {wrong}: the library must not"
 
 
-def test_the_package_init_exports_only_library_names_except_compare():
-    """`kft.compare` is the one public name from the application layer
-    (lazy: `import kft` and its library do not load it)."""
+def test_the_package_init_exports_only_library_names_except_compare_and_tune():
+    """`kft.compare` and `kft.tune` are the public names from the
+    application layer (lazy: `import kft` and its library do not load
+    them)."""
     import kft
 
     outside = {name: module for name, module in kft._EXPORTS.items()
                if _is_application(module)}
-    assert outside == {"compare": "kft.recipes.compare"}
+    assert outside == {"compare": "kft.recipes.compare",
+                       "tune": "kft.recipes.tune"}
     assert not any(_is_application(m) for m in kft._LIBRARY)
 
 

@@ -1,12 +1,20 @@
 """`kft tune`: search spaces in recipes, studies on Optuna, resume after
 SIGKILL, pruning, results (tiny models, a few steps)."""
 
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import yaml
 
 from kft.cli import main
 from kft.recipes import RecipeError
 from kft.recipes import load_recipe
+from kft.recipes import unregister_task
 
 SPACE = {
     "stages.1.learning_rate": {"loguniform": [1.0e-5, 1.0e-2]},
@@ -89,6 +97,11 @@ def test_a_bad_space_exits_2_naming_the_key_before_any_training(
     assert main(["validate", path]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    # kft tune checks it the same way, before a study or a run exists.
+    out = tmp_path / "study"
+    assert main(["tune", path, "--output-dir", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_search_settings_are_checked(tmp_path):
@@ -98,3 +111,169 @@ def test_search_settings_are_checked(tmp_path):
                         ({"sampler": "tpe"}, "search.sampler")]:
         with pytest.raises(RecipeError, match=key):
             load_recipe(_recipe(tmp_path, **search))
+
+
+def test_a_recipe_without_a_space_is_not_tuned(tmp_path, capsys):
+    assert main(["tune", "quickstart", "--output-dir", str(tmp_path / "s")]) == 2
+    assert "no search: section" in capsys.readouterr().err
+
+
+# === Studies ===
+
+def _rows(study_dir):
+    with open(os.path.join(study_dir, "trials.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _value_at(data, key):
+    for part in key.split("."):
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    return data
+
+
+def test_a_three_trial_study_writes_trials_best_recipe_and_plots(tmp_path, capsys):
+    import kft
+
+    study_dir = str(tmp_path / "study")
+    result = kft.tune(_recipe(tmp_path), 3, output_dir=study_dir)
+    rows = _rows(study_dir)
+    assert [r["number"] for r in rows] == ["0", "1", "2"]
+    assert {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    assert set(rows[0]) >= {"number", "state", "val_accuracy", "seconds",
+                            *SPACE}
+    for row in rows:  # each trial is a normal run in its own directory
+        assert row["run_dir"] == os.path.join(study_dir,
+                                              f"trial_{int(row['number']):03d}")
+        assert os.path.exists(os.path.join(row["run_dir"], "config.yaml"))
+    assert result["metric"] == "val_accuracy"
+    assert result["direction"] == "maximize"
+    best = result["best"]
+    assert best["value"] == max(float(r["val_accuracy"]) for r in rows
+                                if r["state"] == "COMPLETE")
+    # best.yaml is a plain recipe with the best trial's values.
+    best_path = os.path.join(study_dir, "best.yaml")
+    assert open(best_path).readline().startswith("# kft run ")
+    config = load_recipe(best_path)
+    assert config.search is None
+    data = yaml.safe_load(open(best_path))
+    for key, value in best["params"].items():
+        assert _value_at(data, key) == value
+    row = rows[best["number"]]
+    assert float(row["stages.1.learning_rate"]) == pytest.approx(
+        best["params"]["stages.1.learning_rate"])
+    for name in ("history.png", "parallel_coordinates.png"):
+        assert os.path.getsize(os.path.join(study_dir, name)) > 0
+    capsys.readouterr()
+    assert main(["tune", "--show", study_dir]) == 0
+    shown = capsys.readouterr().out
+    assert "stages.1.learning_rate" in shown and "best.yaml" in shown
+    assert len([line for line in shown.splitlines()
+                if line.split()[:1] in (["0"], ["1"], ["2"])]) == 3
+    # A second study in the same directory needs --resume.
+    assert main(["tune", _recipe(tmp_path), "--output-dir", study_dir]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+# The toy regression task of test_tasks.py, installed as a plugin so that
+# `kft tune` in a child process knows it; its trials take about a second.
+TOY_RECIPE = """\
+name: toy
+task: toy_regression
+model: {backbone: mobilenet_v2}
+data: {source: numpy, path: unused.npz, batch_size: 16}
+callbacks: {checkpoints: false}
+stages:
+  - {name: fit, epochs: EPOCHS, trainable: all, learning_rate: 0.2}
+search:
+  SEARCH
+"""
+
+
+@pytest.fixture
+def toy_task(tmp_path, monkeypatch):
+    from test_tasks import TOY_MODULE
+
+    plugins = tmp_path / "plugins"
+    (plugins / "kft_toy_task-0.1.dist-info").mkdir(parents=True)
+    (plugins / "kft_toy_task.py").write_text(TOY_MODULE)
+    (plugins / "kft_toy_task-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: kft-toy-task\nVersion: 0.1\n")
+    (plugins / "kft_toy_task-0.1.dist-info" / "entry_points.txt").write_text(
+        "[kft.tasks]\ntoy_regression = kft_toy_task:ToyRegression\n")
+    monkeypatch.syspath_prepend(str(plugins))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(plugins), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+    def recipe(search, epochs=4):
+        path = tmp_path / "toy.yaml"
+        path.write_text(TOY_RECIPE.replace("EPOCHS", str(epochs))
+                        .replace("SEARCH", search))
+        return str(path)
+
+    yield recipe
+    unregister_task("toy_regression")
+    sys.modules.pop("kft_toy_task", None)
+
+
+def test_a_study_killed_mid_trial_resumes_to_the_requested_count(
+        toy_task, tmp_path, capsys):
+    recipe = toy_task("space: {stages.0.learning_rate: {loguniform: "
+                      "[1.0e-3, 0.2]}}\n  pruner: none", epochs=6)
+    study_dir = str(tmp_path / "study")
+    command = [sys.executable, "-m", "kft.cli", "tune", recipe, "--trials", "4",
+               "--output-dir", study_dir]
+    with open(tmp_path / "log.txt", "w") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        killed = os.path.join(study_dir, "trial_001", "config.yaml")
+        deadline = time.monotonic() + 240
+        while not os.path.exists(killed) and child.poll() is None:
+            assert time.monotonic() < deadline, "no second trial started"
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, open(tmp_path / "log.txt").read()
+    first = os.path.join(study_dir, "trial_000", "metrics.json")
+    first_written = os.path.getmtime(first)
+
+    assert main(["tune", recipe, "--output-dir", study_dir, "--resume"]) == 0
+    rows = _rows(study_dir)
+    numbers = [int(r["number"]) for r in rows]
+    assert len(numbers) == len(set(numbers))
+    finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4
+    cut = rows[1]
+    assert cut["state"] == "FAIL" and cut["error"] == ""
+    retry = [r for r in rows if r["retry_of"] == "1"]
+    assert len(retry) == 1 and retry[0]["state"] == "COMPLETE"
+    assert retry[0]["stages.0.learning_rate"] == cut["stages.0.learning_rate"]
+    assert os.path.getmtime(first) == first_written  # trial 0 was kept
+    assert rows[0]["state"] == "COMPLETE"
+    # Resuming a finished study runs nothing; a changed recipe is refused.
+    capsys.readouterr()
+    assert main(["tune", recipe, "--output-dir", study_dir, "--resume"]) == 0
+    assert len(_rows(study_dir)) == len(rows)
+    assert main(["tune", recipe, "--output-dir", study_dir, "--resume",
+                 "--set", "stages.0.epochs=3"]) == 2
+    assert "another recipe" in capsys.readouterr().err
+    assert main(["tune", recipe, "--output-dir", str(tmp_path / "none"),
+                 "--resume"]) == 2
+
+
+def test_the_median_pruner_stops_bad_trials_early(toy_task, tmp_path):
+    import kft
+
+    # Half the space does not learn (rate 1e-6): once a trial has finished,
+    # such trials fall behind the median at their first epoch.
+    recipe = toy_task("space: {stages.0.learning_rate: {choice: [1.0e-6, "
+                      "0.1]}}\n  startup_trials: 1\n  seed: 0", epochs=5)
+    result = kft.tune(recipe, 6, output_dir=str(tmp_path / "study"),
+                      verbose=False)
+    assert result["metric"] == "val_loss" and result["direction"] == "minimize"
+    rows = _rows(result["study_dir"])
+    pruned = [r for r in rows if r["state"] == "PRUNED"]
+    assert pruned, rows
+    for row in pruned:
+        assert float(row["stages.0.learning_rate"]) == 1e-6
+        assert int(row["epochs"]) < 5  # stopped before its last epoch
+    assert result["best"]["params"] == {"stages.0.learning_rate": 0.1}
+    assert len([r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]) == 6
