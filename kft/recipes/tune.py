@@ -138,14 +138,33 @@ def _final_value(metrics, metric, trial):
     return reported[max(reported)] if reported else float("nan")
 
 
+def _trial_config(base, params, reporter):
+    """The validated recipe of one trial, the reporter on every stage."""
+    import pydantic
+
+    from kft.recipes.errors import format_validation_error
+    from kft.recipes.schema import RecipeConfig
+
+    try:
+        config = RecipeConfig.model_validate(trial_recipe(base, params))
+    except pydantic.ValidationError as error:
+        raise RecipeError(format_validation_error(
+            error, model=RecipeConfig,
+            title=f"The recipe is invalid with the trial's values {params}")) from None
+    return config.model_copy(update={"stages": [
+        stage.model_copy(update={"callbacks": [*stage.callbacks, reporter]})
+        for stage in config.stages]})
+
+
 def _objective(config, study_dir, metric):
     """The function Optuna calls per trial: one kft run of the recipe with
-    the trial's values."""
+    the trial's values. A trial that fails records its error (a trial cut
+    by a kill or Ctrl-C has none, and is run again on resume)."""
     import keras
+    import optuna
 
     from kft.callbacks import NonFiniteLoss
     from kft.recipes.runner import run_recipe
-    from kft.recipes.schema import RecipeConfig
 
     base = trial_base(config)
     # A cut trial is run again from its start: no per-epoch checkpoints.
@@ -156,25 +175,20 @@ def _objective(config, study_dir, metric):
                   for key, distribution in config.search.space.items()}
         run_dir = os.path.join(study_dir, f"trial_{trial.number:03d}")
         trial.set_user_attr("run_dir", run_dir)
-        trial_config = RecipeConfig.model_validate(trial_recipe(base, params))
-        reporter = _reporter(trial, metric)
-        trial_config = trial_config.model_copy(update={"stages": [
-            stage.model_copy(update={"callbacks": [*stage.callbacks, reporter]})
-            for stage in trial_config.stages]})
         try:
+            trial_config = _trial_config(base, params, _reporter(trial, metric))
             _, metrics = run_recipe(trial_config, run_dir, verbose=0,
                                     overwrite=True)
             return _final_value(metrics, metric, trial)
-        except RuntimeError as error:
-            if not isinstance(error.__context__, NonFiniteLoss):
-                trial.set_user_attr("error", f"{type(error).__name__}: {error}")
-                raise
-            # A diverged trial is a result, not a broken study: FAIL, kept.
-            trial.set_user_attr("error", "diverged (non-finite loss)")
-            return float("nan")
+        except optuna.TrialPruned:
+            raise
         except Exception as error:
-            if type(error).__name__ != "TrialPruned":
-                trial.set_user_attr("error", f"{type(error).__name__}: {error}")
+            if (isinstance(error, RuntimeError)
+                    and isinstance(error.__context__, NonFiniteLoss)):
+                # A diverged trial is a result, not a broken study: FAIL, kept.
+                trial.set_user_attr("error", "diverged (non-finite loss)")
+                return float("nan")
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}")
             raise
         finally:
             keras.backend.clear_session()
