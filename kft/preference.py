@@ -100,13 +100,14 @@ class _RewardMargin(keras.metrics.Metric):
             count.assign_add(ops.sum(weight))
 
     def result(self):
-        chosen_sum, chosen_n, rejected_sum, rejected_n = self.sums
+        chosen_sum, chosen_n, rejected_sum, rejected_n = (
+            ops.cast(variable, self.dtype) for variable in self.sums)
         return (ops.divide_no_nan(chosen_sum, chosen_n)
                 - ops.divide_no_nan(rejected_sum, rejected_n))
 
     def reset_state(self):
         for variable in self.sums:
-            variable.assign(ops.zeros_like(variable))
+            variable.assign(0.0)
 
 
 def _check_arguments(loss, reference, options):
@@ -294,14 +295,6 @@ class PreferenceCausalLM(keras.Model):
         logps_rejected.update_state(logps, sample_weight=undesirable)
         kl_tracker.update_state(kl)
         return losses
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        """The loss and the reward metrics (updated by `compute_loss`)."""
-        return {metric.name: metric.result() for metric in self.metrics
-                if metric.name != "compile_metrics"}
-
-    def get_metrics_result(self):
-        return self.compute_metrics(None, None, None)
 
     def compile(self, optimizer="auto", loss="auto", metrics=None,
                 weighted_metrics=None, **kwargs):
