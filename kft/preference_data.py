@@ -346,7 +346,10 @@ def reference_logps(lm, x, y, sample_weight, *, batch_size=8, cache=None):
     Args:
         lm: the reference, a keras-hub `CausalLM` (e.g. the model before
             training).
-        x, y, sample_weight: arrays from `preference_examples`.
+        x: the inputs from `preference_examples` (`token_ids`,
+            `padding_mask`).
+        y: its next tokens.
+        sample_weight: its answer weights.
         batch_size: pairs per forward pass.
         cache: an `.npz` path: read when it was written for the same tokens
             and the same weights of `lm` (a sha256 fingerprint), else

@@ -149,7 +149,8 @@ def kto_loss(logps, reference, desirable, kl, *, beta=0.1,
         kl: the reference point `z`, a scalar (the caller clamps it at 0
             and stops its gradient, as the paper).
         beta: the value function's scale.
-        desirable_weight, undesirable_weight: `lambda_D`, `lambda_U`.
+        desirable_weight: `lambda_D`, the weight of desirable answers.
+        undesirable_weight: `lambda_U`, the weight of undesirable ones.
 
     Returns:
         `(B,)` losses.
