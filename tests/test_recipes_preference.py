@@ -165,3 +165,34 @@ def test_an_sft_source_cannot_take_a_preference_format(tmp_path):
         "source": "sft_file", "path": "x.jsonl", "format": "unpaired"})
     with pytest.raises(RecipeError, match="is for source 'preference_file'"):
         load_recipe(path)
+
+
+@pytest.mark.slow
+def test_a_killed_full_dpo_run_resumes_to_the_same_weights(tmp_path, checkpoint):
+    # Full fine-tuning against a precomputed reference: the resumed process
+    # rebuilds the base, finds its reference log-probabilities in the run
+    # directory, then loads the checkpoint.
+    from test_resume import _interrupted_then_resumed
+    from test_resume import _rows
+
+    path = _recipe(tmp_path, checkpoint, lora=None, generate=None,
+                   seed=1, deterministic=True,
+                   # 12 pairs, 3 batches a pass, one stream of 3 steps.
+                   stages=[{"name": "dpo", "epochs": 3, "steps_per_epoch": 3,
+                            "learning_rate": 1e-3, "schedule": "cosine"}])
+    kill_at = int(np.random.default_rng().integers(4, 9))
+    whole, resumed, state = _interrupted_then_resumed(path, tmp_path, kill_at)
+    assert state["epochs_done"] == (kill_at - 1) // 3
+    for key in ("loss", "reward_accuracy", "val_reward_margin"):
+        assert [r[key] for r in _rows(resumed)] == [r[key] for r in _rows(whole)]
+    import h5py
+
+    with h5py.File(whole / "model.weights.h5") as a, \
+            h5py.File(resumed / "model.weights.h5") as b:
+        names = []
+        a.visit(lambda n: names.append(n) if isinstance(a[n], h5py.Dataset)
+                else None)
+        assert names
+        for name in names:
+            np.testing.assert_allclose(a[name][()], b[name][()], atol=1e-6,
+                                       err_msg=name)
