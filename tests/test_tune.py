@@ -277,3 +277,23 @@ def test_the_median_pruner_stops_bad_trials_early(toy_task, tmp_path):
         assert int(row["epochs"]) < 5  # stopped before its last epoch
     assert result["best"]["params"] == {"stages.0.learning_rate": 0.1}
     assert len([r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]) == 6
+
+
+def test_workers_on_one_database_url_share_a_study(toy_task, tmp_path):
+    """Two workers (one after the other here) on one `--storage` URL: the
+    second joins the first's study and runs only the trials still missing;
+    no trial number twice. (PostgreSQL with live workers is left for CI.)"""
+    recipe = toy_task("space: {stages.0.learning_rate: {loguniform: "
+                      "[1.0e-3, 0.2]}}\n  pruner: none", epochs=2)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    first, second = str(tmp_path / "worker_1"), str(tmp_path / "worker_2")
+    assert main(["tune", recipe, "--storage", url, "--trials", "2",
+                 "--output-dir", first, "--quiet"]) == 0
+    assert main(["tune", recipe, "--storage", url, "--trials", "3",
+                 "--output-dir", second, "--quiet"]) == 0
+    rows = _rows(second)
+    assert [r["number"] for r in rows] == ["0", "1", "2"]
+    assert {r["state"] for r in rows} == {"COMPLETE"}
+    assert rows[0]["run_dir"].startswith(first)
+    assert rows[2]["run_dir"].startswith(second)
+    assert not os.path.exists(os.path.join(first, "study.db"))

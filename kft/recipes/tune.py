@@ -204,9 +204,13 @@ def _storage(url, local):
     if local:
         return optuna.storages.RDBStorage(
             url, engine_kwargs={"connect_args": {"timeout": 60}})
-    # Several workers: a worker that stops beating has its trial failed.
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+    # Several workers: a worker that stops beating has its trial failed
+    # (Optuna marks the heartbeat experimental; it has been there since 2.x).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS)
 
 
 def _open_study(config, study_dir, storage_url, resume, direction):
