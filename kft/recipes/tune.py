@@ -205,7 +205,7 @@ def _storage(url, local):
         return optuna.storages.RDBStorage(
             url, engine_kwargs={"connect_args": {"timeout": 60}})
     # Several workers: a worker that stops beating has its trial failed
-    # (Optuna marks the heartbeat experimental; it has been there since 2.x).
+    # (Optuna marks its heartbeat experimental).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
