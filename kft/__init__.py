@@ -28,6 +28,7 @@ _EXPORTS = {
     "freeze": "kft.freezing",
     "list_backbones": "kft.families",
     "lr_find": "kft.callbacks",
+    "plan_memory": "kft.memory_plan",
     "register_backbone": "kft.families",
     "trainable_summary": "kft.freezing",
     "tune": "kft.recipes.tune",
@@ -35,8 +36,8 @@ _EXPORTS = {
 }
 _SUBMODULES = (
     "anatomy", "augment", "backbones", "callbacks", "causal_lm", "data",
-    "distribute", "families", "heads", "lora", "optimizers", "preference",
-    "prompt", "prompt_causal", "report", "sft", "stages",
+    "distribute", "families", "heads", "lora", "memory_plan", "optimizers",
+    "preference", "prompt", "prompt_causal", "remat", "report", "sft", "stages",
 )
 # What `import kft` loads on first use: the library, with every Keras
 # object it registers for `keras.saving.load_model`.

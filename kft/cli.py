@@ -52,6 +52,7 @@ def _parser():
     _add_run(sub)
     _add_compare(sub)
     _add_tune(sub)
+    _add_plan(sub)
     _add_run_dir_commands(sub)
     _add_convert(sub)
     generate = sub.add_parser(
@@ -82,6 +83,21 @@ def _add_convert(sub):
                               "$KFT_ASSETS or ~/.cache/kft/assets)")
     convert.add_argument("--force", action="store_true",
                          help="convert again over a complete conversion")
+
+
+def _add_plan(sub):
+    plan = sub.add_parser(
+        "plan", help="a causal-LM recipe's predicted peak memory, and the "
+                     "GPUs it fits (nothing is loaded or run)")
+    plan.add_argument("recipe", help="packaged recipe name or path")
+    plan.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY.PATH=VALUE")
+
+
+def _cmd_plan(args):
+    from kft.recipes.plan import plan_recipe
+
+    print(plan_recipe(args.recipe, args.overrides).summary())
 
 
 def _add_run(sub):
@@ -354,7 +370,7 @@ _COMMANDS = {"list": "_cmd_list", "show": "_cmd_show", "validate": "_cmd_validat
              "run": "_cmd_run", "compare": "_cmd_compare", "eval": "_cmd_eval",
              "export": "_cmd_export", "convert": "_cmd_convert",
              "generate": "_cmd_generate",
-             "tune": "_cmd_tune"}
+             "tune": "_cmd_tune", "plan": "_cmd_plan"}
 
 
 def main(argv=None):
