@@ -143,5 +143,5 @@ def test_weights_are_asked_for_as_the_other_builders_ask(tmp_path):
     with pytest.raises(ValueError, match="weights=True"):
         kft.build_text_classifier(str(tmp_path), 2, weights=True)
     with pytest.warns(DeprecationWarning, match="weights='preset'"):
-        with pytest.raises(Exception):  # an empty directory is no model
+        with pytest.raises(ValueError):  # an empty directory is no model
             kft.build_text_classifier(str(tmp_path), 2, load_weights=False)
