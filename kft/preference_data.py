@@ -48,7 +48,7 @@ from kft.sft import _tokenize_texts
 from kft.sft import read_records
 
 __all__ = ["PREFERENCE_FORMATS", "PreferenceStats", "answer_logps",
-           "preference_dataset",
+           "preference_dataset", "wordnet_preference_pairs",
            "preference_examples", "reference_logps"]
 
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "messages", "unpaired")
@@ -453,3 +453,35 @@ def preference_dataset(records_or_path, lm, *, format="prompt_chosen_rejected",
     if shuffle:
         dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def wordnet_preference_pairs(path=None, *, max_examples=None, seed=0):
+    """WordNet's noun definitions as preference pairs, offline.
+
+    "Define: word" is answered by the word's own gloss (chosen) or by the
+    gloss of another noun of the draw (rejected): a preference a model
+    can only learn by reading the word. Debian's `wordnet-base`; see
+    `kft.data.load_wordnet_glosses`.
+
+    Args:
+        path: WordNet's `data.noun` (default: the Debian package's).
+        max_examples: keep this many nouns, drawn at random with `seed`.
+        seed: the draw's seed, and the pairing's.
+
+    Returns:
+        A list of `{"prompt": "Define: <word>\n", "chosen": <its gloss>,
+        "rejected": <another noun's gloss>}`.
+    """
+    from kft.data import load_wordnet_glosses
+
+    records = load_wordnet_glosses(path, max_examples=max_examples, seed=seed)
+    if len(records) < 2:
+        raise ValueError("wordnet_preference_pairs needs at least two nouns. "
+                         f"Received: max_examples={max_examples!r}")
+    # A cyclic shift along a random order: every noun gets another's gloss.
+    order = np.random.default_rng(seed + 1).permutation(len(records))
+    other = np.empty(len(records), dtype=int)
+    other[order] = np.roll(order, 1)
+    return [{"prompt": r["prompt"], "chosen": r["completion"],
+             "rejected": records[j]["completion"]}
+            for r, j in zip(records, other)]

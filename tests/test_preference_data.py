@@ -164,3 +164,26 @@ def test_dataset_shuffles_pairs_together(lm):
     # Chosen and rejected stay together: same prompt token in both rows.
     np.testing.assert_array_equal(x["token_ids"][:, 0, 1], x["token_ids"][:, 1, 1])
     assert answers(lm, y.numpy(), weights.numpy())[0][0] == ["Ġa", EOS]
+
+
+def test_wordnet_pairs_prefer_each_nouns_own_gloss(tmp_path):
+    from kft.preference_data import wordnet_preference_pairs
+
+    nouns = {"oak": "a tree of the genus Quercus", "harbor": "a sheltered port",
+             "potato": "an edible tuber", "elm": "a shade tree"}
+    lines = ["  1 this is the licence header\n"] + [
+        f"0000000{i} 20 n 01 {word} 0 000 | {gloss}; \"an example\"\n"
+        for i, (word, gloss) in enumerate(nouns.items())]
+    path = tmp_path / "data.noun"
+    path.write_text("".join(lines))
+    pairs = wordnet_preference_pairs(str(path), seed=3)
+    assert sorted(p["prompt"] for p in pairs) == sorted(
+        f"Define: {word}\n" for word in nouns)
+    for pair in pairs:
+        word = pair["prompt"][len("Define: "):-1]
+        assert pair["chosen"] == nouns[word] != pair["rejected"]
+    # Every gloss is some other noun's rejected answer exactly once.
+    assert sorted(p["rejected"] for p in pairs) == sorted(nouns.values())
+    assert wordnet_preference_pairs(str(path), seed=3) == pairs
+    with pytest.raises(ValueError, match="at least two nouns"):
+        wordnet_preference_pairs(str(path), max_examples=1)

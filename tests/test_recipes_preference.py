@@ -151,6 +151,8 @@ def test_compare_runs_the_losses(tmp_path, checkpoint):
      "not packed"),
     ({"data": {"source": "preference_file", "path": "x", "format": "text"}},
      "data.format of a preference_file"),
+    ({"data": {"source": "wordnet_pairs", "format": "messages"}},
+     "data.format of source 'wordnet_pairs'"),
     ({"data": {"source": "preference_file", "path": "x"},
       "model": {"backbone": "vgg16"}, "lora": None, "generate": None,
       "preference": None}, "preference data source"),

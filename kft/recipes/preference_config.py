@@ -10,7 +10,7 @@ from kft.validation import Strict
 __all__ = ["PREFERENCE_FORMATS", "PREFERENCE_LOSSES", "PREFERENCE_SOURCES",
            "PreferenceConfig", "check_preference"]
 
-PREFERENCE_SOURCES = ("preference_file",)
+PREFERENCE_SOURCES = ("preference_file", "wordnet_pairs")
 # kft.preference_losses.LOSSES and kft.preference_data.PREFERENCE_FORMATS,
 # named here without importing Keras (a test keeps them equal).
 PREFERENCE_LOSSES = ("dpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto")
@@ -20,7 +20,8 @@ _REFERENCE_FREE = ("simpo", "orpo")
 
 class PreferenceConfig(Strict):
     """`preference:` preference tuning of a causal LM
-    (`kft.preference.PreferenceCausalLM`) on a `preference_file`.
+    (`kft.preference.PreferenceCausalLM`) on a `preference_file` or on
+    `wordnet_pairs` (a noun's WordNet gloss preferred to another noun's).
 
     `loss`: `dpo`, `robust`, `ipo`, `hinge` (against a reference), `simpo`,
     `orpo` (reference-free) or `kto` (unpaired data, `data.format:
@@ -52,6 +53,9 @@ def _check_data(recipe):
         return False
     if "format" not in data.model_fields_set:
         data.format = "prompt_chosen_rejected"
+    if data.source == "wordnet_pairs" and data.format != "prompt_chosen_rejected":
+        raise ValueError("data.format of source 'wordnet_pairs' is "
+                         f"'prompt_chosen_rejected'; received {data.format!r}")
     if data.format not in PREFERENCE_FORMATS:
         raise ValueError(f"data.format of a preference_file is one of "
                          f"{list(PREFERENCE_FORMATS)}; received {data.format!r}")

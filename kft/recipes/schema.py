@@ -169,7 +169,8 @@ class DataConfig(Strict):
     noun definitions, "Define: word" -> gloss); `packing`, `truncation`,
     `max_examples`. `preference_file` (with `preference:`): `path` to pairs
     or unpaired records, `format` `prompt_chosen_rejected` (the default),
-    `messages` or `unpaired`. Audio sources (for `model.audio`; clips at the model's
+    `messages` or `unpaired`; `wordnet_pairs`: a noun's gloss preferred to
+    another noun's. Audio sources (for `model.audio`; clips at the model's
     `sample_rate`, cut or padded to its `max_seconds`): `audio_folder`
     (`path`, one folder of `.wav` files per class) and `espeak_words`
     (`words` spoken by espeak-ng in `voices` at `speeds` x `pitches`,
@@ -179,7 +180,7 @@ class DataConfig(Strict):
 
     source: Literal["builtin", "numpy", "image_folder", "tfds", "text_file",
                     "fortunes", "sft_file", "wordnet_glosses", "preference_file",
-                    "audio_folder", "espeak_words"]
+                    "wordnet_pairs", "audio_folder", "espeak_words"]
     name: str | None = None
     path: str | None = None
     data_dir: str | None = None
@@ -217,7 +218,7 @@ class DataConfig(Strict):
                  "image_folder": "path", "text_file": "path",
                  "fortunes": None, "sft_file": "path",
                  "wordnet_glosses": None, "preference_file": "path",
-                 "audio_folder": "path",
+                 "wordnet_pairs": None, "audio_folder": "path",
                  "espeak_words": None}[self.source]
         if needs and getattr(self, needs) is None:
             raise ValueError(f"source {self.source!r} needs data.{needs}")

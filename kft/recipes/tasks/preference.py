@@ -9,6 +9,7 @@ import numpy as np
 from kft import data as kft_data
 from kft.lora import load_adapter
 from kft.preference import PreferenceCausalLM
+from kft.preference_data import wordnet_preference_pairs
 from kft.recipes import builders
 from kft.recipes.errors import RecipeError
 from kft.recipes.preference_config import PREFERENCE_LOSSES
@@ -42,11 +43,14 @@ def _options(config):
 
 def _records(config, smoke):
     data_config = config.data
+    limit = 8 if smoke else data_config.max_examples
     try:
+        if data_config.source == "wordnet_pairs":
+            return wordnet_preference_pairs(data_config.path, max_examples=limit,
+                                            seed=config.seed)
         records = read_records(data_config.path)
     except (OSError, ValueError) as error:
         raise RecipeError(f"data.path: {error}") from None
-    limit = 8 if smoke else data_config.max_examples
     return records[:limit] if limit else records
 
 
