@@ -23,9 +23,9 @@ import kft
 from kft.augment.audio import AudioAugmentationLayer
 from kft.augment.audio import SpecAugment
 from kft.augment.image import ImageAugmentationLayer
-from kft.augment.image import RandomAffine
-from kft.augment.image import RandomBrightnessScale
-from kft.augment.image import RandomChannelShift
+from kft.augment.image_layers import RandomAffine
+from kft.augment.image_layers import RandomBrightnessScale
+from kft.augment.image_layers import RandomChannelShift
 from kft.heads import FirstToken
 from kft.lora import LoRADense
 from kft.lora import LoRAEinsumDense
