@@ -35,10 +35,10 @@ import numpy as np
 from keras import ops
 
 from kft.lm_loss import chunked_sparse_cross_entropy
-from kft.sft import TRUNCATIONS
 from kft.sft import SFTStats
 from kft.sft import _assemble
 from kft.sft import _check_messages
+from kft.sft import _check_options
 from kft.sft import _field
 from kft.sft import _fit_length
 from kft.sft import _rows
@@ -201,19 +201,6 @@ def _keep_pairs(pairs, settings, truncation, stats):
     return kept
 
 
-def _check_options(format, truncation, batch_size):
-    if format not in PREFERENCE_FORMATS:
-        raise ValueError(f"format must be one of {PREFERENCE_FORMATS}. "
-                         f"Received: format={format!r}")
-    if truncation not in TRUNCATIONS:
-        raise ValueError(f"truncation must be one of {TRUNCATIONS}. Received: "
-                         f"truncation={truncation!r}")
-    if batch_size is not None and (not isinstance(batch_size, int)
-                                   or batch_size < 1):
-        raise ValueError("batch_size must be a positive integer. Received: "
-                         f"batch_size={batch_size!r}")
-
-
 # === Examples ===
 
 
@@ -284,7 +271,7 @@ def preference_examples(records_or_path, lm, *, format="prompt_chosen_rejected",
         float32 `(N,)` for `"unpaired"`); `y` int32 and `sample_weight`
         float32 `(N, 2, L)`; `stats` a `PreferenceStats`.
     """
-    _check_options(format, truncation, None)
+    _check_options(format, truncation, None, PREFERENCE_FORMATS)
     settings = _settings(lm, "messages" if format == "messages" else "text",
                          sequence_length, chat_template)
     records = read_records(records_or_path)
@@ -438,7 +425,7 @@ def preference_dataset(records_or_path, lm, *, format="prompt_chosen_rejected",
     """
     import tensorflow as tf
 
-    _check_options(format, truncation, batch_size)
+    _check_options(format, truncation, batch_size, PREFERENCE_FORMATS)
     (x, y, sample_weight), stats = preference_examples(
         records_or_path, lm, format=format, sequence_length=sequence_length,
         truncation=truncation, shuffle=shuffle, seed=seed,

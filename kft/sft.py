@@ -507,9 +507,11 @@ def _settings(lm, format, sequence_length, chat_template_string):
             "pad": getattr(tokenizer, "pad_token_id", None) or 0}
 
 
-def _check_options(format, truncation, batch_size):
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}. Received: "
+def _check_options(format, truncation, batch_size, formats=FORMATS):
+    """Refuses a `format`, `truncation` or `batch_size` that is not allowed
+    (`formats`: the record formats of the caller's data)."""
+    if format not in formats:
+        raise ValueError(f"format must be one of {formats}. Received: "
                          f"format={format!r}")
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}. Received: "
