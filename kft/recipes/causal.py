@@ -127,7 +127,8 @@ def causal_stored(metrics, run_dir):
 
 def evaluate_causal_run(run_dir, config, model, data_path=None):
     """Held-out completion loss, perplexity and token accuracy of a causal-LM
-    run (rebuilt by `kft.recipes.evaluate.load_run`), into `eval.json`.
+    run (rebuilt by `kft.recipes.evaluate.load_run`); `kft eval` writes
+    them to `eval.json`.
 
     Args:
         run_dir: the run directory.
@@ -139,7 +140,7 @@ def evaluate_causal_run(run_dir, config, model, data_path=None):
             held-out split, rebuilt from its recipe.
 
     Returns:
-        The metrics dict (also in `RUN_DIR/eval.json`).
+        The metrics dict.
     """
     from kft.data import sft_dataset
 
@@ -156,12 +157,7 @@ def evaluate_causal_run(run_dir, config, model, data_path=None):
         bundle = sft_data(config, model.lm)
         data = bundle.val if bundle.val is not None else bundle.train
     model.compile()  # the SFT loss: mean NLL over completion tokens
-    result = evaluate_sft(model, data)
-    result["data"] = data_path or "recipe validation data"
-    result["path"] = os.path.join(run_dir, "eval.json")
-    with open(result["path"], "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    return evaluate_sft(model, data)  # kft eval writes eval.json
 
 
 # === kft export ===

@@ -1,7 +1,6 @@
 """Preference tuning of a causal LM (`preference:` + `preference_file`):
 DPO and its family, with LoRA, QLoRA or every weight."""
 
-import json
 import os
 
 import numpy as np
@@ -186,12 +185,7 @@ class PreferenceTuning(CausalLMSFT):
             bundle = preference_data(config, model.lm, reference, cache_dir)
             data = bundle.val if bundle.val is not None else bundle.train
         model.compile()
-        result = evaluate_preference(model, data)
-        result["data"] = data_path or "recipe validation data"
-        result["path"] = os.path.join(run_dir, "eval.json")
-        with open(result["path"], "w") as f:
-            json.dump(result, f, indent=2)
-        return result
+        return evaluate_preference(model, data)  # kft eval writes eval.json
 
     def method_changes(self, method, epochs, base):
         """`kft compare` on a preference recipe compares losses: the
