@@ -3,10 +3,12 @@ evaluate, generate, export and compare methods.
 
 Built in, in the order they claim a recipe that names no `task:`:
 `causal_lm_sft` (`model.causal_lm`), `audio_classification`
-(`model.audio`), `text_classification` (`model.text`) and
-`image_classification` (`model.backbone` / `model.preset`). Add a kind
-with a `Task` subclass and `register_task`. The built-ins live in
-`classification.py` and `causal_lm.py` beside this file, imported on first
+(`model.audio`), `text_classification` (`model.text`),
+`image_classification` (`model.backbone` / `model.preset`) and
+`causal_lm_preference` (`model.causal_lm` with `preference:`, which
+`causal_lm_sft` leaves to it). Add a kind with a `Task` subclass and
+`register_task`. The built-ins live in `classification.py`,
+`causal_lm.py` and `preference.py` beside this file, imported on first
 use (so `kft validate` never loads Keras).
 """
 
