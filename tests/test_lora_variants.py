@@ -441,7 +441,7 @@ def test_switching_adapters_in_a_compiled_model_does_not_retrace(tmp_path):
 
 
 def test_loraplus_moves_b_by_ratio_times_the_rate():
-    from kft.optimizers import describe
+    from kft.optimizers import describe_groups
     from kft.optimizers import loraplus
 
     inputs = keras.Input((6,))
@@ -452,7 +452,7 @@ def test_loraplus_moves_b_by_ratio_times_the_rate():
     layer.lora_b.assign(np.full(layer.lora_b.shape, 0.5, "float32"))
     optimizer = loraplus(model, 0.01, ratio=4, optimizer="sgd")
     rates = {row["group"]: row["learning_rate"]
-             for row in describe(optimizer, model)}
+             for row in describe_groups(optimizer, model)}
     assert rates == pytest.approx({"default": 0.01, "lora_a": 0.01, "lora_b": 0.04})
     x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
     variables = model.trainable_variables
@@ -468,7 +468,7 @@ def test_loraplus_moves_b_by_ratio_times_the_rate():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.01, 10, 0.5)
     optimizer = loraplus(model, schedule, ratio=16)
     rates = {row["group"]: row["learning_rate"]
-             for row in describe(optimizer, model)}
+             for row in describe_groups(optimizer, model)}
     assert rates == {"default": "ExponentialDecay", "lora_a": "ExponentialDecay",
                      "lora_b": "ScaledSchedule"}
     with pytest.raises(ValueError, match="ratio=0"):
