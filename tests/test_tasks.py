@@ -68,8 +68,7 @@ stages:
 """
 
 
-@pytest.fixture
-def toy_plugin(tmp_path, monkeypatch):
+def install_toy_plugin(tmp_path, monkeypatch):
     """The toy task installed as a package would install it: a module and
     a `kft.tasks` entry point, on this process's path and its children's."""
     plugins = tmp_path / "plugins"
@@ -82,6 +81,12 @@ def toy_plugin(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(plugins))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(plugins), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
+@pytest.fixture
+def toy_plugin(tmp_path, monkeypatch):
+    """A toy-task recipe, with the toy task installed (`install_toy_plugin`)."""
+    install_toy_plugin(tmp_path, monkeypatch)
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(RECIPE)
     yield str(recipe)

@@ -191,18 +191,9 @@ search:
 
 @pytest.fixture
 def toy_task(tmp_path, monkeypatch):
-    from test_tasks import TOY_MODULE
+    from test_tasks import install_toy_plugin
 
-    plugins = tmp_path / "plugins"
-    (plugins / "kft_toy_task-0.1.dist-info").mkdir(parents=True)
-    (plugins / "kft_toy_task.py").write_text(TOY_MODULE)
-    (plugins / "kft_toy_task-0.1.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: kft-toy-task\nVersion: 0.1\n")
-    (plugins / "kft_toy_task-0.1.dist-info" / "entry_points.txt").write_text(
-        "[kft.tasks]\ntoy_regression = kft_toy_task:ToyRegression\n")
-    monkeypatch.syspath_prepend(str(plugins))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(plugins), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    install_toy_plugin(tmp_path, monkeypatch)
 
     def recipe(search, epochs=4):
         path = tmp_path / "toy.yaml"

@@ -278,9 +278,8 @@ def compare(recipe, methods=None, *, epochs=None, seeds=(0,), output_dir=None,
     task = task_for(config)
     if methods is None:
         methods = task.default_methods
-    # A task may name methods of its own (a preference task: its losses).
     methods = _check_methods(methods, (*METHODS, *task.default_methods,
-                                       *getattr(task, "methods", ())))
+                                       *task.methods))
     seeds = [int(s) for s in seeds]
     epochs = epochs or sum(stage.epochs for stage in config.stages)
     if epochs < 1:

@@ -70,6 +70,9 @@ class Task:
     """
 
     name = ""
+    #: Methods of this task's own that `kft compare` accepts beside
+    #: `kft.recipes.methods.METHODS` (a preference task: its losses).
+    methods = ()
     #: What `kft compare` runs when no `--methods` are given.
     default_methods = ("head", "full", "gradual", "discriminative")
 
