@@ -17,6 +17,9 @@ from kft.lora_config import LoRAConfig as LibraryLoRAConfig
 from kft.recipes.preference_config import PREFERENCE_SOURCES
 from kft.recipes.preference_config import PreferenceConfig
 from kft.recipes.preference_config import check_preference
+from kft.recipes.rl_config import RL_SOURCES
+from kft.recipes.rl_config import RLConfig
+from kft.recipes.rl_config import check_rl
 from kft.recipes.search import Distribution
 from kft.speech_data import PITCHES
 from kft.speech_data import SPEECH_COMMANDS
@@ -36,7 +39,7 @@ TEXT_SOURCES = ("text_file", "fortunes")
 SFT_SOURCES = ("sft_file", "wordnet_glosses")
 AUDIO_SOURCES = ("audio_folder", "espeak_words")
 DATA_SOURCES = (IMAGE_SOURCES + TEXT_SOURCES + SFT_SOURCES + PREFERENCE_SOURCES
-                + AUDIO_SOURCES)
+                + RL_SOURCES + AUDIO_SOURCES)
 # espeak_words' keys, and their defaults (kft.speech_data: no TensorFlow).
 _ESPEAK_KEYS = {"words": SPEECH_COMMANDS, "voices": TRAIN_VOICES,
                 "val_voices": VAL_VOICES, "speeds": SPEEDS, "pitches": PITCHES}
@@ -180,7 +183,8 @@ class DataConfig(Strict):
 
     source: Literal["builtin", "numpy", "image_folder", "tfds", "text_file",
                     "fortunes", "sft_file", "wordnet_glosses", "preference_file",
-                    "wordnet_pairs", "audio_folder", "espeak_words"]
+                    "wordnet_pairs", "prompt_file", "arithmetic", "audio_folder",
+                    "espeak_words"]
     name: str | None = None
     path: str | None = None
     data_dir: str | None = None
@@ -218,7 +222,8 @@ class DataConfig(Strict):
                  "image_folder": "path", "text_file": "path",
                  "fortunes": None, "sft_file": "path",
                  "wordnet_glosses": None, "preference_file": "path",
-                 "wordnet_pairs": None, "audio_folder": "path",
+                 "wordnet_pairs": None, "prompt_file": "path",
+                 "arithmetic": None, "audio_folder": "path",
                  "espeak_words": None}[self.source]
         if needs and getattr(self, needs) is None:
             raise ValueError(f"source {self.source!r} needs data.{needs}")
@@ -418,6 +423,7 @@ class RecipeConfig(Strict):
     prompt_tuning: PromptTuningConfig | None = None
     generate: GenerateConfig | None = None
     preference: PreferenceConfig | None = None
+    rl: RLConfig | None = None
     policy: PolicyConfig | None = None
     stages: list[Stage] = Field(default=[], validate_default=True)
     # What `kft tune` searches; runs ignore it.
@@ -455,13 +461,15 @@ class RecipeConfig(Strict):
     @pydantic.model_validator(mode="after")
     def _causal_lm_needs(self):
         causal = self.model.causal_lm is not None
-        if causal != (self.data.source in SFT_SOURCES + PREFERENCE_SOURCES):
+        if causal != (self.data.source in SFT_SOURCES + PREFERENCE_SOURCES
+                      + RL_SOURCES):
             raise ValueError(
                 "a causal LM (model.causal_lm) trains on an SFT data source "
                 f"{list(SFT_SOURCES)} or a preference data source "
                 f"{list(PREFERENCE_SOURCES)}, and those only feed causal LMs; "
                 f"data.source is {self.data.source!r}")
         check_preference(self)
+        check_rl(self)
         if self.generate is not None and not causal:
             raise ValueError("generate: is for causal LMs (model.causal_lm)")
         if causal and self.prompt_tuning is not None and self.data.packing:

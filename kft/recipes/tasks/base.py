@@ -24,6 +24,8 @@ __all__ = ["ENTRY_POINT_GROUP", "Task", "get_task", "register_task", "registered
 # `task:`. Imported when first used: the registry's names are known
 # without loading Keras (`kft validate` stays light).
 _BUILTIN = {
+    # Before causal_lm_sft, which would claim an `rl:` recipe's causal LM.
+    "causal_lm_rl": "kft.recipes.tasks.rl:RLTuning",
     "causal_lm_sft": "kft.recipes.tasks.causal_lm:CausalLMSFT",
     "audio_classification": "kft.recipes.tasks.classification:AudioClassification",
     "text_classification": "kft.recipes.tasks.classification:TextClassification",
