@@ -37,7 +37,8 @@ _EXPORTS = {
 _SUBMODULES = (
     "anatomy", "augment", "backbones", "callbacks", "causal_lm", "data",
     "distribute", "families", "heads", "lora", "memory_plan", "optimizers",
-    "preference", "prompt", "prompt_causal", "remat", "report", "sft", "stages",
+    "preference", "prompt", "prompt_causal", "remat", "report", "rl", "sft",
+    "stages",
 )
 # What `import kft` loads on first use: the library, with every Keras
 # object it registers for `keras.saving.load_model`.

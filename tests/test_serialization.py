@@ -228,6 +228,32 @@ def case_preference_causal_lm(tmp_path):
     _close(loaded.predict_on_batch(x), expected)
 
 
+def case_rl_causal_lm(tmp_path):
+    from llm_fixtures import tiny_causal_lm
+
+    from kft.rl.model import RLCausalLM
+    from kft.rl.rollout import RolloutConfig
+
+    lm = tiny_causal_lm(sequence_length=8, tie_word_embeddings=False)
+    lm.preprocessor = None  # as case_sft_causal_lm: what keras-hub reloads
+    rollout = RolloutConfig(num_generations=2, max_new_tokens=3,
+                            max_prompt_length=5, temperature=0.7)
+    model = RLCausalLM(lm, rollout=rollout, loss_type="dapo", advantage="rloo",
+                       beta=0.0, epsilon_high=0.28, num_iterations=2)
+    ids = np.array([[1, 5, 7, 9, 3], [1, 6, 8, 0, 0]], "int32")
+    x = {"token_ids": ids[:, :-1], "padding_mask": ids[:, :-1] > 0,
+         "targets": ids[:, 1:]}
+    expected = model.predict_on_batch(x)["old_logps"]  # at temperature 0.7
+    path = tmp_path / "rl.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded) is RLCausalLM
+    assert (loaded.loss_type, loaded.advantage, loaded.epsilon_high,
+            loaded.num_iterations, loaded.rollout) == ("dapo", "rloo", 0.28, 2,
+                                                       rollout)
+    _close(loaded.predict_on_batch(x)["old_logps"], expected)
+
+
 def case_log_mel_spectrogram(tmp_path):
     from kft.audio import LogMelSpectrogram
 
@@ -418,6 +444,7 @@ CASES = {
     "kft>ClipWaveform": case_clip_waveform,
     "kft>SFTCausalLM": case_sft_causal_lm,
     "kft>PreferenceCausalLM": case_preference_causal_lm,
+    "kft>RLCausalLM": case_rl_causal_lm,
     "kft>PromptTunedCausalLM": case_prompt_tuned_causal_lm,
     "kft>DiscriminativeOptimizer": case_discriminative_optimizer,
     "kft>ScaledSchedule": case_scaled_schedule,
