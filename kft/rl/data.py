@@ -31,10 +31,11 @@ class PromptDataset:
 
     Example:
 
-    >>> data = PromptDataset([{"prompt": "a"}, {"prompt": "b"}], batch_size=1,
-    ...                      shuffle=False)
-    >>> [data.batch(s)[0]["prompt"] for s in range(3)]
-    ['a', 'b', 'a']
+    ```python
+    data = PromptDataset([{"prompt": "a"}, {"prompt": "b"}], batch_size=1,
+                         shuffle=False)
+    [data.batch(s)[0]["prompt"] for s in range(3)]  # prompts a, b, a
+    ```
     """
 
     def __init__(self, records, batch_size=4, shuffle=True, seed=0):
