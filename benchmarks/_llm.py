@@ -40,7 +40,7 @@ def import_kft_first():
 
 def all_linear_names():
     """The layer names of kft's "all-linear" preset for Llama 3."""
-    from kft.lora import LORA_TARGET_PRESETS
+    from kft.lora.model import LORA_TARGET_PRESETS
 
     preset = LORA_TARGET_PRESETS["Llama3Backbone"]
     return list(preset["attention"] + preset["mlp"])
@@ -63,10 +63,10 @@ def build_lm(config, adapter="full", quantize=None, remat=False):
     """
     import keras_hub
 
-    from kft.causal_lm import _quantize
-    from kft.freezing import train_only
-    from kft.lora import apply_lora
-    from kft.remat import set_remat
+    from kft.backbones.freezing import train_only
+    from kft.backbones.remat import set_remat
+    from kft.lora.model import apply_lora
+    from kft.models.causal_lm import _quantize
 
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter must be one of {ADAPTERS}. "

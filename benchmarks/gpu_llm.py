@@ -119,7 +119,7 @@ def build(method, config):
     """The model to train (`kft.sft.SFTCausalLM`), compiled."""
     import keras
 
-    from kft.sft import SFTCausalLM
+    from kft.sft.model import SFTCausalLM
 
     spec = METHODS[method]
     lm = build_lm(config, spec["adapter"], quantize=spec["quantize"])

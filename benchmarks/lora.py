@@ -25,7 +25,7 @@ from _timing import EpochTimer
 
 import kft
 from kft import lora
-from kft.freezing import train_only
+from kft.backbones.freezing import train_only
 
 
 def minilm():

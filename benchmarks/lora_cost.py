@@ -55,7 +55,7 @@ scale and the on / off flag folded into `B`, no dropout state at dropout
     state arrays         822        1,748        1,538     2.127            1.137
     matmuls              813        1,856        1,439     2.283            1.290
 
-Then the loss (`kft.lm_loss.CausalLMLoss`, `SFTCausalLM`'s default: the
+Then the loss (`kft.losses.causal_lm.CausalLMLoss`, `SFTCausalLM`'s default: the
 log-sum-exp a 128-position chunk at a time in float32, a custom gradient
 in the logits' dtype; token accuracy off in training steps), which every
 variant here trains with:
@@ -138,7 +138,7 @@ def compiled_step(adapter, config, sequence_length, batch_size, remat=False):
     import jax
     import keras
 
-    from kft.sft import SFTCausalLM
+    from kft.sft.model import SFTCausalLM
 
     keras.config.set_dtype_policy("bfloat16")
     keras.utils.set_random_seed(0)

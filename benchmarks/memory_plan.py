@@ -90,7 +90,7 @@ def compiled_memory(shape, method, quantize, sequence, batch, remat, dtype):
     import jax
     import keras
 
-    from kft.sft import SFTCausalLM
+    from kft.sft.model import SFTCausalLM
 
     keras.config.set_dtype_policy(dtype)
     keras.utils.set_random_seed(0)
@@ -109,7 +109,7 @@ def compiled_memory(shape, method, quantize, sequence, batch, remat, dtype):
 
 
 def planned(shape, method, quantize, sequence, batch, remat, dtype):
-    from kft.memory_plan import plan_memory
+    from kft.training.memory_plan import plan_memory
 
     return plan_memory(shape, method=method, quantize=quantize,
                        sequence_length=sequence, batch_size=batch,

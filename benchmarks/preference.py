@@ -88,8 +88,8 @@ def compiled_step(variant, config, seq, pairs):
     import jax
     import keras
 
-    from kft.preference import PreferenceCausalLM
-    from kft.sft import SFTCausalLM
+    from kft.preference.model import PreferenceCausalLM
+    from kft.sft.model import SFTCausalLM
 
     keras.config.set_dtype_policy("bfloat16")
     keras.utils.set_random_seed(0)

@@ -50,14 +50,14 @@ import tensorflow as tf
 from _timing import StepTimer
 from keras import ops
 
-from kft.causal_lm import build_causal_lm
-from kft.data import load_wordnet_glosses
-from kft.freezing import train_only
-from kft.lora import LORA_TARGET_PRESETS
-from kft.lora import apply_lora
-from kft.prompt_causal import prompt_tune_causal_lm
-from kft.sft import SFTCausalLM
-from kft.sft import sft_examples
+from kft.backbones.freezing import train_only
+from kft.data.sft import sft_examples
+from kft.data.text import load_wordnet_glosses
+from kft.lora.model import LORA_TARGET_PRESETS
+from kft.lora.model import apply_lora
+from kft.models.causal_lm import build_causal_lm
+from kft.prompt.causal_lm import prompt_tune_causal_lm
+from kft.sft.model import SFTCausalLM
 
 MODEL = os.path.expanduser("~/.cache/kft/assets/smollm2_135m_instruct")
 WORDNET = "/usr/share/wordnet/data.noun"

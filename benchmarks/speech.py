@@ -33,15 +33,15 @@ import keras
 import numpy as np
 from _timing import StepTimer
 
-from kft.audio import build_audio_classifier
-from kft.audio_data import from_audio_folder
 from kft.augment import AudioAugmentation
+from kft.backbones.freezing import unfreeze
 from kft.convert.assets import assets_dir
 from kft.convert.ctranslate2 import whisper_to_keras_hub
-from kft.freezing import unfreeze
-from kft.lora import apply_lora
-from kft.speech_data import SpeechClip
-from kft.speech_data import synthesize_folder
+from kft.data.audio import from_audio_folder
+from kft.data.speech import SpeechClip
+from kft.data.speech import synthesize_folder
+from kft.lora.model import apply_lora
+from kft.models.audio import build_audio_classifier
 
 VOICES = ("en-us", "en-us-nyc", "en-gb-x-rp", "en-gb-scotland",
           "en-gb-x-gbcwmd", "en-029")
@@ -74,7 +74,7 @@ def whisper_tiny_dir():
 
 def synthesise(root, texts):
     """`root/<voice>/*.wav`: every text x speed x pitch, 16 kHz
-    (`kft.speech_data`, shared with the `espeak_words` recipe source)."""
+    (`kft.data.speech`, shared with the `espeak_words` recipe source)."""
     synthesize_folder(root, [SpeechClip(voice, text, voice, speed, pitch)
                              for voice in VOICES for text in texts
                              for speed in SPEEDS for pitch in PITCHES])

@@ -24,7 +24,7 @@ import keras_hub
 import numpy as np
 
 import kft
-from kft.image_presets import resolve_image_preset
+from kft.backbones.image_presets import resolve_image_preset
 
 PRESET = "efficientnet_lite0_imagenet"
 
@@ -90,7 +90,7 @@ def step_ratio(size=224, batch=16):
     times = {}
     for trainable in ("head", "all"):
         model = build("imagenet", size, 0, input_shape=(size, size, 3))
-        kft.freezing.set_trainable(model, trainable)
+        kft.backbones.freezing.set_trainable(model, trainable)
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         model.train_on_batch(x, y)
         times[trainable] = median_seconds(lambda m=model: m.train_on_batch(x, y), 7)

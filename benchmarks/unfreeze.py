@@ -22,7 +22,7 @@ from _timing import count_traces
 from _timing import synthetic_images
 
 import kft
-from kft.callbacks import GradualUnfreezing
+from kft.training.callbacks import GradualUnfreezing
 
 
 def build():

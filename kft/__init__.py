@@ -8,50 +8,58 @@ with it kft's Keras objects, which `keras.saving.load_model` needs
 """
 
 import importlib
+import pkgutil
 import sys
+
+from kft import _aliases
 
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "ImagePreprocessing": "kft.preprocessing",
-    "Stage": "kft.stages",
-    "backbone_blocks": "kft.backbones",
-    "build_audio_classifier": "kft.audio",
-    "build_causal_lm": "kft.causal_lm",
-    "build_classifier": "kft.models",
-    "build_text_classifier": "kft.text",
+    "ImagePreprocessing": "kft.backbones.preprocessing",
+    "Stage": "kft.training.stages",
+    "backbone_blocks": "kft.backbones.blocks",
+    "build_audio_classifier": "kft.models.audio",
+    "build_causal_lm": "kft.models.causal_lm",
+    "build_classifier": "kft.models.image",
+    "build_detector": "kft.vision.detector",
+    "build_segmenter": "kft.vision.segmenter",
+    "build_text_classifier": "kft.models.text",
     "compare": "kft.recipes.compare",
-    "describe": "kft.anatomy",
-    "fine_tune": "kft.finetune",
-    "format_trainable_summary": "kft.freezing",
-    "freeze": "kft.freezing",
-    "list_backbones": "kft.families",
-    "lr_find": "kft.callbacks",
-    "plan_memory": "kft.memory_plan",
-    "register_backbone": "kft.families",
-    "trainable_summary": "kft.freezing",
+    "describe": "kft.backbones.anatomy",
+    "fine_tune": "kft.training.finetune",
+    "format_trainable_summary": "kft.backbones.freezing",
+    "freeze": "kft.backbones.freezing",
+    "list_backbones": "kft.backbones.families",
+    "lr_find": "kft.training.callbacks",
+    "plan_memory": "kft.training.memory_plan",
+    "register_backbone": "kft.backbones.families",
+    "trainable_summary": "kft.backbones.freezing",
     "tune": "kft.recipes.tune",
-    "unfreeze": "kft.freezing",
+    "unfreeze": "kft.backbones.freezing",
 }
 _SUBMODULES = (
     "anatomy", "augment", "backbones", "callbacks", "causal_lm", "data",
-    "distribute", "families", "heads", "lora", "memory_plan", "optimizers",
-    "preference", "prompt", "prompt_causal", "remat", "report", "rl", "sft",
-    "stages",
+    "distribute", "families", "heads", "lora", "losses", "memory_plan", "models",
+    "optimizers", "preference", "prompt", "prompt_causal", "remat", "report",
+    "rl", "sft", "stages", "training", "vision",
 )
-# What `import kft` loads on first use: the library, with every Keras
-# object it registers for `keras.saving.load_model`.
-_LIBRARY = tuple(f"kft.{name}" for name in _SUBMODULES) + (
-    "kft.audio", "kft.audio_data", "kft.finetune", "kft.freezing", "kft.models",
-    "kft.preprocessing", "kft.text")
+# What `import kft` loads on first use: every module of the library's
+# packages, with every Keras object they register for
+# `keras.saving.load_model` (the packages' own exports are lazy).
+_LIBRARY = ("kft.backbones", "kft.losses", "kft.data", "kft.lora", "kft.models",
+            "kft.prompt", "kft.sft", "kft.preference", "kft.training",
+            "kft.distribute", "kft.augment", "kft.vision", "kft.rl")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 
 def _load_library():
-    for module in _LIBRARY:
-        importlib.import_module(module)
+    for name in _LIBRARY:
+        package = importlib.import_module(name)
+        for module in pkgutil.iter_modules(package.__path__, f"{name}."):
+            importlib.import_module(module.name)
 
 
 def __getattr__(name):
@@ -70,6 +78,8 @@ def __getattr__(name):
 def __dir__():
     return sorted(set(globals()) | set(__all__))
 
+
+_aliases.install()
 
 # Keras is already loaded (and TensorFlow with it): loading kft's objects
 # now costs nothing and lets `keras.saving.load_model` find them.

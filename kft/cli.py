@@ -375,7 +375,7 @@ _COMMANDS = {"list": "_cmd_list", "show": "_cmd_show", "validate": "_cmd_validat
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if getattr(args, "offline", False):  # read by kft.offline, and by
+    if getattr(args, "offline", False):  # read by kft.utils.offline, and by
         os.environ["KFT_OFFLINE"] = "1"  # kft compare's child runs
     quiet = contextlib.nullcontext() if args.debug else _without_native_logs()
     with quiet:

@@ -78,7 +78,7 @@ def log(message):
 
 def import_kft_first():
     """kft's modules before Keras: they then load without TensorFlow."""
-    for name in ("kft.lora", "kft.peft_format"):
+    for name in ("kft.lora", "kft.lora"):
         importlib.import_module(name)
 
 
@@ -210,7 +210,7 @@ def kft_outputs(family, model, ids):
 
 def randomize_adapters(model, seed=3):
     """Non-zero A and B, of a size that changes the outputs clearly."""
-    from kft.lora import lora_layers
+    from kft.lora.base import lora_layers
 
     rng = np.random.default_rng(seed)
     for layer in lora_layers(model):
@@ -225,8 +225,8 @@ def randomize_adapters(model, seed=3):
 
 def kft_adapted(family, checkpoint, adapter_dir, ids, use_dora=False):
     """kft: base outputs, then LoRA'd outputs; saves the adapter as PEFT."""
-    from kft.lora import apply_lora
-    from kft.lora import save_adapter
+    from kft.lora.io import save_adapter
+    from kft.lora.model import apply_lora
 
     model = kft_model(family, checkpoint)
     base = kft_outputs(family, model, ids)
@@ -241,8 +241,8 @@ def kft_adapted(family, checkpoint, adapter_dir, ids, use_dora=False):
 def kft_loaded(family, checkpoint, adapter_dir, ids, resave_dir):
     """kft loads a PEFT adapter directory; outputs, layer count, and the
     tensors it writes back."""
-    from kft.lora import load_adapter
-    from kft.lora import save_adapter
+    from kft.lora.io import load_adapter
+    from kft.lora.io import save_adapter
 
     model = kft_model(family, checkpoint)
     base = kft_outputs(family, model, ids)

@@ -30,8 +30,8 @@ import time
 import numpy as np
 
 import kft
-from kft.data import FASHION_MNIST_CLASSES
-from kft.data import load_fashion_mnist
+from kft.data.builtin import FASHION_MNIST_CLASSES
+from kft.data.builtin import load_fashion_mnist
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4, 5)  # T-shirt/top .. Sandal
 HOLDOUT_CLASSES = (6, 7, 8, 9)  # Shirt, Sneaker, Bag, Ankle boot

@@ -19,11 +19,11 @@ from llm_fixtures import tiny_causal_lm
 from llm_fixtures import write_hf_checkpoint
 
 import kft
-from kft.distribute import keras_distribution
+from kft.data.sft import sft_dataset
+from kft.distribute.mesh import keras_distribution
 from kft.recipes import load_recipe
 from kft.recipes.runner import run_recipe
-from kft.sft import SFTCausalLM
-from kft.sft import sft_dataset
+from kft.sft.model import SFTCausalLM
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "jax"
@@ -135,7 +135,7 @@ def test_lora_sft_with_packing_trains_under_model_parallel():
         "model_parallel", lora=True, packing=True)
     query = "transformer_layer_0/self_attention/query"
     # The frozen base stays sharded and unchanged; the adapters are
-    # replicated (kft.keras_distribution says why) and trained.
+    # replicated (kft.distribute says why) and trained.
     assert specs[f"{query}/kernel"] == ("model", "batch", None)
     assert all(a is None for a in specs[f"{query}/lora_a"])
     assert all(a is None for a in specs[f"{query}/lora_b"])

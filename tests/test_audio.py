@@ -11,22 +11,23 @@ import pytest
 keras_hub = pytest.importorskip("keras_hub")
 
 import kft.families as families  # noqa: E402
-from kft.anatomy import backbone_blocks_of  # noqa: E402
-from kft.anatomy import describe  # noqa: E402
-from kft.audio import AttentionPooling  # noqa: E402
-from kft.audio import LogMelSpectrogram  # noqa: E402
-from kft.audio import Resample  # noqa: E402
-from kft.audio import build_audio_classifier  # noqa: E402
-from kft.audio import moonshine_encoder  # noqa: E402
-from kft.audio import whisper_encoder  # noqa: E402
-from kft.audio import whisper_mel_filters  # noqa: E402
-from kft.audio_data import AudioFileError  # noqa: E402
-from kft.audio_data import from_audio_folder  # noqa: E402
-from kft.audio_data import load_audio  # noqa: E402
-from kft.audio_data import read_wav  # noqa: E402
-from kft.audio_data import resample  # noqa: E402
-from kft.freezing import unfreeze  # noqa: E402
-from kft.lora import apply_lora  # noqa: E402
+
+from kft.backbones.anatomy import backbone_blocks_of  # noqa: E402
+from kft.backbones.anatomy import describe  # noqa: E402
+from kft.backbones.freezing import unfreeze  # noqa: E402
+from kft.data.audio import AudioFileError  # noqa: E402
+from kft.data.audio import from_audio_folder  # noqa: E402
+from kft.data.audio import load_audio  # noqa: E402
+from kft.data.audio import read_wav  # noqa: E402
+from kft.data.audio import resample  # noqa: E402
+from kft.lora.model import apply_lora  # noqa: E402
+from kft.models.audio import AttentionPooling  # noqa: E402
+from kft.models.audio import LogMelSpectrogram  # noqa: E402
+from kft.models.audio import Resample  # noqa: E402
+from kft.models.audio import build_audio_classifier  # noqa: E402
+from kft.models.audio import moonshine_encoder  # noqa: E402
+from kft.models.audio import whisper_encoder  # noqa: E402
+from kft.models.audio import whisper_mel_filters  # noqa: E402
 
 RATE = 16000
 
@@ -227,7 +228,7 @@ def test_bad_arguments_are_named():
 
 
 def test_unavailable_preset_says_what_to_pass(no_network, tmp_path, monkeypatch):
-    from kft.image_presets import PresetUnavailableError
+    from kft.backbones.image_presets import PresetUnavailableError
 
     monkeypatch.setenv("KFT_ASSETS", str(tmp_path))
     with pytest.raises(PresetUnavailableError, match="kft convert whisper-tiny"):
@@ -511,7 +512,7 @@ def test_moonshine_save_and_load_in_safe_mode(tmp_path, pooling, rate, lora):
 
 
 def test_moonshine_lengths_and_offline_presets(no_network):
-    from kft.image_presets import PresetUnavailableError
+    from kft.backbones.image_presets import PresetUnavailableError
 
     base = tiny_moonshine()
     with pytest.raises(ValueError, match="max_seconds must be in .* Moonshine"):
@@ -547,7 +548,7 @@ def _write_formats(folder, stem, ints, rate):
 
 
 def test_flac_and_ogg_decode_like_the_wav(tmp_path):
-    from kft.audio_data import read_audio
+    from kft.data.audio import read_audio
 
     _write_formats(tmp_path, "clip", _stereo_int16(22050), 22050)
     wav, rate = read_wav(tmp_path / "clip.wav")

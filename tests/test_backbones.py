@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 import kft
-from kft import backbones
-from kft.preprocessing import ImagePreprocessing
+from kft.backbones import blocks as backbones
+from kft.backbones.preprocessing import ImagePreprocessing
 
 # Families that take several seconds to build are marked slow; CI runs them.
 _SLOW = {"resnet101", "resnet152", "resnet101_v2", "resnet152_v2",

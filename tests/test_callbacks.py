@@ -6,7 +6,7 @@ from conftest import tiny_classifier
 
 import kft
 from kft import optimizers
-from kft.callbacks import GradualUnfreezing
+from kft.training.callbacks import GradualUnfreezing
 
 
 def _vgg():

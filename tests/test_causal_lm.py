@@ -8,10 +8,10 @@ from llm_fixtures import CHAT_TEMPLATE
 from llm_fixtures import tiny_causal_lm
 from llm_fixtures import write_hf_checkpoint
 
-from kft.anatomy import backbone_blocks_of
-from kft.anatomy import describe
-from kft.causal_lm import build_causal_lm
-from kft.causal_lm import read_chat_template
+from kft.backbones.anatomy import backbone_blocks_of
+from kft.backbones.anatomy import describe
+from kft.models.causal_lm import build_causal_lm
+from kft.models.causal_lm import read_chat_template
 
 PROMPTS = ["a b hello", "c d"]
 
@@ -127,8 +127,8 @@ def test_smollm2_packed_sft_batches_match_unpacked_logits():
     if not os.path.isfile(os.path.join(_smollm2_dir(), "config.json")):
         pytest.skip(f"SmolLM2 not converted in {_smollm2_dir()}: run "
                     "scripts/prepare_smollm2.py")
-    from kft.sft import SFTCausalLM
-    from kft.sft import sft_examples
+    from kft.data.sft import sft_examples
+    from kft.sft.model import SFTCausalLM
 
     lm = build_causal_lm(_smollm2_dir(), sequence_length=96)
     assert lm.chat_template and describe(lm).task == "causal_lm"
@@ -150,8 +150,8 @@ def test_smollm2_packed_sft_batches_match_unpacked_logits():
 
 
 def test_remat_rematerialises_every_transformer_block(original, checkpoint):
-    from kft.remat import remat_enabled
-    from kft.sft import SFTCausalLM
+    from kft.backbones.remat import remat_enabled
+    from kft.sft.model import SFTCausalLM
 
     lm = build_causal_lm(checkpoint, sequence_length=16, remat=True)
     assert remat_enabled(lm) and SFTCausalLM(lm).remat

@@ -37,16 +37,16 @@ import numpy as np
 import pytest
 
 import kft
-from kft.audio_data import AudioFileError
-from kft.audio_data import from_audio_folder
-from kft.audio_data import polyphase_kernel
-from kft.audio_data import read_wav
 from kft.cli import main
-from kft.lora import load_adapter
-from kft.peft_format import load_peft_adapter
-from kft.prompt_causal import load_prompt
-from kft.safe_npz import read_npz
-from kft.sft import read_records
+from kft.data.audio import AudioFileError
+from kft.data.audio import from_audio_folder
+from kft.data.audio import polyphase_kernel
+from kft.data.audio import read_wav
+from kft.data.sft import read_records
+from kft.lora.io import load_adapter
+from kft.lora.peft_load import load_peft_adapter
+from kft.prompt.causal_lm import load_prompt
+from kft.utils.safe_npz import read_npz
 
 MiB = 2 ** 20
 
@@ -162,7 +162,7 @@ NPZ_READERS = {
     "kft.data.load_npz": kft.data.load_npz,
     "kft.lora.load_adapter": lambda path: load_adapter(_tiny_model(), path),
     "kft.prompt_causal.load_prompt": lambda path: load_prompt(object(), path),
-    "kft.safe_npz.read_npz": read_npz,
+    "kft.utils.safe_npz.read_npz": read_npz,
 }
 
 

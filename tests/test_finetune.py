@@ -5,9 +5,9 @@ from conftest import make_images
 from conftest import tiny_classifier
 
 import kft
-from kft import backbones
-from kft.finetune import Stage
-from kft.finetune import make_optimizer
+from kft.backbones import blocks as backbones
+from kft.training.stage_optimizers import make_optimizer
+from kft.training.stages import Stage
 
 
 def _data(n=24, classes=3):

@@ -3,11 +3,11 @@ import pytest
 from conftest import tiny_classifier
 
 import kft
-from kft import backbones
-from kft.freezing import batch_norm_policy
-from kft.freezing import format_trainable_summary
-from kft.freezing import set_trainable
-from kft.freezing import trainable_summary
+from kft.backbones import blocks as backbones
+from kft.backbones.freezing import batch_norm_policy
+from kft.backbones.freezing import format_trainable_summary
+from kft.backbones.freezing import set_trainable
+from kft.backbones.freezing import trainable_summary
 
 
 def _trainable_layer_names(model):

@@ -10,8 +10,8 @@ from conftest import make_images
 
 import kft
 from kft import optimizers
-from kft.anatomy import backbone_blocks_of
-from kft.callbacks import GradualUnfreezing
+from kft.backbones.anatomy import backbone_blocks_of
+from kft.training.callbacks import GradualUnfreezing
 
 keras_hub = pytest.importorskip("keras_hub")
 

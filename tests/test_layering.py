@@ -47,6 +47,93 @@ def _is_application(name):
 LIBRARY = sorted(name for name in _modules() if not _is_application(name))
 
 
+# One rule per package: the kft packages its modules may import (at any
+# depth, imports inside functions included), besides its own modules and
+# the helpers every package may use. A new package adds its line here.
+HELPERS = {"kft", "kft.utils", "kft._keras_internals", "kft._lazy", "kft._aliases"}
+PACKAGE_RULES = {
+    "kft.convert": set(),
+    "kft.losses": set(),
+    "kft.backbones": {"kft.convert"},
+    "kft.data": {"kft.backbones", "kft.losses"},
+    "kft.augment": {"kft.data"},
+    "kft.lora": {"kft.backbones"},
+    "kft.sft": {"kft.backbones", "kft.data", "kft.losses"},
+    "kft.prompt": {"kft.backbones", "kft.sft"},
+    "kft.models": {"kft.backbones", "kft.convert", "kft.data", "kft.prompt"},
+    "kft.preference": {"kft.backbones", "kft.data", "kft.lora", "kft.losses",
+                       "kft.sft"},
+    "kft.rl": {"kft.backbones", "kft.data", "kft.lora", "kft.losses",
+               "kft.models", "kft.preference", "kft.sft"},
+    "kft.training": {"kft.backbones", "kft.lora", "kft.losses", "kft.models",
+                     "kft.sft"},
+    "kft.distribute": {"kft.backbones", "kft.lora", "kft.models"},
+    "kft.vision": {"kft.augment", "kft.backbones", "kft.data", "kft.lora",
+                   "kft.models", "kft.training"},
+}
+
+
+def _package(module):
+    return ".".join(module.split(".")[:2])
+
+
+def _kft_imports(module):
+    """The kft modules `module` imports, resolved to existing modules."""
+    modules = _modules()
+    found = set()
+    for name in _imports(modules[module]):
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        if name.startswith("kft"):
+            found.add(name)
+    return found - {module}
+
+
+def test_every_package_has_a_rule_and_the_rules_have_no_cycle():
+    packages = {_package(m) for m in LIBRARY if "." in m} - HELPERS
+    assert packages == set(PACKAGE_RULES), (
+        f"packages without a rule: {sorted(packages - set(PACKAGE_RULES))}; "
+        f"rules without a package: {sorted(set(PACKAGE_RULES) - packages)}")
+    for module in (m for m in LIBRARY if _package(m) == "kft.utils"):
+        assert {_package(m) for m in _kft_imports(module)} <= {"kft.utils"}, module
+    order = []
+    while len(order) < len(PACKAGE_RULES):
+        ready = [p for p, uses in PACKAGE_RULES.items()
+                 if p not in order and uses <= set(order)]
+        assert ready, f"the package rules form a cycle among " \
+            f"{sorted(set(PACKAGE_RULES) - set(order))}"
+        order.extend(sorted(ready))
+
+
+@pytest.mark.parametrize("module", [m for m in LIBRARY if _package(m) in PACKAGE_RULES])
+def test_each_module_imports_only_what_its_package_rule_allows(module):
+    package = _package(module)
+    allowed = PACKAGE_RULES[package] | HELPERS | {package}
+    wrong = sorted(m for m in _kft_imports(module)
+                   if _package(m) not in allowed and m not in HELPERS)
+    assert not wrong, (f"{module} imports {wrong}; {package} may import "
+                       f"{sorted(PACKAGE_RULES[package])}")
+
+
+def test_no_module_import_cycle_even_inside_functions():
+    graph = {m: _kft_imports(m) - HELPERS for m in _modules()}
+    state, cycles = {}, []
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+
+
 @pytest.mark.parametrize("module", LIBRARY)
 def test_the_library_never_imports_recipes_or_the_cli(module):
     wrong = sorted(n for n in _imports(_modules()[module]) if _is_application(n))

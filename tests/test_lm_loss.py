@@ -1,4 +1,4 @@
-"""kft.lm_loss: the chunked causal-LM cross-entropy, and token accuracy
+"""kft.losses.causal_lm: the chunked causal-LM cross-entropy, and token accuracy
 only where it is asked for."""
 
 import keras
@@ -7,10 +7,10 @@ import pytest
 import tensorflow as tf
 from llm_fixtures import tiny_causal_lm
 
-from kft.lm_loss import CausalLMLoss
-from kft.lm_loss import chunked_sparse_cross_entropy
-from kft.sft import SFTCausalLM
-from kft.sft import sft_dataset
+from kft.data.sft import sft_dataset
+from kft.losses.causal_lm import CausalLMLoss
+from kft.losses.causal_lm import chunked_sparse_cross_entropy
+from kft.sft.model import SFTCausalLM
 
 
 def _batch(shape=(3, 10, 17), seed=0):

@@ -4,10 +4,10 @@ import pytest
 from conftest import changed_after_fit
 from llm_fixtures import tiny_causal_lm
 
-from kft.lora import LoRADense
-from kft.lora import apply_lora
-from kft.sft import SFTCausalLM
-from kft.sft import sft_examples
+from kft.data.sft import sft_examples
+from kft.lora.dense import LoRADense
+from kft.lora.model import apply_lora
+from kft.sft.model import SFTCausalLM
 
 
 def _model(rank=2, alpha=4.0, dropout=0.0):
@@ -111,8 +111,8 @@ def _bert_inputs(n=8):
 
 
 def test_apply_lora_on_a_keras_hub_backbone_trains_only_adapters_and_head():
-    from kft.lora import apply_lora
-    from kft.lora import lora_layers
+    from kft.lora.base import lora_layers
+    from kft.lora.model import apply_lora
 
     model = _bert()
     x = _bert_inputs()
@@ -134,9 +134,9 @@ def test_apply_lora_on_a_keras_hub_backbone_trains_only_adapters_and_head():
 
 
 def test_merge_lora_keeps_outputs_and_leaves_plain_keras_layers(tmp_path):
-    from kft.lora import apply_lora
-    from kft.lora import lora_layers
-    from kft.lora import merge_lora
+    from kft.lora.base import lora_layers
+    from kft.lora.model import apply_lora
+    from kft.lora.model import merge_lora
 
     model = _bert()
     apply_lora(model, targets=("query", "value", "attention_output"), rank=2)
@@ -158,15 +158,15 @@ def json_config(model):
 
 
 def test_adapter_file_round_trip_and_clear_errors(tmp_path):
-    from kft.lora import apply_lora
-    from kft.lora import load_adapter
-    from kft.lora import save_adapter
+    from kft.lora.io import load_adapter
+    from kft.lora.io import save_adapter
+    from kft.lora.model import apply_lora
 
     base_weights = str(tmp_path / "base.weights.h5")
     model = _bert(seed=3)
     model.save_weights(base_weights)
     apply_lora(model, rank=2, alpha=4)
-    from kft.lora import lora_layers
+    from kft.lora.base import lora_layers
 
     for layer in lora_layers(model):
         layer.lora_b.assign(np.full(layer.lora_b.shape, 0.05, "float32"))
@@ -194,14 +194,14 @@ def test_adapter_file_round_trip_and_clear_errors(tmp_path):
 
 
 def test_apply_lora_errors_list_candidates():
-    from kft.lora import apply_lora
+    from kft.lora.model import apply_lora
 
     with pytest.raises(ValueError, match="Candidates: .*query"):
         apply_lora(_bert(), targets=("nonexistent",))
 
 
 def test_keras_round_trip_keeps_nonzero_adapters(tmp_path):
-    from kft.lora import apply_lora
+    from kft.lora.model import apply_lora
 
     inputs = keras.Input((6,))
     x = keras.layers.Dense(5, name="query")(inputs)
@@ -220,14 +220,14 @@ def test_keras_round_trip_keeps_nonzero_adapters(tmp_path):
 
 
 def test_named_adapters_switch_and_disable(tmp_path):
-    from kft.lora import active_adapter
-    from kft.lora import apply_lora
-    from kft.lora import disable_adapters
-    from kft.lora import enable_adapters
-    from kft.lora import load_adapter
-    from kft.lora import lora_layers
-    from kft.lora import save_adapter
-    from kft.lora import set_adapter
+    from kft.lora.adapters import active_adapter
+    from kft.lora.adapters import disable_adapters
+    from kft.lora.adapters import enable_adapters
+    from kft.lora.adapters import set_adapter
+    from kft.lora.base import lora_layers
+    from kft.lora.io import load_adapter
+    from kft.lora.io import save_adapter
+    from kft.lora.model import apply_lora
 
     inputs = keras.Input((6,))
     model = keras.Model(inputs, keras.layers.Dense(3, name="query")(inputs))
@@ -257,8 +257,8 @@ def test_named_adapters_switch_and_disable(tmp_path):
 def test_keras_round_trip_inside_a_keras_hub_backbone_resumes_training(tmp_path):
     """keras-hub backbones save hyperparameters, not layers: kft's wrapping
     config brings the LoRA layers, their values and the frozen flags back."""
-    from kft.lora import apply_lora
-    from kft.lora import lora_layers
+    from kft.lora.base import lora_layers
+    from kft.lora.model import apply_lora
 
     model = _bert()
     apply_lora(model, targets=("query", "value"), rank=2,
@@ -286,8 +286,8 @@ def test_keras_round_trip_inside_a_keras_hub_backbone_resumes_training(tmp_path)
 
 
 def test_merged_keras_hub_model_saves_as_the_plain_backbone(tmp_path):
-    from kft.lora import apply_lora
-    from kft.lora import merge_lora
+    from kft.lora.model import apply_lora
+    from kft.lora.model import merge_lora
 
     model = _bert()
     apply_lora(model, rank=2)
@@ -371,7 +371,7 @@ def _two_dense_model():
 def test_one_lora_config_object_for_the_api_and_the_recipes(as_dict):
     """`apply_lora(model, LoRAConfig(...))` (or its dict) is the keyword
     call; a recipe's `lora:` section is the same class."""
-    from kft.lora import LoRAConfig
+    from kft.lora.config import LoRAConfig
     from kft.recipes.schema import LoRAConfig as RecipeLoRAConfig
 
     config = LoRAConfig(targets=["value"], rank=2, alpha=4, use_rslora=True)

@@ -13,19 +13,19 @@ import tensorflow as tf
 from conftest import make_images
 from conftest import tiny_classifier
 
-from kft.lora import LoRAConv2D
-from kft.lora import LoRADense
-from kft.lora import LoRAEinsumDense
-from kft.lora import LoRAEmbedding
-from kft.lora import LoRAReversibleEmbedding
-from kft.lora import active_adapter
-from kft.lora import apply_lora
-from kft.lora import combine_adapters
-from kft.lora import load_adapter
-from kft.lora import lora_layers
-from kft.lora import merge_lora
-from kft.lora import save_adapter
-from kft.lora import set_adapter
+from kft.lora.adapters import active_adapter
+from kft.lora.adapters import combine_adapters
+from kft.lora.adapters import set_adapter
+from kft.lora.base import lora_layers
+from kft.lora.conv import LoRAConv2D
+from kft.lora.dense import LoRADense
+from kft.lora.dense import LoRAEinsumDense
+from kft.lora.embedding import LoRAEmbedding
+from kft.lora.embedding import LoRAReversibleEmbedding
+from kft.lora.io import load_adapter
+from kft.lora.io import save_adapter
+from kft.lora.model import apply_lora
+from kft.lora.model import merge_lora
 
 ADAPTER_NAMES = ("lora_a", "lora_b", "lora_magnitude")
 LORA_CLASSES = (LoRADense, LoRAEinsumDense, LoRAConv2D, LoRAEmbedding,
@@ -441,8 +441,8 @@ def test_switching_adapters_in_a_compiled_model_does_not_retrace(tmp_path):
 
 
 def test_loraplus_moves_b_by_ratio_times_the_rate():
-    from kft.optimizers import describe_groups
-    from kft.optimizers import loraplus
+    from kft.training.optimizers import describe_groups
+    from kft.training.optimizers import loraplus
 
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(3, name="query")(inputs)

@@ -11,9 +11,9 @@ from llm_fixtures import tiny_causal_lm
 from llm_fixtures import write_hf_checkpoint
 
 import kft
-from kft.memory_plan import GIB
-from kft.memory_plan import ModelShape
-from kft.memory_plan import model_shape
+from kft.training.memory_plan import GIB
+from kft.training.memory_plan import ModelShape
+from kft.training.memory_plan import model_shape
 
 SMOLLM2 = dict(vocab_size=49152, num_hidden_layers=30, hidden_size=576,
                intermediate_size=1536, num_attention_heads=9,

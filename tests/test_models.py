@@ -4,7 +4,7 @@ import pytest
 from conftest import tiny_classifier
 
 import kft
-from kft.heads import head_kind
+from kft.models.heads import head_kind
 
 
 def test_build_classifier_structure_and_frozen_backbone():

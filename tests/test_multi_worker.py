@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import make_images
 
-from kft.distribute import collective_timeout
+from kft.distribute.strategy import collective_timeout
 from kft.recipes.checkpoint import read_state
 
 # A worker: `kft run` (it makes the strategy before any tensor exists, as

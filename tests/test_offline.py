@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import kft
-from kft import offline
 from kft.cli import main
-from kft.offline import NetworkUnavailableError
+from kft.utils import offline
+from kft.utils.offline import NetworkUnavailableError
 
 BOUND = 10.0  # seconds kft promises for a failed download
 
@@ -165,7 +165,7 @@ def test_keras_cached_files_skip_the_check():
 
 
 def test_imagenet_weights_offline_and_without_network(monkeypatch, sockets):
-    from kft.backbones import WeightsUnavailableError
+    from kft.backbones.blocks import WeightsUnavailableError
 
     def build():
         return kft.build_classifier("mobilenet_v2", 2, weights="imagenet",
@@ -215,7 +215,7 @@ def test_local_builds_work_offline(monkeypatch, sockets, tmp_path):
 
 
 def test_keras_hub_presets_refuse_offline(monkeypatch, sockets):
-    from kft.image_presets import PresetUnavailableError
+    from kft.backbones.image_presets import PresetUnavailableError
 
     monkeypatch.setenv("KFT_OFFLINE", "1")
     with pytest.raises(PresetUnavailableError) as info:

@@ -1,4 +1,4 @@
-"""kft.peft_format: LoRA adapters in Hugging Face PEFT's directory format.
+"""kft.lora: LoRA adapters in Hugging Face PEFT's directory format.
 
 Tiny keras-hub models built from configs. The layout checks do not trust
 kft: they rebuild the Hugging Face weight from the keras-hub kernel as the
@@ -16,11 +16,11 @@ import pytest
 from safetensors.numpy import load_file
 from safetensors.numpy import save_file
 
-from kft.lora import apply_lora
-from kft.lora import lora_layers
-from kft.peft_format import load_peft_adapter
-from kft.peft_format import save_peft_adapter
-from kft.peft_format import supported_architectures
+from kft.lora.base import lora_layers
+from kft.lora.model import apply_lora
+from kft.lora.peft_families import supported_architectures
+from kft.lora.peft_load import load_peft_adapter
+from kft.lora.peft_save import save_peft_adapter
 
 BERT = dict(vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
             intermediate_dim=32, max_sequence_length=16)
@@ -130,8 +130,8 @@ def test_llama_causal_lm_names_shapes_config_and_round_trip(tmp_path):
 
 
 def test_kft_lora_save_and_load_adapter_speak_peft(tmp_path):
-    from kft.lora import load_adapter
-    from kft.lora import save_adapter
+    from kft.lora.io import load_adapter
+    from kft.lora.io import save_adapter
 
     model = _llama_lm()
     base = _twin(model, _llama_lm)

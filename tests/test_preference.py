@@ -7,11 +7,11 @@ import pytest
 from llm_fixtures import tiny_causal_lm
 
 import kft
-from kft.lora import apply_lora
-from kft.preference import PreferenceCausalLM
-from kft.preference_data import preference_dataset
-from kft.preference_data import preference_examples
-from kft.preference_data import reference_logps
+from kft.data.preference import preference_dataset
+from kft.data.preference import preference_examples
+from kft.data.preference import reference_logps
+from kft.lora.model import apply_lora
+from kft.preference.model import PreferenceCausalLM
 
 PAIRS = [{"prompt": "a b", "chosen": " c d", "rejected": " e"},
          {"prompt": "b a", "chosen": " e", "rejected": " c d"},

@@ -1,4 +1,4 @@
-"""kft.preference_data: preference pairs and unpaired records as batches."""
+"""kft.data.preference: preference pairs and unpaired records as batches."""
 
 import json
 
@@ -8,9 +8,9 @@ import pytest
 from llm_fixtures import tiny_causal_lm
 
 import kft
-from kft.preference_data import preference_dataset
-from kft.preference_data import preference_examples
-from kft.preference_data import reference_logps
+from kft.data.preference import preference_dataset
+from kft.data.preference import preference_examples
+from kft.data.preference import reference_logps
 
 BOS, EOS = "<|im_start|>", "<|im_end|>"
 PAIRS = [{"prompt": "a b", "chosen": " c d", "rejected": " e"},
@@ -167,7 +167,7 @@ def test_dataset_shuffles_pairs_together(lm):
 
 
 def test_wordnet_pairs_prefer_each_nouns_own_gloss(tmp_path):
-    from kft.preference_data import wordnet_preference_pairs
+    from kft.data.preference import wordnet_preference_pairs
 
     nouns = {"oak": "a tree of the genus Quercus", "harbor": "a sheltered port",
              "potato": "an edible tuber", "elm": "a shade tree"}

@@ -1,4 +1,4 @@
-"""kft.preference_losses: each loss against its paper's formula by hand, and
+"""kft.losses.preference: each loss against its paper's formula by hand, and
 DPO (loss and gradients) against TRL's formula."""
 
 import math
@@ -9,14 +9,14 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
-from kft.preference_losses import LOSSES
-from kft.preference_losses import dpo_loss
-from kft.preference_losses import hinge_loss
-from kft.preference_losses import ipo_loss
-from kft.preference_losses import kto_loss
-from kft.preference_losses import orpo_loss
-from kft.preference_losses import robust_dpo_loss
-from kft.preference_losses import simpo_loss
+from kft.losses.preference import LOSSES
+from kft.losses.preference import dpo_loss
+from kft.losses.preference import hinge_loss
+from kft.losses.preference import ipo_loss
+from kft.losses.preference import kto_loss
+from kft.losses.preference import orpo_loss
+from kft.losses.preference import robust_dpo_loss
+from kft.losses.preference import simpo_loss
 
 # Fixed log-probabilities: (chosen, rejected) per example, float64.
 LOGPS = np.array([[-5.0, -7.0], [-3.0, -2.5], [-10.0, -10.0], [-1.0, -30.0]])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import kft
-from kft.data import FASHION_MNIST_DIRS
+from kft.data.builtin import FASHION_MNIST_DIRS
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts",
                       "pretrain_quickstart_backbone.py")

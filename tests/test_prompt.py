@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from conftest import changed_after_fit
 
-from kft.prompt import prompt_tune
+from kft.prompt.layer import prompt_tune
 
 
 def _backbone():

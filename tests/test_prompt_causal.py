@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 from llm_fixtures import tiny_causal_lm
 
-from kft.anatomy import describe
-from kft.prompt_causal import PromptTunedCausalLM
-from kft.prompt_causal import generate
-from kft.prompt_causal import load_prompt
-from kft.prompt_causal import prompt_tune_causal_lm
-from kft.prompt_causal import save_prompt
-from kft.sft import SFTCausalLM
-from kft.sft import sft_dataset
-from kft.sft import sft_examples
+from kft.backbones.anatomy import describe
+from kft.data.sft import sft_dataset
+from kft.data.sft import sft_examples
+from kft.prompt.causal_lm import PromptTunedCausalLM
+from kft.prompt.causal_lm import generate
+from kft.prompt.causal_lm import load_prompt
+from kft.prompt.causal_lm import prompt_tune_causal_lm
+from kft.prompt.causal_lm import save_prompt
+from kft.sft.model import SFTCausalLM
 
 WORDS = ["a b", "b a", "a", "b", "a a", "b b"]
 

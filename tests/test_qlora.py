@@ -13,13 +13,13 @@ import keras
 import numpy as np
 import pytest
 
-from kft.lora import LoRADense
-from kft.lora import LoRAEinsumDense
-from kft.lora import apply_lora
-from kft.lora import load_adapter
-from kft.lora import lora_layers
-from kft.lora import merge_lora
-from kft.lora import save_adapter
+from kft.lora.base import lora_layers
+from kft.lora.dense import LoRADense
+from kft.lora.dense import LoRAEinsumDense
+from kft.lora.io import load_adapter
+from kft.lora.io import save_adapter
+from kft.lora.model import apply_lora
+from kft.lora.model import merge_lora
 
 MODES = ("int8", "int4")
 ADAPTERS = ("lora_a", "lora_b")
@@ -350,7 +350,7 @@ def test_target_presets_on_llama3(targets, per_block):
 
 def test_target_presets_cover_keras_hub_families_and_need_a_backbone():
     keras_hub = pytest.importorskip("keras_hub")
-    from kft.lora import LORA_TARGET_PRESETS
+    from kft.lora.model import LORA_TARGET_PRESETS
 
     for name, entry in LORA_TARGET_PRESETS.items():
         assert hasattr(keras_hub.models, name), name

@@ -193,8 +193,8 @@ def test_policy_is_shorthand_for_stages(tmp_path):
 
 
 def test_gradient_accumulation_in_a_stage(tmp_path):
-    from kft.finetune import Stage
-    from kft.finetune import make_optimizer
+    from kft.training.stage_optimizers import make_optimizer
+    from kft.training.stages import Stage
 
     optimizer = make_optimizer(Stage(epochs=1, gradient_accumulation_steps=4))
     assert optimizer.gradient_accumulation_steps == 4

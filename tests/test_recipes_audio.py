@@ -16,13 +16,13 @@ keras_hub = pytest.importorskip("keras_hub")
 from test_audio import tiny_whisper  # noqa: E402
 
 import kft  # noqa: E402
-from kft.audio_data import read_wav  # noqa: E402
 from kft.cli import main  # noqa: E402
-from kft.lora import lora_layers  # noqa: E402
-from kft.lora_base import ADAPTER_VARIABLES  # noqa: E402
+from kft.data.audio import read_wav  # noqa: E402
+from kft.data.speech import espeak_words  # noqa: E402
+from kft.lora.base import ADAPTER_VARIABLES  # noqa: E402
+from kft.lora.base import lora_layers  # noqa: E402
 from kft.recipes import load_recipe  # noqa: E402
 from kft.recipes.runner import run_recipe  # noqa: E402
-from kft.speech_data import espeak_words  # noqa: E402
 
 RATE = 16000
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,

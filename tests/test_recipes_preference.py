@@ -11,8 +11,8 @@ import yaml
 from llm_fixtures import tiny_causal_lm
 from llm_fixtures import write_hf_checkpoint
 
-from kft.preference_data import PREFERENCE_FORMATS
-from kft.preference_losses import LOSSES
+from kft.data.preference import PREFERENCE_FORMATS
+from kft.losses.preference import LOSSES
 from kft.recipes import RecipeError
 from kft.recipes import load_recipe
 from kft.recipes.checkpoint import read_history
@@ -78,8 +78,8 @@ def test_dpo_lora_recipe_reports_reward_accuracy_before_and_after(tmp_path,
     samples = json.load(open(os.path.join(run_dir, "samples.json")))
     assert len(samples["before"]) == len(samples["after"]) == 1
 
-    from kft.causal_lm import build_causal_lm
     from kft.cli import main
+    from kft.models.causal_lm import build_causal_lm
     from kft.recipes.evaluate import generate_run
     from kft.recipes.evaluate import load_run
 

@@ -160,8 +160,8 @@ def _logits(lm, token_ids):
 
 def test_export_merges_lora_into_a_hugging_face_checkpoint(tmp_path,
                                                            checkpoint):
-    from kft.causal_lm import build_causal_lm
     from kft.cli import main
+    from kft.models.causal_lm import build_causal_lm
     from kft.recipes.evaluate import load_run
 
     config = load_recipe(_recipe(tmp_path, checkpoint, generate=None))
@@ -185,7 +185,7 @@ def test_export_merges_lora_into_a_hugging_face_checkpoint(tmp_path,
 
 
 def test_export_of_a_quantized_run_writes_keras_weights(tmp_path, checkpoint):
-    from kft.causal_lm import build_causal_lm
+    from kft.models.causal_lm import build_causal_lm
     from kft.recipes.evaluate import export_run
     from kft.recipes.evaluate import load_run
 

@@ -53,7 +53,7 @@ def test_lora_recipe_trains_adapters_and_writes_adapter_and_model(tmp_path):
     assert metrics["stages"][0]["trainable_params"] == 4 * 2 * (8 + 8) + 8 * 2 + 2
     assert "confusion_matrix" in metrics["final"]["val"]
     model = keras.saving.load_model(os.path.join(out, "model.keras"))
-    from kft.lora import lora_layers
+    from kft.lora.base import lora_layers
 
     assert len(lora_layers(model)) == 4
     assert any(np.abs(np.asarray(layer.lora_b)).max() > 0
@@ -64,7 +64,7 @@ def test_lora_variants_recipe_trains_b_at_lr_ratio_times_the_rate(tmp_path):
     """`lora: {use_dora, init: pissa, lr_ratio: 16}`: every stage carries
     LoRA+, and the B matrices train at 16x A's rate through the schedule
     (history's per-group rate columns), DoRA and PiSSA included."""
-    from kft.lora import lora_layers
+    from kft.lora.base import lora_layers
     from kft.recipes.checkpoint import read_history
 
     config = load_recipe(_recipe(
@@ -98,10 +98,10 @@ def test_stage_lora_lr_ratio_updates_b_by_ratio_with_sgd():
     the rate times its gradient, A and the head by the rate."""
     import tensorflow as tf
 
-    from kft.finetune import make_optimizer
-    from kft.lora import apply_lora
-    from kft.lora import lora_layers
-    from kft.stages import Stage
+    from kft.lora.base import lora_layers
+    from kft.lora.model import apply_lora
+    from kft.training.stage_optimizers import make_optimizer
+    from kft.training.stages import Stage
 
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(4, name="query")(inputs)
@@ -248,7 +248,7 @@ def test_eval_and_export_of_a_lora_text_run(tmp_path):
         "confusion_matrix"]) == 24
     assert main(["export", out, "--merge-lora"]) == 0
     merged = keras.saving.load_model(os.path.join(out, "export", "model.keras"))
-    from kft.lora import lora_layers
+    from kft.lora.base import lora_layers
 
     assert not lora_layers(merged)
     texts = ["good movie", "awful film"]

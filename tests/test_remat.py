@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from llm_fixtures import tiny_causal_lm
 
-from kft.lora import apply_lora
-from kft.remat import remat_enabled
-from kft.remat import set_remat
-from kft.sft import SFTCausalLM
-from kft.sft import sft_examples
+from kft.backbones.remat import remat_enabled
+from kft.backbones.remat import set_remat
+from kft.data.sft import sft_examples
+from kft.lora.model import apply_lora
+from kft.sft.model import SFTCausalLM
 
 RECORDS = ["a b c d e", "b a", "c d a b", "e"]
 

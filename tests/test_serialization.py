@@ -26,13 +26,13 @@ from kft.augment.image import ImageAugmentationLayer
 from kft.augment.image_layers import RandomAffine
 from kft.augment.image_layers import RandomBrightnessScale
 from kft.augment.image_layers import RandomChannelShift
-from kft.heads import FirstToken
-from kft.lora import LoRADense
-from kft.lora import LoRAEinsumDense
-from kft.optimizers import ScaledSchedule
-from kft.preprocessing import ImagePreprocessing
-from kft.prompt import PromptTuning
-from kft.prompt import _InsertIds
+from kft.backbones.preprocessing import ImagePreprocessing
+from kft.lora.dense import LoRADense
+from kft.lora.dense import LoRAEinsumDense
+from kft.models.heads import FirstToken
+from kft.prompt.layer import PromptTuning
+from kft.prompt.layer import _InsertIds
+from kft.training.optimizers import ScaledSchedule
 
 # A seed tensor for the image layers' stateless draws: the same seed gives
 # the same transform, so a reloaded layer must give the same images.
@@ -191,7 +191,7 @@ def case_first_token(tmp_path):
 def case_sft_causal_lm(tmp_path):
     from llm_fixtures import tiny_causal_lm
 
-    from kft.sft import SFTCausalLM
+    from kft.sft.model import SFTCausalLM
 
     # Untied and without a preprocessor: keras-hub 0.32 cannot reload a tied
     # Llama 3 backbone or a tokenizer with custom special tokens from .keras.
@@ -210,7 +210,7 @@ def case_sft_causal_lm(tmp_path):
 def case_preference_causal_lm(tmp_path):
     from llm_fixtures import tiny_causal_lm
 
-    from kft.preference import PreferenceCausalLM
+    from kft.preference.model import PreferenceCausalLM
 
     lm = tiny_causal_lm(sequence_length=8, tie_word_embeddings=False)
     lm.preprocessor = None  # as case_sft_causal_lm: what keras-hub reloads
@@ -254,8 +254,46 @@ def case_rl_causal_lm(tmp_path):
     _close(loaded.predict_on_batch(x)["old_logps"], expected)
 
 
+def _vision_case(build, tmp_path):
+    # Reconstructed after the working copy of this file was lost: the
+    # vision tests' tiny keras-hub EfficientNet encoder.
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vision"))
+    from vision_fixtures import SIZE
+    from vision_fixtures import tiny_encoder
+
+    model = build(tiny_encoder(), SIZE)
+    x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3))
+    x = model.preprocessor(x.astype("float32"))
+    expected = model(x)
+    path = tmp_path / "vision.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded) is type(model)
+    assert kft.describe(loaded) == kft.describe(model)
+    for a, b in zip(keras.tree.flatten(expected), keras.tree.flatten(loaded(x))):
+        _close(a, b)
+
+
+def case_detector(tmp_path):
+    from kft.vision import build_detector
+
+    _vision_case(lambda encoder, size: build_detector(
+        encoder, 3, image_size=(size, size), levels=(3, 5), head_conv_layers=1),
+        tmp_path)
+
+
+def case_segmenter(tmp_path):
+    from kft.vision import build_segmenter
+
+    _vision_case(lambda encoder, size: build_segmenter(
+        encoder, 4, image_size=(size, size)), tmp_path)
+
+
 def case_log_mel_spectrogram(tmp_path):
-    from kft.audio import LogMelSpectrogram
+    from kft.models.audio import LogMelSpectrogram
 
     waves = np.random.default_rng(0).normal(size=(2, 1600)).astype("float32")
     layer = LogMelSpectrogram(num_mels=16, max_seconds=0.1, name="log_mel")
@@ -263,7 +301,7 @@ def case_log_mel_spectrogram(tmp_path):
 
 
 def case_resample(tmp_path):
-    from kft.audio import Resample
+    from kft.models.audio import Resample
 
     waves = np.random.default_rng(0).normal(size=(2, 800)).astype("float32")
     _reload(Resample(8000, 16000, max_seconds=0.1, name="resample"), waves,
@@ -271,7 +309,7 @@ def case_resample(tmp_path):
 
 
 def case_clip_waveform(tmp_path):
-    from kft.audio import ClipWaveform
+    from kft.models.audio import ClipWaveform
 
     waves = np.random.default_rng(0).normal(size=(2, 1200)).astype("float32")
     layer = ClipWaveform(sample_rate=8000, max_seconds=0.1, name="clip")
@@ -280,7 +318,7 @@ def case_clip_waveform(tmp_path):
 
 
 def case_attention_pooling(tmp_path):
-    from kft.audio import AttentionPooling
+    from kft.models.audio import AttentionPooling
 
     layer = AttentionPooling(name="attention_pooling")
     x = np.random.default_rng(0).normal(size=(2, 5, 3)).astype("float32")
@@ -291,7 +329,7 @@ def case_attention_pooling(tmp_path):
 
 
 def case_lora_conv2d(tmp_path):
-    from kft.lora import LoRAConv2D
+    from kft.lora.conv import LoRAConv2D
 
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
     layer = LoRAConv2D(4, 3, rank=2, alpha=4, padding="same", use_dora=True,
@@ -309,7 +347,7 @@ def _nonzero_embedding_adapters(layer):
 
 
 def case_lora_embedding(tmp_path):
-    from kft.lora import LoRAEmbedding
+    from kft.lora.embedding import LoRAEmbedding
 
     ids = np.random.default_rng(0).integers(0, 10, (2, 5)).astype("int32")
     layer = LoRAEmbedding(10, 4, rank=2, alpha=4, name="lora_embedding")
@@ -319,7 +357,7 @@ def case_lora_embedding(tmp_path):
 
 
 def case_lora_reversible_embedding(tmp_path):
-    from kft.lora import LoRAReversibleEmbedding
+    from kft.lora.embedding import LoRAReversibleEmbedding
 
     ids = np.random.default_rng(0).integers(0, 10, (2, 5)).astype("int32")
     layer = LoRAReversibleEmbedding(10, 4, rank=2, alpha=4,
@@ -334,7 +372,7 @@ def case_lora_reversible_embedding(tmp_path):
 def case_prompt_tuned_causal_lm(tmp_path):
     from llm_fixtures import tiny_causal_lm
 
-    from kft.prompt_causal import PromptTunedCausalLM
+    from kft.prompt.causal_lm import PromptTunedCausalLM
 
     # Untied and without a preprocessor: keras-hub 0.32 cannot reload a tied
     # Llama 3 backbone or a tokenizer with custom special tokens from .keras.
@@ -408,7 +446,7 @@ def case_scaled_schedule(tmp_path):
 
 
 def case_causal_lm_loss(tmp_path):
-    from kft.lm_loss import CausalLMLoss
+    from kft.losses.causal_lm import CausalLMLoss
 
     loss = CausalLMLoss(chunk_size=3, reduction="sum")
     reloaded = _through_json(loss)
@@ -437,6 +475,8 @@ CASES = {
     "kft>PromptTuning": case_prompt_tuning,
     "kft>_InsertIds": case_insert_ids,
     "kft>Classifier": case_classifier,
+    "kft>Detector": case_detector,
+    "kft>Segmenter": case_segmenter,
     "kft>FirstToken": case_first_token,
     "kft>LogMelSpectrogram": case_log_mel_spectrogram,
     "kft>Resample": case_resample,

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from llm_fixtures import tiny_causal_lm
 
-from kft.anatomy import backbone_blocks_of
-from kft.anatomy import describe
-from kft.sft import SFTCausalLM
-from kft.sft import packed_logits
-from kft.sft import render_chat
-from kft.sft import sft_dataset
-from kft.sft import sft_examples
+from kft.backbones.anatomy import backbone_blocks_of
+from kft.backbones.anatomy import describe
+from kft.data.chat import render_chat
+from kft.data.sft import sft_dataset
+from kft.data.sft import sft_examples
+from kft.sft.model import SFTCausalLM
+from kft.sft.model import packed_logits
 
 BOS, EOS = "<|im_start|>", "<|im_end|>"
 CHAT = [{"role": "system", "content": "be brief"},

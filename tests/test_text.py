@@ -107,7 +107,7 @@ def test_lora_text_classifier_round_trips_through_keras_file(tmp_path):
 
 
 def _fortunes_installed():
-    return any(os.path.isdir(d) for d in kft.data.FORTUNES_DIRS)
+    return any(os.path.isdir(d) for d in kft.data.text.FORTUNES_DIRS)
 
 
 @pytest.mark.large

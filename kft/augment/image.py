@@ -14,7 +14,7 @@ import tensorflow as tf
 from kft.augment.image_layers import RandomAffine
 from kft.augment.image_layers import RandomBrightnessScale
 from kft.augment.image_layers import RandomChannelShift
-from kft.data import scan_image_folder
+from kft.data.images import scan_image_folder
 
 __all__ = ["ImageAugmentation", "ImageAugmentationLayer"]
 

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 TASKS = ("image_classifier", "text_classifier", "audio_classifier", "causal_lm",
-         "task", "model")
+         "object_detector", "image_segmenter", "task", "model")
 HEAD_OUTPUT = "head_output"
 _TRANSFORMER_LAYER = re.compile(r"transformer_layer_(\d+)$")
 
@@ -48,7 +48,8 @@ class Anatomy:
 
     Args:
         task: one of `"image_classifier"`, `"text_classifier"`,
-            `"causal_lm"`, `"task"` (another keras-hub task) or `"model"`
+            `"causal_lm"`, `"object_detector"`, `"image_segmenter"`
+            (`kft.vision`), `"task"` (another keras-hub task) or `"model"`
             (nothing known).
         backbone: the name of the backbone layer inside the model.
         family: the backbone family: a `kft.families` name

@@ -8,18 +8,18 @@ import os
 
 import keras
 
-from kft import offline
 from kft._keras_internals import before_keras_download
-from kft.anatomy import backbone_blocks_of
-from kft.anatomy import split_backbone
-from kft.families import BackboneFamily
-from kft.families import BlockSplitter
-from kft.families import PackagedWeights
-from kft.families import get_backbone
-from kft.families import get_packaged_weights
-from kft.families import list_backbones
-from kft.families import list_packaged_weights
-from kft.families import register_backbone
+from kft.backbones.anatomy import backbone_blocks_of
+from kft.backbones.anatomy import split_backbone
+from kft.backbones.families import BackboneFamily
+from kft.backbones.families import BlockSplitter
+from kft.backbones.families import PackagedWeights
+from kft.backbones.families import get_backbone
+from kft.backbones.families import get_packaged_weights
+from kft.backbones.families import list_backbones
+from kft.backbones.families import list_packaged_weights
+from kft.backbones.families import register_backbone
+from kft.utils import offline
 
 __all__ = [
     "BackboneFamily",

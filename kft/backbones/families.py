@@ -279,7 +279,7 @@ _CONVNEXT = BlockSplitter(
 )
 
 # keras-hub image backbones, by class name: their blocks. The preset's own
-# image converter does their preprocessing (`kft.image_presets`).
+# image converter does their preprocessing (`kft.backbones.image_presets`).
 KERAS_HUB_SPLITTERS = {
     "ResNetBackbone": BlockSplitter(
         patterns=(r"^(stack\d+_block\d+)_",), top=r"^post_(bn|relu)$"),
@@ -289,12 +289,12 @@ KERAS_HUB_SPLITTERS = {
         containers=(r"vit_encoder",)),
     # DINOv2 names its parts after the backbone ("backbone_encoder" once
     # kft names it "backbone" and it is reloaded).
-    # kft.audio.whisper_encoder: the Whisper encoder alone (a convolution
+    # kft.models.audio.whisper_encoder: the Whisper encoder alone (a convolution
     # stem, transformer_encoder_layer_i, encoder_layer_norm).
     "WhisperBackbone": BlockSplitter(
         patterns=(r"^(transformer_encoder_layer_\d+)$",),
         top=r"^encoder_layer_norm$"),
-    # kft.audio.moonshine_encoder: the Moonshine encoder alone (the conv
+    # kft.models.audio.moonshine_encoder: the Moonshine encoder alone (the conv
     # stem conv1..gelu_after_conv3 with the rotary embedding, then
     # encoder_block_i, encoder_final_layer_norm).
     "MoonshineBackbone": BlockSplitter(

@@ -27,12 +27,12 @@ import keras
 from kft._keras_internals import all_layers
 from kft._keras_internals import child_layers
 from kft._keras_internals import set_trainable_flag
-from kft.anatomy import backbone_blocks_of
-from kft.anatomy import count_params
-from kft.anatomy import describe
-from kft.anatomy import find_backbone
-from kft.anatomy import head_layers
-from kft.stages import parse_trainable
+from kft.backbones.anatomy import backbone_blocks_of
+from kft.backbones.anatomy import count_params
+from kft.backbones.anatomy import describe
+from kft.backbones.anatomy import find_backbone
+from kft.backbones.anatomy import head_layers
+from kft.backbones.trainable import parse_trainable
 
 __all__ = [
     "batch_norm_policy",

@@ -12,8 +12,8 @@ pixels in [0, 255].
 
 import os
 
-from kft.offline import NetworkUnavailableError
-from kft.offline import require_preset
+from kft.utils.offline import NetworkUnavailableError
+from kft.utils.offline import require_preset
 
 __all__ = [
     "IMAGE_PRESETS",
@@ -63,7 +63,7 @@ def is_keras_hub_image_source(backbone):
     `IMAGE_PRESETS` name, `hf://` / `kaggle://`, a directory, or a keras-hub
     image preset name."""
     if not isinstance(backbone, str):
-        from kft.anatomy import is_keras_hub_backbone
+        from kft.backbones.anatomy import is_keras_hub_backbone
 
         return is_keras_hub_backbone(backbone)
     return (backbone in IMAGE_PRESETS
@@ -87,7 +87,7 @@ def load_image_backbone(source, load_weights=True):
     Raises:
         PresetUnavailableError: one sentence saying what to pass instead.
         PresetDownloadError: a preset to download, offline or without a
-            network (in seconds; also a `kft.offline.NetworkUnavailableError`).
+            network (in seconds; also a `kft.utils.offline.NetworkUnavailableError`).
     """
     import keras_hub
 

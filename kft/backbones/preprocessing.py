@@ -9,7 +9,7 @@ wrong-preprocessing bug (feeding [0, 1] pixels to a network trained on
 import keras
 from keras import ops
 
-from kft.families import PREPROCESSING_MODES
+from kft.backbones.families import PREPROCESSING_MODES
 
 __all__ = ["ImagePreprocessing", "PREPROCESSING_MODES"]
 

@@ -27,9 +27,9 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from kft.data import DataBundle
-from kft.data import _split
-from kft.data import without_files
+from kft.data.arrays import DataBundle
+from kft.data.arrays import train_val_split
+from kft.data.images import without_files
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -407,8 +407,8 @@ def from_audio_folder(directory, *, sample_rate=16000, max_seconds=30.0,
     _report_bad(directory, bad, reasons, on_bad_file)
     paths, labels = without_files(directory, classes, paths, labels, bad,
                                   "Audio folder", "audio files")
-    (train_x, train_y), val = _split(np.asarray(paths), np.asarray(labels, "int32"),
-                                     validation_split, seed)
+    (train_x, train_y), val = train_val_split(
+        np.asarray(paths), np.asarray(labels, "int32"), validation_split, seed)
     num_samples = int(round(max_seconds * sample_rate))
 
     def pipeline(x, y, shuffle_it):

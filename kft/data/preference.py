@@ -32,22 +32,21 @@ import logging
 import os
 
 import numpy as np
-from keras import ops
 
-from kft.lm_loss import chunked_sparse_cross_entropy
-from kft.sft import SFTStats
-from kft.sft import _assemble
-from kft.sft import _check_messages
-from kft.sft import _check_options
-from kft.sft import _field
-from kft.sft import _fit_length
-from kft.sft import _rows
-from kft.sft import _settings
-from kft.sft import _shift
-from kft.sft import _tokenize_texts
-from kft.sft import read_records
+from kft.data.chat import check_messages
+from kft.data.sft import SFTStats
+from kft.data.sft import _assemble
+from kft.data.sft import _check_options
+from kft.data.sft import _field
+from kft.data.sft import _fit_length
+from kft.data.sft import _rows
+from kft.data.sft import _settings
+from kft.data.sft import _shift
+from kft.data.sft import _tokenize_texts
+from kft.data.sft import read_records
+from kft.losses.causal_lm import answer_logps
 
-__all__ = ["PREFERENCE_FORMATS", "PreferenceStats", "answer_logps",
+__all__ = ["PREFERENCE_FORMATS", "PreferenceStats",
            "preference_dataset", "wordnet_preference_pairs",
            "preference_examples", "reference_logps"]
 
@@ -90,7 +89,7 @@ def _as_messages(value, index, key):
         value = [value]
     if isinstance(value, list) and not value:
         return []
-    return _check_messages(value, f"{index} ({key!r})")
+    return check_messages(value, f"{index} ({key!r})")
 
 
 def _chat_pair(record, index, renderer):
@@ -106,7 +105,7 @@ def _chat_pair(record, index, renderer):
                for key in ("chosen", "rejected")]
     prompt_key = next((k for k in ("messages", "prompt") if k in record), None)
     if prompt_key is not None:
-        prompt = _check_messages(record[prompt_key], index)
+        prompt = check_messages(record[prompt_key], index)
     else:  # TRL's implicit prompt: the turns both conversations share
         prompt = []
         for a, b in zip(*answers):
@@ -295,27 +294,6 @@ def preference_examples(records_or_path, lm, *, format="prompt_chosen_rejected",
     return (x, y, sample_weight), stats
 
 
-# === Answer log-probabilities ===
-
-
-def answer_logps(logits, targets, weights):
-    """Summed log-probabilities of the weighted (answer) tokens, and their
-    count.
-
-    Args:
-        logits: `(..., L, vocabulary)` in any float dtype (never cast to
-            float32 as a whole: `kft.lm_loss.chunked_sparse_cross_entropy`).
-        targets: `(..., L)` the next tokens.
-        weights: `(..., L)` 1 on the answer's tokens.
-
-    Returns:
-        `(logps, lengths)`, float32, of shape `(...)`.
-    """
-    weights = ops.cast(weights, "float32")
-    nll = chunked_sparse_cross_entropy(targets, logits)
-    return -ops.sum(nll * weights, axis=-1), ops.sum(weights, axis=-1)
-
-
 def _fingerprint(lm, x, sample_weight):
     """sha256 of the tokens, the answer weights and every variable of `lm`."""
     digest = hashlib.sha256()
@@ -346,7 +324,7 @@ def reference_logps(lm, x, y, sample_weight, *, batch_size=8, cache=None):
         float32 `(N, 2)`: the sum of the log-probabilities of the weighted
         (answer) tokens of each sequence.
     """
-    from kft.safe_npz import read_npz
+    from kft.utils.safe_npz import read_npz
 
     fingerprint = _fingerprint(lm, x, sample_weight) if cache else None
     if cache and os.path.exists(cache):
@@ -459,7 +437,7 @@ def wordnet_preference_pairs(path=None, *, max_examples=None, seed=0):
         A list of `{"prompt": "Define: <word>\n", "chosen": <its gloss>,
         "rejected": <another noun's gloss>}`.
     """
-    from kft.data import load_wordnet_glosses
+    from kft.data.text import load_wordnet_glosses
 
     records = load_wordnet_glosses(path, max_examples=max_examples, seed=seed)
     if len(records) < 2:

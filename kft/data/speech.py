@@ -140,7 +140,7 @@ def synthesize(text, voice="en-us", speed=175, pitch=50, sample_rate=16000):
     wave = synthesize("hello world", voice="en-gb-x-rp")  # about 1 s at 16 kHz
     ```
     """
-    from kft.audio_data import load_audio  # TensorFlow: only when speaking
+    from kft.data.audio import load_audio
 
     program = require_espeak()
     if not _VOICE.fullmatch(str(voice)):
@@ -323,8 +323,8 @@ def from_espeak_words(words=SPEECH_COMMANDS, voices=TRAIN_VOICES,
     model = kft.build_audio_classifier("whisper_tiny", 2, max_seconds=1.0)
     ```
     """
-    from kft.audio_data import from_audio_folder
-    from kft.data import DataBundle
+    from kft.data.arrays import DataBundle
+    from kft.data.audio import from_audio_folder
 
     train_dir, val_dir = espeak_words(words, voices, val_voices, speeds, pitches,
                                       sample_rate=sample_rate, root=root)

@@ -159,7 +159,7 @@ def _backbone_class(model):
     `CausalLM`, a `kft.sft.SFTCausalLM`) or a preset name / path."""
     if isinstance(model, (str, os.PathLike)):
         from kft._keras_internals import preset_backbone_class
-        from kft.causal_lm import resolve_causal_lm_preset
+        from kft.models.causal_lm import resolve_causal_lm_preset
 
         preset = os.path.expanduser(resolve_causal_lm_preset(os.fspath(model)))
         try:
@@ -214,7 +214,7 @@ def _fitted_model_parallel():
     not import Keras."""
     import keras
 
-    from kft.lora_base import ADAPTER_VARIABLES
+    from kft.lora.base import ADAPTER_VARIABLES
 
     class FittedModelParallel(keras.distribution.ModelParallel):
         def __init__(self, *, layout_map, batch_dim_name="batch"):

@@ -1,6 +1,6 @@
 """Multi-device training on the engines that exist: `tf.distribute` on
 TensorFlow, `keras.distribution` on JAX (`data_parallel`,
-`model_parallel`: `kft.keras_distribution`, re-exported here).
+`model_parallel`: `kft.distribute`, re-exported here).
 
 kft builds no distribution of its own. A recipe's `distribution:` (or
 `fine_tune(..., strategy=)`) names a TensorFlow strategy; the model,
@@ -17,19 +17,10 @@ collective whose peer is alive but stuck.
 
 import os
 
-# The JAX side: keras.distribution by name ("data_parallel", "model_parallel").
-from kft.keras_distribution import KERAS_DISTRIBUTIONS
-from kft.keras_distribution import MESH_AXES
-from kft.keras_distribution import check_mesh
-from kft.keras_distribution import device_mesh
-from kft.keras_distribution import keras_distribution
-from kft.keras_distribution import layout_map
-from kft.keras_distribution import make_distribution
+from kft.distribute.mesh import KERAS_DISTRIBUTIONS
 
 __all__ = ["COLLECTIVE_TIMEOUT_ENV", "STRATEGIES", "collective_timeout",
-           "make_strategy", "split_cpu",
-           "KERAS_DISTRIBUTIONS", "MESH_AXES", "check_mesh", "device_mesh",
-           "keras_distribution", "layout_map", "make_distribution"]
+           "make_strategy", "split_cpu"]
 
 STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
 COLLECTIVE_TIMEOUT_ENV = "KFT_COLLECTIVE_TIMEOUT"

@@ -24,10 +24,10 @@ import numpy as np
 
 from kft._keras_internals import trainable_variable_lists
 from kft._keras_internals import unlocked_tracker
-from kft.lora_base import drop_variable
-from kft.lora_base import lora_layers
-from kft.lora_base import retrace
-from kft.lora_init import KERNEL_INITS
+from kft.lora.base import drop_variable
+from kft.lora.base import lora_layers
+from kft.lora.base import retrace
+from kft.lora.initializers import KERNEL_INITS
 
 __all__ = ["COMBINATIONS", "active_adapter", "combine_adapters",
            "disable_adapters", "enable_adapters", "set_adapter"]

@@ -7,7 +7,7 @@ first, a Conv2D kernel `(kh * kw * in, filters)`, an Embedding table
 `A` `(fan_in, r)` and `B` `(r, fan_out)` float32 and trainable. Each
 class says how to run its base (`_base_output`) and its adapter
 (`_adapter_output`) on an input; this mixin does the rest: building the
-adapters (`kft.lora_init` for PiSSA / OLoRA), DoRA, merge and unmerge,
+adapters (`kft.lora.initializers` for PiSSA / OLoRA), DoRA, merge and unmerge,
 weight saving and the config.
 
 The adapters run in the compute dtype. `A` and `B` are float32 masters
@@ -44,10 +44,10 @@ from keras import ops
 from kft._keras_internals import all_layers
 from kft._keras_internals import kernel_variable
 from kft._keras_internals import requantized_kernel
-from kft.lora_init import KERNEL_INITS
-from kft.lora_init import check_init
-from kft.lora_init import olora_factors
-from kft.lora_init import pissa_factors
+from kft.lora.initializers import KERNEL_INITS
+from kft.lora.initializers import check_init
+from kft.lora.initializers import olora_factors
+from kft.lora.initializers import pissa_factors
 
 __all__ = ["ADAPTER_VARIABLES", "QUANTIZED_MODES", "lora_layers"]
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kft.validation import Strict
+from kft.utils.validation import Strict
 
 __all__ = ["LoRAConfig"]
 

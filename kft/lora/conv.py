@@ -16,7 +16,7 @@ import keras
 from keras import ops
 
 from kft._keras_internals import kernel_variable
-from kft.lora_base import _LoRAMixin
+from kft.lora.base import _LoRAMixin
 
 __all__ = ["LoRAConv2D"]
 

@@ -20,7 +20,7 @@ import keras
 from keras import ops
 
 from kft._keras_internals import embeddings_variable
-from kft.lora_base import _LoRAMixin
+from kft.lora.base import _LoRAMixin
 
 __all__ = ["LoRAEmbedding", "LoRAReversibleEmbedding"]
 

@@ -124,7 +124,7 @@ class CausalLMLoss(keras.losses.Loss):
 
     ```python
     model = kft.sft.SFTCausalLM(lm)
-    model.compile(optimizer="adam", loss=kft.lm_loss.CausalLMLoss())
+    model.compile(optimizer="adam", loss=kft.losses.causal_lm.CausalLMLoss())
     ```
     """
 
@@ -150,3 +150,21 @@ def causal_lm_loss_and_metrics():
     """The loss and weighted metrics a causal LM compiles with by default:
     `CausalLMLoss` (mean over the weighted tokens) and token accuracy."""
     return CausalLMLoss(), [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+
+
+def answer_logps(logits, targets, weights):
+    """Summed log-probabilities of the weighted (answer) tokens, and their
+    count.
+
+    Args:
+        logits: `(..., L, vocabulary)` in any float dtype (never cast to
+            float32 as a whole: `chunked_sparse_cross_entropy`).
+        targets: `(..., L)` the next tokens.
+        weights: `(..., L)` 1 on the answer's tokens.
+
+    Returns:
+        `(logps, lengths)`, float32, of shape `(...)`.
+    """
+    weights = ops.cast(weights, "float32")
+    nll = chunked_sparse_cross_entropy(targets, logits)
+    return -ops.sum(nll * weights, axis=-1), ops.sum(weights, axis=-1)

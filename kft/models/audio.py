@@ -23,16 +23,16 @@ import keras
 import numpy as np
 from keras import ops
 
-from kft.anatomy import Anatomy
-from kft.audio_data import polyphase_kernel
-from kft.freezing import freeze
-from kft.head_config import HeadConfig
-from kft.heads import build_head
-from kft.image_presets import PresetDownloadError
-from kft.image_presets import PresetUnavailableError
-from kft.models import PRESET_WEIGHTS
-from kft.models import Classifier
-from kft.offline import require_preset
+from kft.backbones.anatomy import Anatomy
+from kft.backbones.freezing import freeze
+from kft.backbones.image_presets import PresetDownloadError
+from kft.backbones.image_presets import PresetUnavailableError
+from kft.data.audio import polyphase_kernel
+from kft.models.head_config import HeadConfig
+from kft.models.heads import build_head
+from kft.models.image import PRESET_WEIGHTS
+from kft.models.image import Classifier
+from kft.utils.offline import require_preset
 
 __all__ = [
     "AUDIO_PRESETS",
@@ -166,8 +166,8 @@ class Resample(keras.layers.Layer):
     """Band-limited resampling of `(batch, samples)` waveforms.
 
     Cuts or zero-pads the input to `round(max_seconds * input_rate)`
-    samples, then applies `kft.audio_data.polyphase_kernel` as one strided
-    convolution: the same samples as `kft.audio_data.resample`. Output
+    samples, then applies `kft.data.audio.polyphase_kernel` as one strided
+    convolution: the same samples as `kft.data.audio.resample`. Output
     `(batch, ceil(samples * output_rate / input_rate))`, float32.
     """
 

@@ -13,7 +13,7 @@ import json
 import os
 import warnings
 
-from kft import offline
+from kft.utils import offline
 
 __all__ = ["CAUSAL_LM_PRESETS", "QUANTIZE_MODES", "build_causal_lm",
            "read_chat_template", "resolve_causal_lm_preset"]
@@ -103,7 +103,7 @@ def build_causal_lm(preset, *, sequence_length=None, dtype=None, quantize=None,
     if quantize is not None:
         _quantize(lm, quantize)
     if remat:
-        from kft.remat import set_remat
+        from kft.backbones.remat import set_remat
 
         set_remat(lm)
     lm.chat_template = read_chat_template(preset)

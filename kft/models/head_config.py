@@ -9,7 +9,7 @@ by it.
 
 import pydantic
 
-from kft.validation import Strict
+from kft.utils.validation import Strict
 
 __all__ = ["HEAD_KINDS", "POOLINGS", "HeadConfig"]
 

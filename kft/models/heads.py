@@ -6,10 +6,10 @@ a user picks a task, not three matching settings.
 
 import keras
 
-from kft.anatomy import HEAD_OUTPUT
-from kft.anatomy import describe
-from kft.head_config import HEAD_KINDS
-from kft.head_config import HeadConfig
+from kft.backbones.anatomy import HEAD_OUTPUT
+from kft.backbones.anatomy import describe
+from kft.models.head_config import HEAD_KINDS
+from kft.models.head_config import HeadConfig
 
 __all__ = [
     "FirstToken",

@@ -3,14 +3,14 @@
 import keras
 
 import kft.backbones as backbones
-from kft.anatomy import Anatomy
-from kft.freezing import freeze
-from kft.head_config import HeadConfig
-from kft.heads import build_head
-from kft.image_presets import IMAGE_PRESETS
-from kft.image_presets import is_keras_hub_image_source
-from kft.image_presets import load_image_backbone
-from kft.preprocessing import ImagePreprocessing
+from kft.backbones.anatomy import Anatomy
+from kft.backbones.freezing import freeze
+from kft.backbones.image_presets import IMAGE_PRESETS
+from kft.backbones.image_presets import is_keras_hub_image_source
+from kft.backbones.image_presets import load_image_backbone
+from kft.backbones.preprocessing import ImagePreprocessing
+from kft.models.head_config import HeadConfig
+from kft.models.heads import build_head
 
 __all__ = ["BN_MODES", "Classifier", "PRESET_WEIGHTS", "build_classifier"]
 
@@ -83,7 +83,7 @@ def build_classifier(
             keras-hub preset name (`"resnet_50_imagenet"`), an `hf://`
             address (`"hf://timm/resnet18.a1_in1k"`), a local directory in
             keras-hub, Hugging Face or timm format, a short name of
-            `kft.image_presets.IMAGE_PRESETS`, or a
+            `kft.backbones.image_presets.IMAGE_PRESETS`, or a
             `keras_hub.models.Backbone` (then pass `image_converter=` too).
             A keras-hub backbone's image converter (resize, rescale,
             mean/std) is the model's preprocessing layer.

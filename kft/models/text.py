@@ -3,9 +3,10 @@
 import os
 import warnings
 
-from kft import offline
+from kft.prompt.layer import prompt_tune_classifier
+from kft.utils import offline
 
-__all__ = ["TEXT_PRESETS", "build_text_classifier", "prompt_tune_classifier",
+__all__ = ["TEXT_PRESETS", "build_text_classifier",
            "resolve_text_preset"]
 
 
@@ -106,33 +107,3 @@ def build_text_classifier(preset, num_classes, *, sequence_length=128,
         classifier = prompt_tune_classifier(classifier, prompt_tuning,
                                             prompt_init_text, **kwargs)
     return classifier
-
-
-def prompt_tune_classifier(classifier, num_virtual_tokens=20, init_text=None,
-                           **kwargs):
-    """The same keras-hub classifier class around a prompt-tuned backbone.
-
-    The backbone (BERT family) is rebuilt by `kft.prompt.prompt_tune` and
-    frozen; a new classification head and the virtual tokens train. The
-    preprocessor is shared; its sequence length shrinks when the backbone's
-    position table has no room left for the virtual tokens.
-
-    Args:
-        classifier: a keras-hub text classifier (`build_text_classifier`).
-        num_virtual_tokens: how many virtual tokens.
-        init_text: start them from this text's token embeddings.
-        **kwargs: for the classifier class (e.g. `dropout`).
-    """
-    from kft.prompt import prompt_tune
-
-    preprocessor = classifier.preprocessor
-    init_ids = None
-    if init_text:
-        init_ids = [int(i) for i in preprocessor.tokenizer(init_text)] or None
-    prompted = prompt_tune(classifier.backbone, num_virtual_tokens,
-                           init_token_ids=init_ids)
-    preprocessor.sequence_length = min(preprocessor.sequence_length,
-                                       prompted.max_text_length)
-    return type(classifier)(backbone=prompted,
-                            num_classes=classifier.num_classes,
-                            preprocessor=preprocessor, **kwargs)

@@ -19,7 +19,7 @@ reference model in one of three ways:
   does by default). For full fine-tuning when the data changes.
 
 Reference-free losses (`simpo`, `orpo`) need none. The losses are in
-`kft.preference_losses`.
+`kft.losses.preference`.
 
 Metrics, per epoch and with `val_` on validation data, as TRL reports them
 (with `_` for `/`): `rewards_chosen`, `rewards_rejected`,
@@ -36,12 +36,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from kft.anatomy import Anatomy
-from kft.lora import disable_adapters
-from kft.lora import enable_adapters
-from kft.lora import lora_layers
-from kft.preference_data import answer_logps
-from kft.preference_losses import LOSSES
+from kft.backbones.anatomy import Anatomy
+from kft.lora.adapters import disable_adapters
+from kft.lora.adapters import enable_adapters
+from kft.lora.base import lora_layers
+from kft.losses.causal_lm import answer_logps
+from kft.losses.preference import LOSSES
 
 __all__ = ["REFERENCES", "PreferenceCausalLM", "copy_causal_lm"]
 
@@ -132,7 +132,7 @@ class PreferenceCausalLM(keras.Model):
     Args:
         lm: a keras-hub `CausalLM` (LoRA applied first, for
             `reference="adapters_off"`).
-        loss: one of `kft.preference_losses.LOSSES`: `"dpo"`, `"robust"`,
+        loss: one of `kft.losses.preference.LOSSES`: `"dpo"`, `"robust"`,
             `"ipo"`, `"hinge"` (with a reference), `"simpo"`, `"orpo"`
             (reference-free), `"kto"` (unpaired data).
         beta: the loss's `beta` (SimPO's reward scale, ORPO's `lambda`);

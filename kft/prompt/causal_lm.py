@@ -36,10 +36,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from kft.anatomy import family_entry
-from kft.freezing import freeze
-from kft.safe_npz import read_npz_with_meta
-from kft.sft import SFTCausalLM
+from kft.backbones.anatomy import family_entry
+from kft.backbones.freezing import freeze
+from kft.sft.model import SFTCausalLM
+from kft.utils.safe_npz import read_npz_with_meta
 
 __all__ = [
     "PROMPT_FAMILIES",

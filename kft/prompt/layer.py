@@ -7,7 +7,7 @@ embeddings, inserted after the first ([CLS]) token, are all that trains.
 import keras
 from keras import ops
 
-from kft.freezing import set_trainable_flag
+from kft._keras_internals import set_trainable_flag
 
 __all__ = ["PromptTuning", "prompt_tune"]
 
@@ -137,3 +137,31 @@ def prompt_tune(backbone, num_virtual_tokens=20, init_token_ids=None):
         name=f"{backbone.name}_prompt_tuned")
     model.max_text_length = max_length - num_virtual_tokens
     return model
+
+
+def prompt_tune_classifier(classifier, num_virtual_tokens=20, init_text=None,
+                           **kwargs):
+    """The same keras-hub classifier class around a prompt-tuned backbone.
+
+    The backbone (BERT family) is rebuilt by `kft.prompt.prompt_tune` and
+    frozen; a new classification head and the virtual tokens train. The
+    preprocessor is shared; its sequence length shrinks when the backbone's
+    position table has no room left for the virtual tokens.
+
+    Args:
+        classifier: a keras-hub text classifier (`build_text_classifier`).
+        num_virtual_tokens: how many virtual tokens.
+        init_text: start them from this text's token embeddings.
+        **kwargs: for the classifier class (e.g. `dropout`).
+    """
+    preprocessor = classifier.preprocessor
+    init_ids = None
+    if init_text:
+        init_ids = [int(i) for i in preprocessor.tokenizer(init_text)] or None
+    prompted = prompt_tune(classifier.backbone, num_virtual_tokens,
+                           init_token_ids=init_ids)
+    preprocessor.sequence_length = min(preprocessor.sequence_length,
+                                       prompted.max_text_length)
+    return type(classifier)(backbone=prompted,
+                            num_classes=classifier.num_classes,
+                            preprocessor=preprocessor, **kwargs)

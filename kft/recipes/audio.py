@@ -3,7 +3,7 @@
 `kft run`, `kft eval` and `kft compare` reach these through
 `kft.recipes.builders`: the model is `kft.build_audio_classifier`, the
 data `kft.data.from_audio_folder` (`source: audio_folder`) or
-`kft.speech_data.from_espeak_words` (`source: espeak_words`), with clips
+`kft.data.speech.from_espeak_words` (`source: espeak_words`), with clips
 at the model's `sample_rate`, cut or padded to its `max_seconds`.
 Library errors become `RecipeError`s naming the recipe key.
 """
@@ -12,15 +12,15 @@ import os
 
 import numpy as np
 
-from kft.audio import build_audio_classifier
-from kft.audio_data import from_audio_folder
-from kft.data import DataBundle
-from kft.head_config import HeadConfig
-from kft.image_presets import PresetUnavailableError
-from kft.models import PRESET_WEIGHTS
+from kft.backbones.image_presets import PresetUnavailableError
+from kft.data.arrays import DataBundle
+from kft.data.audio import from_audio_folder
+from kft.data.speech import SpeechSynthesisError
+from kft.data.speech import from_espeak_words
+from kft.models.audio import build_audio_classifier
+from kft.models.head_config import HeadConfig
+from kft.models.image import PRESET_WEIGHTS
 from kft.recipes.errors import RecipeError
-from kft.speech_data import SpeechSynthesisError
-from kft.speech_data import from_espeak_words
 
 __all__ = ["audio_classifier", "audio_data", "audio_data_from_path",
            "clip_samples", "synthetic_audio"]

@@ -12,24 +12,24 @@ import numpy as np
 
 import kft.data as kft_data
 import kft.families as families
-from kft import report
 from kft.augment import ImageAugmentation
-from kft.causal_lm import build_causal_lm
-from kft.head_config import HeadConfig
-from kft.heads import head_kind
-from kft.image_presets import PresetUnavailableError
-from kft.lora import apply_lora
-from kft.models import PRESET_WEIGHTS
-from kft.models import build_classifier
-from kft.offline import NetworkUnavailableError
-from kft.prompt_causal import PromptTunedCausalLM
-from kft.prompt_causal import generate as prompt_generate
-from kft.prompt_causal import prompt_tune_causal_lm
+from kft.backbones.image_presets import PresetUnavailableError
+from kft.data.sft import read_records
+from kft.lora.model import apply_lora
+from kft.models.causal_lm import build_causal_lm
+from kft.models.head_config import HeadConfig
+from kft.models.heads import head_kind
+from kft.models.image import PRESET_WEIGHTS
+from kft.models.image import build_classifier
+from kft.models.text import build_text_classifier
+from kft.prompt.causal_lm import PromptTunedCausalLM
+from kft.prompt.causal_lm import generate as prompt_generate
+from kft.prompt.causal_lm import prompt_tune_causal_lm
+from kft.prompt.layer import prompt_tune_classifier
 from kft.recipes.errors import RecipeError
-from kft.sft import SFTCausalLM
-from kft.sft import read_records
-from kft.text import build_text_classifier
-from kft.text import prompt_tune_classifier
+from kft.sft.model import SFTCausalLM
+from kft.training import report
+from kft.utils.offline import NetworkUnavailableError
 
 __all__ = ["adapt", "augment_training_data", "causal_model", "evaluate",
            "evaluate_sft", "generate_samples", "image_data", "image_input_shape",

@@ -16,10 +16,10 @@ import shutil
 import tempfile
 
 from kft._keras_internals import all_layers
-from kft.lora import lora_layers
-from kft.lora import merge_lora
-from kft.prompt_causal import PromptTunedCausalLM
-from kft.prompt_causal import save_prompt
+from kft.lora.base import lora_layers
+from kft.lora.model import merge_lora
+from kft.prompt.causal_lm import PromptTunedCausalLM
+from kft.prompt.causal_lm import save_prompt
 from kft.recipes.builders import evaluate_sft
 from kft.recipes.builders import sft_data
 from kft.recipes.errors import RecipeError
@@ -142,7 +142,7 @@ def evaluate_causal_run(run_dir, config, model, data_path=None):
     Returns:
         The metrics dict.
     """
-    from kft.data import sft_dataset
+    from kft.data.sft import sft_dataset
 
     if data_path:
         data_config = config.data

@@ -21,7 +21,7 @@ import keras
 
 from kft._keras_internals import optimizer_map
 from kft._keras_internals import optimizer_rate
-from kft.anatomy import count_params
+from kft.backbones.anatomy import count_params
 from kft.recipes.resume import restore_callbacks
 from kft.recipes.resume import restore_optimizer
 from kft.recipes.resume import save_checkpoint

@@ -29,7 +29,7 @@ from kft.recipes.methods import DEFAULT_METHODS
 from kft.recipes.methods import METHODS
 from kft.recipes.methods import method_stages
 from kft.recipes.tasks import task_for
-from kft.report import figure
+from kft.training.report import figure
 
 __all__ = ["DEFAULT_CAUSAL_METHODS", "DEFAULT_METHODS", "METHODS", "compare",
            "method_stages"]

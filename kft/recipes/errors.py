@@ -1,6 +1,6 @@
 """The recipe error (CLI exit code 2)."""
 
-from kft.validation import format_validation_error
+from kft.utils.validation import format_validation_error
 
 __all__ = ["RecipeError", "format_validation_error"]
 

@@ -24,6 +24,7 @@ __all__ = [
     "recipe_description",
     "resolve_recipe_path",
     "resolved",
+    "trial_base",
 ]
 
 PACKAGED_DIR = os.path.join(os.path.dirname(__file__), "packaged")
@@ -135,7 +136,8 @@ def load_recipe(name_or_path, overrides=None):
     if config.task is not None and config.task not in registered_tasks():
         get_task(config.task)  # the RecipeError naming the registered tasks
     if config.search is not None:
-        problems = check_search_space(config, RecipeConfig)
+        problems = check_search_space(trial_base(config), config.search.space,
+                                      RecipeConfig)
         if problems:
             raise RecipeError(f"{path}: Invalid recipe:\n  " + "\n  ".join(problems))
     return config
@@ -162,3 +164,12 @@ def config_hash(config):
     """sha256 of the resolved recipe (what the run really used)."""
     text = json.dumps(resolved(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def trial_base(config):
+    """The resolved recipe a trial starts from: no `search:`, and stages
+    already expanded from any `policy:`."""
+    data = resolved(config)
+    data.pop("search", None)
+    data["policy"] = None
+    return data

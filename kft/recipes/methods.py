@@ -7,7 +7,7 @@ kind of model, through these functions.
 
 from kft.recipes.causal import causal_method_changes
 from kft.recipes.errors import RecipeError
-from kft.stages import policy_stages
+from kft.training.stages import policy_stages
 
 __all__ = ["DEFAULT_CAUSAL_METHODS", "DEFAULT_METHODS", "DESCRIPTIONS",
            "METHODS", "audio_method", "causal_method", "method_stages"]

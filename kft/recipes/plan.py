@@ -9,14 +9,14 @@ full fine-tuning; `model.sequence_length`, `data.batch_size`,
 `precision`, `model.remat` and the first stage's optimizer.
 """
 
-from kft.causal_lm import resolve_causal_lm_preset
-from kft.memory_plan import KNOWN_SHAPES
-from kft.memory_plan import LORA_TARGETS
-from kft.memory_plan import OPTIMIZER_SLOTS
-from kft.memory_plan import model_shape
-from kft.memory_plan import plan_memory
+from kft.models.causal_lm import resolve_causal_lm_preset
 from kft.recipes.errors import RecipeError
 from kft.recipes.loader import load_recipe
+from kft.training.memory_plan import KNOWN_SHAPES
+from kft.training.memory_plan import LORA_TARGETS
+from kft.training.memory_plan import OPTIMIZER_SLOTS
+from kft.training.memory_plan import model_shape
+from kft.training.memory_plan import plan_memory
 
 __all__ = ["plan_recipe", "recipe_plan_arguments"]
 

@@ -5,13 +5,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from kft.validation import Strict
+from kft.utils.validation import Strict
 
 __all__ = ["PREFERENCE_FORMATS", "PREFERENCE_LOSSES", "PREFERENCE_SOURCES",
            "PreferenceConfig", "check_preference"]
 
 PREFERENCE_SOURCES = ("preference_file", "wordnet_pairs")
-# kft.preference_losses.LOSSES and kft.preference_data.PREFERENCE_FORMATS,
+# kft.losses.preference.LOSSES and kft.data.preference.PREFERENCE_FORMATS,
 # named here without importing Keras (a test keeps them equal).
 PREFERENCE_LOSSES = ("dpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto")
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "messages", "unpaired")

@@ -19,20 +19,15 @@ import keras
 import numpy as np
 import yaml
 
-from kft import report
 from kft._keras_internals import op_determinism
 from kft._keras_internals import tracked_dataset
-from kft.anatomy import count_params
-from kft.callbacks import NonFiniteLoss
-from kft.callbacks import StopOnNonFiniteLoss
-from kft.distribute import KERAS_DISTRIBUTIONS
-from kft.distribute import keras_distribution
-from kft.distribute import make_strategy
-from kft.finetune import compile_stage
-from kft.finetune import fine_tune
-from kft.freezing import format_trainable_summary
-from kft.lora import lora_layers
-from kft.lora import save_adapter
+from kft.backbones.anatomy import count_params
+from kft.backbones.freezing import format_trainable_summary
+from kft.distribute.mesh import KERAS_DISTRIBUTIONS
+from kft.distribute.mesh import keras_distribution
+from kft.distribute.strategy import make_strategy
+from kft.lora.base import lora_layers
+from kft.lora.io import save_adapter
 from kft.recipes.builders import augment_training_data
 from kft.recipes.checkpoint import RunCheckpoint
 from kft.recipes.checkpoint import read_history
@@ -43,6 +38,11 @@ from kft.recipes.loader import config_hash
 from kft.recipes.loader import resolved
 from kft.recipes.resume import restore_model
 from kft.recipes.tasks import task_for
+from kft.training import report
+from kft.training.callbacks import NonFiniteLoss
+from kft.training.callbacks import StopOnNonFiniteLoss
+from kft.training.finetune import compile_stage
+from kft.training.finetune import fine_tune
 
 __all__ = ["RecipeRun", "default_output_dir", "run_recipe", "smoke_config"]
 

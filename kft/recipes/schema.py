@@ -10,10 +10,16 @@ import pydantic
 from pydantic import Field
 
 import kft.families as backbones
-from kft.head_config import HeadConfig
-from kft.keras_distribution import KERAS_DISTRIBUTIONS
-from kft.keras_distribution import check_mesh
-from kft.lora_config import LoRAConfig as LibraryLoRAConfig
+from kft.data.speech import PITCHES
+from kft.data.speech import SPEECH_COMMANDS
+from kft.data.speech import SPEEDS
+from kft.data.speech import TRAIN_VOICES
+from kft.data.speech import VAL_VOICES
+from kft.data.speech import check_word_settings
+from kft.distribute.mesh import KERAS_DISTRIBUTIONS
+from kft.distribute.mesh import check_mesh
+from kft.lora.config import LoRAConfig as LibraryLoRAConfig
+from kft.models.head_config import HeadConfig
 from kft.recipes.preference_config import PREFERENCE_SOURCES
 from kft.recipes.preference_config import PreferenceConfig
 from kft.recipes.preference_config import check_preference
@@ -21,15 +27,9 @@ from kft.recipes.rl_config import RL_SOURCES
 from kft.recipes.rl_config import RLConfig
 from kft.recipes.rl_config import check_rl
 from kft.recipes.search import Distribution
-from kft.speech_data import PITCHES
-from kft.speech_data import SPEECH_COMMANDS
-from kft.speech_data import SPEEDS
-from kft.speech_data import TRAIN_VOICES
-from kft.speech_data import VAL_VOICES
-from kft.speech_data import check_word_settings
-from kft.stages import Stage
-from kft.stages import policy_stages
-from kft.validation import Strict
+from kft.training.stages import Stage
+from kft.training.stages import policy_stages
+from kft.utils.validation import Strict
 
 __all__ = ["DataConfig", "LoRAConfig", "ModelConfig", "PromptTuningConfig",
            "RecipeConfig", "SearchConfig"]
@@ -40,7 +40,7 @@ SFT_SOURCES = ("sft_file", "wordnet_glosses")
 AUDIO_SOURCES = ("audio_folder", "espeak_words")
 DATA_SOURCES = (IMAGE_SOURCES + TEXT_SOURCES + SFT_SOURCES + PREFERENCE_SOURCES
                 + RL_SOURCES + AUDIO_SOURCES)
-# espeak_words' keys, and their defaults (kft.speech_data: no TensorFlow).
+# espeak_words' keys, and their defaults (kft.data.speech: no TensorFlow).
 _ESPEAK_KEYS = {"words": SPEECH_COMMANDS, "voices": TRAIN_VOICES,
                 "val_voices": VAL_VOICES, "speeds": SPEEDS, "pitches": PITCHES}
 _PYTHON_ONLY_STAGE_KEYS = ("callbacks", "loss", "metrics")
@@ -209,7 +209,7 @@ class DataConfig(Strict):
     truncation: Literal["drop_long", "truncate_completion",
                         "truncate_prompt"] = "drop_long"
     max_examples: int | None = Field(default=None, ge=2)
-    # Spoken words synthesised by espeak-ng (`kft.speech_data`).
+    # Spoken words synthesised by espeak-ng (`kft.data.speech`).
     words: list[str] | None = None
     voices: list[str] | None = None
     val_voices: list[str] | None = None

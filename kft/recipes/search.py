@@ -16,11 +16,11 @@ from typing import Literal
 
 import pydantic
 
-from kft.validation import Strict
-from kft.validation import format_validation_error
+from kft.utils.validation import Strict
+from kft.utils.validation import format_validation_error
 
 __all__ = ["DISTRIBUTIONS", "Distribution", "check_search_space", "set_key_path",
-           "trial_base", "trial_recipe"]
+           "trial_recipe"]
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 # What `choice:` may hold: values Optuna stores as they are.
@@ -92,17 +92,6 @@ class Distribution(Strict):
         return list(self.values)
 
 
-def trial_base(config):
-    """The resolved recipe a trial starts from: no `search:`, and stages
-    already expanded from any `policy:`."""
-    from kft.recipes.loader import resolved
-
-    data = resolved(config)
-    data.pop("search", None)
-    data["policy"] = None
-    return data
-
-
 def _find(data, key):
     """`(parent, last)` of a dotted key in plain data, or `(None, problem)`."""
     parts = key.split(".")
@@ -148,15 +137,20 @@ def trial_recipe(base, params):
     return data
 
 
-def check_search_space(config, recipe_class):
-    """The problems of `config.search`, one line each (empty: none).
+def check_search_space(base, space, recipe_class):
+    """The problems of a search space, one line each (empty: none).
+
+    Args:
+        base: the resolved recipe a trial starts from (`trial_base`).
+        space: `config.search.space`: dotted key -> `Distribution`.
+        recipe_class: the recipe schema each end must validate against.
 
     Each key must name a value of the resolved recipe (list items by
     index: `stages.1.learning_rate`); an integer key takes `int` or
     `choice`; the recipe must stay valid with each end of the range.
     """
-    base, problems = trial_base(config), []
-    for key, distribution in config.search.space.items():
+    problems = []
+    for key, distribution in space.items():
         parent, last = _find(base, key)
         if parent is None:
             problems.append(f"search.space.{key}: {last}")

@@ -48,7 +48,7 @@ import yaml
 from kft.recipes.errors import RecipeError
 from kft.recipes.loader import load_recipe
 from kft.recipes.loader import resolved
-from kft.recipes.search import trial_base
+from kft.recipes.loader import trial_base
 from kft.recipes.search import trial_recipe
 
 __all__ = ["show", "tune"]
@@ -163,8 +163,8 @@ def _objective(config, study_dir, metric):
     import keras
     import optuna
 
-    from kft.callbacks import NonFiniteLoss
     from kft.recipes.runner import run_recipe
+    from kft.training.callbacks import NonFiniteLoss
 
     base = trial_base(config)
     # A cut trial is run again from its start: no per-epoch checkpoints.

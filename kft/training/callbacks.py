@@ -20,14 +20,14 @@ from kft._keras_internals import WEIGHT_DECAY_ATTRIBUTES
 from kft._keras_internals import distribute_strategy
 from kft._keras_internals import mark_trainable_state_compiled
 from kft._keras_internals import own_trainable_variables
-from kft.anatomy import backbone_blocks_of
-from kft.anatomy import count_params
-from kft.freezing import batch_norm_policy
-from kft.freezing import find_backbone
-from kft.freezing import leaves
-from kft.freezing import unfreeze
-from kft.stages import UnfreezeConfig
-from kft.stages import validate
+from kft.backbones.anatomy import backbone_blocks_of
+from kft.backbones.anatomy import count_params
+from kft.backbones.anatomy import find_backbone
+from kft.backbones.freezing import batch_norm_policy
+from kft.backbones.freezing import leaves
+from kft.backbones.freezing import unfreeze
+from kft.training.stages import UnfreezeConfig
+from kft.training.stages import validate
 
 __all__ = ["GradualUnfreezing", "LRFinder", "LRFinderResult", "NonFiniteLoss",
            "StopOnNonFiniteLoss", "lr_find", "rebuild_optimizer"]
@@ -339,7 +339,7 @@ class LRFinderResult:
 
     def plot(self, path):
         """Saves loss against learning rate (log scale), suggestion marked."""
-        from kft.report import figure
+        from kft.training.report import figure
 
         fig = figure(figsize=(6, 4))
         ax = fig.subplots()

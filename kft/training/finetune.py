@@ -16,22 +16,22 @@ import time
 import keras
 
 from kft._keras_internals import distribute_strategy
-from kft.anatomy import count_params
-from kft.anatomy import describe
-from kft.callbacks import GradualUnfreezing
-from kft.callbacks import lr_find
-from kft.freezing import set_trainable
-from kft.heads import head_kind
-from kft.heads import loss_and_metrics
-from kft.heads import outputs_logits
-from kft.lm_loss import causal_lm_loss_and_metrics
-from kft.stage_optimizers import make_optimizer
-from kft.stage_optimizers import steps_per_epoch
-from kft.stages import EarlyStoppingConfig
-from kft.stages import LRFindConfig
-from kft.stages import Stage
-from kft.stages import as_stage
-from kft.stages import policy_stages
+from kft.backbones.anatomy import count_params
+from kft.backbones.anatomy import describe
+from kft.backbones.freezing import set_trainable
+from kft.losses.causal_lm import causal_lm_loss_and_metrics
+from kft.models.heads import head_kind
+from kft.models.heads import loss_and_metrics
+from kft.models.heads import outputs_logits
+from kft.training.callbacks import GradualUnfreezing
+from kft.training.callbacks import lr_find
+from kft.training.stage_optimizers import make_optimizer
+from kft.training.stage_optimizers import steps_per_epoch
+from kft.training.stages import EarlyStoppingConfig
+from kft.training.stages import LRFindConfig
+from kft.training.stages import Stage
+from kft.training.stages import as_stage
+from kft.training.stages import policy_stages
 
 __all__ = ["PlannedStage", "Stage", "TrainingPlan", "compile_stage", "fine_tune",
            "fit_stage", "make_optimizer", "plan_training", "prepare_stage"]
@@ -378,7 +378,7 @@ def _trainable_model(model):
         return model  # kft's own models, SFTCausalLM included
     if describe(model).task != "causal_lm":
         return model
-    from kft.sft import SFTCausalLM
+    from kft.sft.model import SFTCausalLM
 
     return SFTCausalLM(model)
 

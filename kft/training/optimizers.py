@@ -15,12 +15,12 @@ import keras
 from kft._keras_internals import all_layers
 from kft._keras_internals import optimizer_map
 from kft._keras_internals import optimizer_rate
-from kft.anatomy import backbone_blocks_of
-from kft.anatomy import count_params
-from kft.anatomy import describe as describe_model
-from kft.anatomy import head_layers
-from kft.lora_base import lora_layers
-from kft.stages import OPTIMIZERS
+from kft.backbones.anatomy import backbone_blocks_of
+from kft.backbones.anatomy import count_params
+from kft.backbones.anatomy import describe as describe_model
+from kft.backbones.anatomy import head_layers
+from kft.lora.base import lora_layers
+from kft.training.stages import OPTIMIZERS
 
 __all__ = [
     "DEFAULT_WEIGHT_DECAY_EXCLUDES",

@@ -14,8 +14,10 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
-from kft.validation import Strict
-from kft.validation import format_validation_error
+from kft.backbones.trainable import TRAINABLE_CHOICES
+from kft.backbones.trainable import parse_trainable
+from kft.utils.validation import Strict
+from kft.utils.validation import format_validation_error
 
 __all__ = [
     "OPTIMIZERS",
@@ -43,10 +45,6 @@ OPTIMIZERS = {
     "lamb": "Lamb",
 }
 POLICIES = ("gradual",)
-TRAINABLE_CHOICES = (
-    "'head', 'all', 'none', 'keep', {last_n_blocks: k (int >= 0 or 'all')} or "
-    "{layers: regex}"
-)
 
 
 def validate(model_class, values, prefix="", title=None):
@@ -60,29 +58,6 @@ def validate(model_class, values, prefix="", title=None):
         raise ValueError(format_validation_error(
             error, prefix=prefix, model=model_class,
             title=title or f"Invalid {model_class.__name__}")) from None
-
-
-def parse_trainable(value):
-    """Checks a stage's `trainable` spec and returns it normalised.
-
-    `"head"`, `"all"`, `"none"`, `"keep"`, `{"last_n_blocks": k}` (`k` an
-    integer >= 0 or `"all"`) or `{"layers": regex}`.
-    """
-    if hasattr(value, "model_dump"):
-        value = value.model_dump()
-    if value in ("head", "all", "none", "keep"):
-        return value
-    if isinstance(value, dict) and len(value) == 1:
-        (key, arg), = value.items()
-        if key == "last_n_blocks" and (
-            arg == "all" or (isinstance(arg, int) and not isinstance(arg, bool)
-                             and arg >= 0)
-        ):
-            return {key: arg}
-        if key == "layers" and isinstance(arg, str) and arg:
-            return {key: arg}
-    raise ValueError(
-        f"trainable must be {TRAINABLE_CHOICES}. Received: trainable={value!r}")
 
 
 class EarlyStoppingConfig(Strict):

@@ -140,7 +140,7 @@ def check_host(host, port=443, timeout=TIMEOUT, scheme="https"):
 
     ```python
     try:
-        seconds = kft.offline.check_host("huggingface.co", timeout=2.0)
+        seconds = kft.utils.offline.check_host("huggingface.co", timeout=2.0)
     except OSError as error:
         print(f"no network: {error}")
     ```
@@ -184,7 +184,7 @@ def require_network(what, instead, url="https://storage.googleapis.com",
     Example:
 
     ```python
-    kft.offline.require_network(
+    kft.utils.offline.require_network(
         "tfds data set 'tf_flowers'", "data_dir=<a prepared tfds folder>",
         url="https://download.tensorflow.org")
     ```

@@ -114,8 +114,8 @@ class Task:
     def finalize(self, run):
         """Saves the trained model (`model.keras`, and `adapter.npz` with
         `lora:`), evaluates it and returns the `metrics.json` dict."""
-        from kft import report
         from kft.recipes.checkpoint import read_history
+        from kft.training import report
 
         run.model.save(run.path("model.keras"))
         adapter = run.save_adapter() if run.config.lora is not None else None
@@ -172,8 +172,8 @@ class Task:
         """Writes the trained model as a `.keras` file (the default) or a TF
         SavedModel, LoRA adapters merged with `merge=True`; returns the
         path."""
-        from kft.lora import lora_layers
-        from kft.lora import merge_lora
+        from kft.lora.base import lora_layers
+        from kft.lora.model import merge_lora
 
         format = format or "keras"
         if format not in ("keras", "saved_model"):

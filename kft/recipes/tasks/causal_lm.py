@@ -3,10 +3,9 @@ QLoRA or prompt tuning, on SFT records."""
 
 import os
 
-from kft import report
-from kft.lora import load_adapter
-from kft.lora import save_adapter
-from kft.prompt_causal import load_prompt
+from kft.lora.io import load_adapter
+from kft.lora.io import save_adapter
+from kft.prompt.causal_lm import load_prompt
 from kft.recipes import builders
 from kft.recipes.causal import CAUSAL_METHODS
 from kft.recipes.causal import evaluate_causal_run
@@ -19,6 +18,7 @@ from kft.recipes.methods import DEFAULT_CAUSAL_METHODS
 from kft.recipes.methods import causal_method
 from kft.recipes.schema import GenerateConfig
 from kft.recipes.tasks.base import Task
+from kft.training import report
 
 __all__ = ["CausalLMSFT"]
 

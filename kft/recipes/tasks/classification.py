@@ -4,9 +4,9 @@
 import os
 
 from kft import data as kft_data
-from kft.heads import head_kind
-from kft.heads import loss_and_metrics
-from kft.heads import outputs_logits
+from kft.models.heads import head_kind
+from kft.models.heads import loss_and_metrics
+from kft.models.heads import outputs_logits
 from kft.recipes import audio as recipe_audio
 from kft.recipes import builders
 from kft.recipes.errors import RecipeError

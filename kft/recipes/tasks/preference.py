@@ -6,14 +6,14 @@ import os
 import numpy as np
 
 from kft import data as kft_data
-from kft.lora import load_adapter
-from kft.preference import PreferenceCausalLM
-from kft.preference_data import wordnet_preference_pairs
+from kft.data.preference import wordnet_preference_pairs
+from kft.data.sft import read_records
+from kft.lora.io import load_adapter
+from kft.preference.model import PreferenceCausalLM
 from kft.recipes import builders
 from kft.recipes.errors import RecipeError
 from kft.recipes.preference_config import PREFERENCE_LOSSES
 from kft.recipes.tasks.causal_lm import CausalLMSFT
-from kft.sft import read_records
 
 __all__ = ["PreferenceTuning", "evaluate_preference"]
 
@@ -127,9 +127,9 @@ class PreferenceTuning(CausalLMSFT):
             run.before = evaluate_preference(run.model, run.bundle.val)
 
     def finalize(self, run):
-        from kft import report
         from kft.recipes.causal import variable_bytes
         from kft.recipes.checkpoint import read_history
+        from kft.training import report
 
         saved = self._save(run)
         rows = read_history(run.path("history.csv"))
