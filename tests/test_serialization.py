@@ -492,7 +492,7 @@ CASES = {
 }
 # Registered but never instantiated, so there is nothing to round-trip:
 # `LoRAContainer` is only the loader that `load_model` calls for a
-# keras-hub backbone saved with LoRA layers inside (tests/test_lora.py
+# keras-hub backbone saved with LoRA layers inside (tests/lora/test_lora.py
 # reloads such backbones).
 NOT_INSTANTIATED = {"kft>LoRAContainer"}
 

@@ -1,7 +1,7 @@
 """keras.distribution on JAX, on 4 host CPU devices: run by
 test_keras_distribution.py as `KERAS_BACKEND=jax
 XLA_FLAGS=--xla_force_host_platform_device_count=4 pytest
-tests/jax_distribution_subset.py` (not collected otherwise).
+tests/distribute/jax_distribution_subset.py` (not collected otherwise).
 
 The training tests train the same model twice from the same weights, on
 one device and distributed, and compare the numbers; the last runs a

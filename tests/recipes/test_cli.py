@@ -129,7 +129,7 @@ def _smollm2_ready():
 
 # One `--smoke` run per kind of packaged recipe (CI's time budget, see
 # CONTRIBUTING.md): the cheapest recipe of each kind stands for the others,
-# which tests/test_recipes.py validates without training. A new kind of
+# which tests/recipes/test_recipes.py validates without training. A new kind of
 # recipe needs its entry here (test_every_recipe_kind_has_a_smoke_run).
 SMOKE_RECIPES = {
     "image": "flowers_mobilenet_v2",
