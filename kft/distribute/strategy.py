@@ -1,18 +1,6 @@
-"""Multi-device training on the engines that exist: `tf.distribute` on
-TensorFlow, `keras.distribution` on JAX (`data_parallel`,
-`model_parallel`: `kft.distribute`, re-exported here).
-
-kft builds no distribution of its own. A recipe's `distribution:` (or
-`fine_tune(..., strategy=)`) names a TensorFlow strategy; the model,
-optimizers (per-group ones included), LoRA layers and unfreezing all live
-in its scope. The data's batch size is the global batch, split across
-replicas; learning rates are used as given.
-
-`multi_worker` trains one replica set per process, the cluster given by
-`TF_CONFIG`. A worker whose peer dies fails within seconds (TensorFlow's
-coordination service misses the peer's heartbeats, or its connection
-drops); `KFT_COLLECTIVE_TIMEOUT` (seconds, off by default) also bounds a
-collective whose peer is alive but stuck.
+"""`tf.distribute` strategies by name (`none`, `mirrored`,
+`multi_worker`, `tpu`), and the collective timeout a `multi_worker` run
+keeps (`KFT_COLLECTIVE_TIMEOUT`); see `kft.distribute`.
 """
 
 import os

@@ -46,20 +46,13 @@ class HeadConfig(Strict):
     dropout: float = 0.0
     batch_norm: bool = False
 
-    @pydantic.field_validator("kind")
+    @pydantic.field_validator("kind", "pooling")
     @classmethod
-    def _known_kind(cls, value):
-        if value not in HEAD_KINDS:
-            raise ValueError(f"Unknown head kind. Expected one of {HEAD_KINDS}. "
-                             f"Received: kind={value!r}")
-        return value
-
-    @pydantic.field_validator("pooling")
-    @classmethod
-    def _known_pooling(cls, value):
-        if value not in POOLINGS:
-            raise ValueError(f"Unknown pooling. Expected one of {POOLINGS}. "
-                             f"Received: pooling={value!r}")
+    def _known_name(cls, value, info):
+        allowed = {"kind": HEAD_KINDS, "pooling": POOLINGS}[info.field_name]
+        if value not in allowed:
+            raise ValueError(f"Unknown head {info.field_name}. Expected one of "
+                             f"{allowed}. Received: {info.field_name}={value!r}")
         return value
 
     @pydantic.field_validator("hidden", mode="before")
