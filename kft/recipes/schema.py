@@ -27,6 +27,9 @@ from kft.recipes.rl_config import RL_SOURCES
 from kft.recipes.rl_config import RLConfig
 from kft.recipes.rl_config import check_rl
 from kft.recipes.search import Distribution
+from kft.recipes.vision_config import VISION_SOURCES
+from kft.recipes.vision_config import VisionConfig
+from kft.recipes.vision_config import check_vision
 from kft.training.stages import Stage
 from kft.training.stages import policy_stages
 from kft.utils.validation import Strict
@@ -39,7 +42,7 @@ TEXT_SOURCES = ("text_file", "fortunes")
 SFT_SOURCES = ("sft_file", "wordnet_glosses")
 AUDIO_SOURCES = ("audio_folder", "espeak_words")
 DATA_SOURCES = (IMAGE_SOURCES + TEXT_SOURCES + SFT_SOURCES + PREFERENCE_SOURCES
-                + RL_SOURCES + AUDIO_SOURCES)
+                + RL_SOURCES + AUDIO_SOURCES + VISION_SOURCES)
 # espeak_words' keys, and their defaults (kft.data.speech: no TensorFlow).
 _ESPEAK_KEYS = {"words": SPEECH_COMMANDS, "voices": TRAIN_VOICES,
                 "val_voices": VAL_VOICES, "speeds": SPEEDS, "pitches": PITCHES}
@@ -184,7 +187,8 @@ class DataConfig(Strict):
     source: Literal["builtin", "numpy", "image_folder", "tfds", "text_file",
                     "fortunes", "sft_file", "wordnet_glosses", "preference_file",
                     "wordnet_pairs", "prompt_file", "arithmetic", "audio_folder",
-                    "espeak_words"]
+                    "espeak_words", "fashion_scenes", "coco", "voc", "yolo",
+                    "mask_folder"]
     name: str | None = None
     path: str | None = None
     data_dir: str | None = None
@@ -224,7 +228,8 @@ class DataConfig(Strict):
                  "wordnet_glosses": None, "preference_file": "path",
                  "wordnet_pairs": None, "prompt_file": "path",
                  "arithmetic": None, "audio_folder": "path",
-                 "espeak_words": None}[self.source]
+                 "espeak_words": None, "fashion_scenes": None, "coco": "path",
+                 "voc": "path", "yolo": "path", "mask_folder": "path"}[self.source]
         if needs and getattr(self, needs) is None:
             raise ValueError(f"source {self.source!r} needs data.{needs}")
         return self
@@ -423,11 +428,17 @@ class RecipeConfig(Strict):
     prompt_tuning: PromptTuningConfig | None = None
     generate: GenerateConfig | None = None
     preference: PreferenceConfig | None = None
+    vision: VisionConfig | None = None
     rl: RLConfig | None = None
     policy: PolicyConfig | None = None
     stages: list[Stage] = Field(default=[], validate_default=True)
     # What `kft tune` searches; runs ignore it.
     search: SearchConfig | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _vision_needs(self):
+        check_vision(self)
+        return self
 
     @pydantic.model_validator(mode="after")
     def _audio_needs(self):

@@ -13,7 +13,8 @@ import io
 import keras
 import numpy as np
 
-__all__ = ["DetectionMetrics", "coco_map", "mean_iou", "predict_detections"]
+__all__ = ["DetectionMetrics", "coco_map", "mean_iou", "predict_detections",
+           "predict_padded"]
 
 
 def _coco():
@@ -56,7 +57,8 @@ def _detections(predictions):
             predictions["confidence"])):
         n = int(counts[i]) if counts is not None else len(labels)
         for box, label, score in zip(boxes[:n], labels[:n], scores[:n]):
-            if label < 0:
+            # An untrained head can decode to inf / NaN boxes: not detections.
+            if label < 0 or not np.all(np.isfinite(box)):
                 continue
             rows.append([i, *_xywh(box), float(score), int(label)])
     return np.array(rows, "float64").reshape(-1, 7)
@@ -104,7 +106,9 @@ def predict_detections(model, data):
         data: a batched dataset of `(images, {"boxes", "labels"})`.
     """
     truth = {"boxes": [], "labels": []}
-    for _, targets in data:
+    images = []
+    for batch, targets in data:
+        images.append(np.asarray(batch))
         for key in truth:
             truth[key].append(np.asarray(targets[key]))
     width = max(b.shape[1] for b in truth["boxes"])
@@ -114,9 +118,26 @@ def predict_detections(model, data):
         return np.pad(array, extra, constant_values=-1)
 
     truth = {k: np.concatenate([pad(a) for a in v]) for k, v in truth.items()}
+    found = predict_padded(model, np.concatenate(images), len(images[0]))
+    return truth, found
+
+
+def predict_padded(model, images, batch_size):
+    """`model.predict` in batches of exactly `batch_size` (the last one
+    padded, its extra outputs dropped).
+
+    keras-hub's non-max suppression needs a static batch size, and Keras'
+    predict function relaxes its input shape to `None` once it sees a
+    second batch size (a short last batch): then it fails.
+    """
+    count = len(images)
+    extra = (-count) % batch_size
+    if extra:
+        padding = np.zeros((extra, *images.shape[1:]), images.dtype)
+        images = np.concatenate([images, padding])
     # keras-hub's predict runs the preprocessor and decodes (NMS).
-    found = model.predict(data.map(lambda images, _: images), verbose=0)
-    return truth, {k: np.asarray(v) for k, v in found.items()}
+    found = model.predict(images, batch_size=batch_size, verbose=0)
+    return keras.tree.map_structure(lambda v: np.asarray(v)[:count], found)
 
 
 def mean_iou(masks, predicted, num_classes):

@@ -29,6 +29,9 @@ _BUILTIN = {
     "causal_lm_sft": "kft.recipes.tasks.causal_lm:CausalLMSFT",
     "audio_classification": "kft.recipes.tasks.classification:AudioClassification",
     "text_classification": "kft.recipes.tasks.classification:TextClassification",
+    # Before image_classification, which would claim a vision: recipe's preset.
+    "object_detection": "kft.recipes.tasks.vision:ObjectDetection",
+    "semantic_segmentation": "kft.recipes.tasks.vision:SemanticSegmentation",
     "image_classification": "kft.recipes.tasks.classification:ImageClassification",
     "causal_lm_preference": "kft.recipes.tasks.preference:PreferenceTuning",
 }
