@@ -164,7 +164,8 @@ def _epoch(model, prompts, steps, callback_list, epoch):
     means = _Means()
     for batch in range(steps):
         callback_list.on_train_batch_begin(batch)
-        step = int(model.optimizer.iterations.numpy()) // model.num_iterations
+        iterations = keras.ops.convert_to_numpy(model.optimizer.iterations)
+        step = int(iterations) // model.num_iterations
         logs, samples = rl_step(model, prompts.batch(step), step)
         _write_samples(model.samples_path, samples)
         means.add(logs)
