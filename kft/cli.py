@@ -171,6 +171,10 @@ def _add_tune(sub):
                       help="a database URL several workers share (e.g. "
                            "postgresql://user@host/db); default: SQLite in "
                            "the study directory")
+    tune.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
+                      help="with --storage: seconds between a worker's signs "
+                           "of life; a trial whose worker missed three runs "
+                           "again (default: 60)")
     tune.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY.PATH=VALUE")
     tune.add_argument("--show", action="store_true",
@@ -285,7 +289,8 @@ def _cmd_tune(args):
         return
     result = tune(args.recipe, args.trials, output_dir=args.output_dir,
                   storage=args.storage, resume=args.resume,
-                  overrides=args.overrides, verbose=not args.quiet)
+                  overrides=args.overrides, verbose=not args.quiet,
+                  heartbeat=args.heartbeat)
     print(show(result["study_dir"]))
     print(f"Wrote {result['study_dir']}/: {', '.join(result['files'])}")
 
