@@ -152,7 +152,9 @@ class PackagedWeights:
 
     @property
     def path(self):
-        return os.path.join(os.path.dirname(__file__), "assets", self.filename)
+        # kft/assets/, beside the packages (package data of `kft`).
+        package = os.path.dirname(os.path.dirname(__file__))
+        return os.path.join(package, "assets", self.filename)
 
 
 _REGISTRY = {}
