@@ -95,7 +95,9 @@ def build_detector(
     image_size=(256, 256),
     levels=(3, 7),
     head_conv_layers=4,
+    head_norm=True,
     anchor_size=4.0,
+    confidence_threshold=0.05,
     bn="frozen",
     image_converter=None,
     bounding_box_format="yxyx",
@@ -122,10 +124,21 @@ def build_detector(
             above the encoder's last come from extra convolutions.
         head_conv_layers: convolutions (256 filters) in each prediction
             head before its output; keras-hub's default is 4.
+        head_norm: batch normalization in the feature pyramid and group
+            normalization in the prediction heads (keras-hub's
+            `use_fpn_batch_norm` / `use_prediction_head_norm`). An
+            EfficientNet's last level is its 1280-channel top
+            convolution: without normalization the fresh heads start with
+            logits in the hundreds and Adam takes hundreds of steps to
+            recover.
         anchor_size: anchors at level `l` have side `anchor_size * 2**l`
             pixels (times 1, 2^(1/3), 2^(2/3); aspect ratios 1/2, 1, 2).
             With the default 4, level 3 anchors are 32 pixels: lower it
             for smaller objects (a box matches an anchor at IoU >= 0.5).
+        confidence_threshold: `predict` keeps detections scoring at least
+            this (before non-max suppression at IoU 0.5, up to 100 per
+            image). 0.05, as COCO evaluations use; keras-hub's default 0.5
+            hides a young detector's boxes from mAP.
         bn: `"frozen"` or `"train"`, as in `kft.build_classifier`.
         image_converter: a `keras_hub.layers.RetinaNetImageConverter`;
             default: the preset's scale and offset (1/255 without one).
@@ -151,7 +164,7 @@ def build_detector(
     freeze(spec.encoder)
     pyramid = keras_hub.models.RetinaNetBackbone(
         image_encoder=spec.encoder, min_level=levels[0], max_level=levels[1],
-        use_p5=True, image_shape=(*size, 3))
+        use_p5=True, use_fpn_batch_norm=bool(head_norm), image_shape=(*size, 3))
     converter = image_converter or keras_hub.layers.RetinaNetImageConverter(
         image_size=size, scale=spec.scale if spec.scale is not None else 1 / 255,
         offset=spec.offset, bounding_box_format=bounding_box_format)
@@ -160,6 +173,9 @@ def build_detector(
     anchors = keras_hub.layers.AnchorGenerator(
         bounding_box_format, min_level=levels[0], max_level=levels[1],
         num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=anchor_size)
+    decoder = keras_hub.layers.NonMaxSuppression(
+        bounding_box_format, from_logits=True, iou_threshold=0.5,
+        confidence_threshold=float(confidence_threshold), max_detections=100)
 
     # === Config ===
     anatomy = Anatomy(task="object_detector", backbone=ENCODER_NAME,
@@ -170,5 +186,7 @@ def build_detector(
     return Detector(
         backbone=pyramid, num_classes=num_classes, preprocessor=preprocessor,
         bounding_box_format=bounding_box_format, anchor_generator=anchors,
-        pre_logits_num_conv_layers=int(head_conv_layers), anatomy=anatomy,
+        prediction_decoder=decoder,
+        pre_logits_num_conv_layers=int(head_conv_layers),
+        use_prediction_head_norm=bool(head_norm), anatomy=anatomy,
         name=name or f"{type(spec.encoder).__name__.lower()}_detector")
