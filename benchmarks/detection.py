@@ -44,7 +44,7 @@ from kft.vision.metrics import mean_iou
 from kft.vision.metrics import predict_detections
 
 LITE0 = "efficientnet_lite0_imagenet"
-POINTWISE = r"block\d+[a-z]_(expand|project)_conv"
+POINTWISE = r"block\d+[a-z]_(expand_conv|project)"
 METHODS = ("scratch", "head", "gradual", "full", "lora")
 
 

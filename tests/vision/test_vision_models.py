@@ -172,3 +172,26 @@ def test_an_encoder_without_a_pyramid_is_refused_with_a_sentence():
 def test_bad_detector_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_detector(tiny_encoder(), image_size=(SIZE, SIZE), **kwargs)
+
+
+def test_lora_on_the_encoder_trains_adapters_and_heads_and_reloads(scenes, tmp_path):
+    import re
+
+    model = _detector()
+    head = [f"^{re.escape(layer.name)}$"
+            for layer in kft.anatomy.head_layers(model)]
+    adapted = kft.lora.apply_lora(model, targets=[r"block\d+[a-z]_project"],
+                                  rank=2, trainable=head)
+    assert adapted == 4  # one projection per MBConv block
+    data = detection_dataset(scenes, image_size=(SIZE, SIZE), batch_size=4)
+    before = _snapshot(model)
+    kft.fine_tune(model, data, stages=[
+        {"epochs": 1, "trainable": "keep", "learning_rate": 1e-2}], verbose=0)
+    moved = _moved(model, before, _encoder(model).weights)
+    assert moved and all("lora_" in path for path in moved), moved
+    path = tmp_path / "lora.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    x = model.preprocessor(scenes["images"][:2].astype("float32"))
+    for a, b in zip(keras.tree.flatten(model(x)), keras.tree.flatten(loaded(x))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
