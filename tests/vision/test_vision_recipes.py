@@ -157,3 +157,19 @@ def test_the_schema_names_what_the_library_takes():
         DataConfig.model_fields["source"].annotation))
     fields = {f.name for f in dataclasses.fields(BoxAugmentation) if f.init}
     assert set(BoxAugmentationConfig.model_fields) <= fields
+
+
+@pytest.mark.parametrize("method", ["head", "full", "gradual", "discriminative",
+                                    "lora"])
+def test_kft_compare_methods_make_valid_vision_recipes(method):
+    from kft.recipes.loader import resolved
+    from kft.recipes.schema import RecipeConfig
+    from kft.recipes.tasks.base import task_for
+
+    config = load_recipe("detect_fashion_lite0")
+    task = task_for(config)
+    base = resolved(config)
+    changes, reason = task.method_changes(method, 4, base)
+    assert changes is not None, reason
+    derived = RecipeConfig.model_validate({**base, **changes})
+    assert task_for(derived) is task
