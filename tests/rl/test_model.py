@@ -29,16 +29,21 @@ def _lora_lm(seed=0):
 
 
 def _fixed_rollouts():
-    """One prompt (3 tokens) and four different 4-token completions."""
-    token_ids = np.zeros((4, 10), "int32")
-    token_ids[:, :3] = [265, 72, 105]
-    token_ids[:, 3:7] = [[97, 98, 99, 100], [101, 102, 103, 104],
-                         [110, 111, 112, 113], [120, 121, 122, 123]]
-    prompt = np.zeros((4, 10), bool)
+    """Two prompts (3 tokens each), each with four different 4-token
+    completions."""
+    token_ids = np.zeros((8, 10), "int32")
+    token_ids[:4, :3] = [265, 72, 105]
+    token_ids[4:, :3] = [265, 80, 81]
+    completions = [[97, 98, 99, 100], [101, 102, 103, 104],
+                   [110, 111, 112, 113], [120, 121, 122, 123]]
+    token_ids[:4, 3:7] = completions
+    token_ids[4:, 3:7] = completions[::-1]
+    prompt = np.zeros((8, 10), bool)
     prompt[:, :3] = True
-    completion = np.zeros((4, 10), bool)
+    completion = np.zeros((8, 10), bool)
     completion[:, 3:7] = True
-    return Rollouts(token_ids, prompt, completion, [""] * 4, np.zeros(4, "int32"))
+    return Rollouts(token_ids, prompt, completion, [""] * 8,
+                    np.repeat([0, 1], 4))
 
 
 def _sequence_logps(model, x):
@@ -50,7 +55,12 @@ def test_one_rewarded_completion_rises_and_the_others_fall():
     model = RLCausalLM(lm, rewards=lambda p, c, **k: [0.0] * len(c),
                        rollout=ROLLOUT, beta=0.04, num_iterations=2)
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
-    x = _fixed_rollouts().training_inputs(group_advantages([1, 0, 0, 0], 4))
+    # One completion per group earns the reward: the first of group 1, the
+    # third of group 2.
+    rewarded = [0, 6]
+    rewards = np.zeros(8)
+    rewards[rewarded] = 1.0
+    x = _fixed_rollouts().training_inputs(group_advantages(rewards, 4))
     before = _sequence_logps(model, x)
     x.update(model.predict_on_batch(x))
     assert set(x) >= {"old_logps", "ref_logps"}
@@ -60,8 +70,9 @@ def test_one_rewarded_completion_rises_and_the_others_fall():
     for _ in range(8):
         logs = model.train_on_batch(x, return_dict=True)
     after = _sequence_logps(model, x)
-    assert after[0] > before[0] + 0.5
-    assert np.all(after[1:] < before[1:])
+    others = [i for i in range(8) if i not in rewarded]
+    assert np.all(after[rewarded] > before[rewarded] + 0.5)
+    assert np.all(after[others] < before[others])
     assert logs["kl"] > 0 and 0 <= logs["clip_fraction"] <= 1
     # Only the adapters moved; the reference (adapters off) did not.
     for old, variable in zip(base, [v for v in lm.weights if "lora" not in v.path]):
