@@ -87,6 +87,19 @@ def _check(num_classes, bn, levels):
                          f"2 <= min_level <= max_level. Received: levels={levels}")
 
 
+def _anchors_and_decoder(bounding_box_format, levels, anchor_size,
+                         confidence_threshold):
+    """keras-hub's anchor generator (3 scales, aspect ratios 1/2, 1, 2) and
+    non-max suppression (IoU 0.5, up to 100 boxes)."""
+    anchors = keras_hub.layers.AnchorGenerator(
+        bounding_box_format, min_level=levels[0], max_level=levels[1],
+        num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=anchor_size)
+    decoder = keras_hub.layers.NonMaxSuppression(
+        bounding_box_format, from_logits=True, iou_threshold=0.5,
+        confidence_threshold=float(confidence_threshold), max_detections=100)
+    return anchors, decoder
+
+
 def build_detector(
     backbone,
     num_classes,
@@ -124,21 +137,17 @@ def build_detector(
             above the encoder's last come from extra convolutions.
         head_conv_layers: convolutions (256 filters) in each prediction
             head before its output; keras-hub's default is 4.
-        head_norm: batch normalization in the feature pyramid and group
-            normalization in the prediction heads (keras-hub's
-            `use_fpn_batch_norm` / `use_prediction_head_norm`). An
-            EfficientNet's last level is its 1280-channel top
-            convolution: without normalization the fresh heads start with
-            logits in the hundreds and Adam takes hundreds of steps to
-            recover.
+        head_norm: batch norm in the feature pyramid, group norm in the
+            heads (keras-hub's `use_fpn_batch_norm`,
+            `use_prediction_head_norm`). Without them, fresh heads on an
+            EfficientNet's 1280-channel top level start at a loss near 900.
         anchor_size: anchors at level `l` have side `anchor_size * 2**l`
             pixels (times 1, 2^(1/3), 2^(2/3); aspect ratios 1/2, 1, 2).
             With the default 4, level 3 anchors are 32 pixels: lower it
             for smaller objects (a box matches an anchor at IoU >= 0.5).
         confidence_threshold: `predict` keeps detections scoring at least
-            this (before non-max suppression at IoU 0.5, up to 100 per
-            image). 0.05, as COCO evaluations use; keras-hub's default 0.5
-            hides a young detector's boxes from mAP.
+            this (COCO evaluations use 0.05; keras-hub's default 0.5 hides
+            a young detector's boxes from mAP).
         bn: `"frozen"` or `"train"`, as in `kft.build_classifier`.
         image_converter: a `keras_hub.layers.RetinaNetImageConverter`;
             default: the preset's scale and offset (1/255 without one).
@@ -170,12 +179,8 @@ def build_detector(
         offset=spec.offset, bounding_box_format=bounding_box_format)
     preprocessor = keras_hub.models.RetinaNetObjectDetectorPreprocessor(
         image_converter=converter)
-    anchors = keras_hub.layers.AnchorGenerator(
-        bounding_box_format, min_level=levels[0], max_level=levels[1],
-        num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=anchor_size)
-    decoder = keras_hub.layers.NonMaxSuppression(
-        bounding_box_format, from_logits=True, iou_threshold=0.5,
-        confidence_threshold=float(confidence_threshold), max_detections=100)
+    anchors, decoder = _anchors_and_decoder(
+        bounding_box_format, levels, anchor_size, confidence_threshold)
 
     # === Config ===
     anatomy = Anatomy(task="object_detector", backbone=ENCODER_NAME,
