@@ -137,3 +137,24 @@ def test_plan_memory_is_within_15_percent_of_xla(method):
                       for x in jax.tree_util.tree_leaves(state))
     counted = plan.weights + plan.adapters + plan.optimizer_state
     assert counted == pytest.approx(state_bytes, rel=1e-3)
+
+
+def test_grpo_with_lora_trains_only_adapters_and_logs_its_metrics():
+    from llm_fixtures import tiny_causal_lm
+
+    lm = tiny_causal_lm(sequence_length=32)
+    kft.lora.apply_lora(lm, targets="all-linear", rank=4, alpha=8)
+    records = [{"prompt": f"{a}+{b}="} for a in range(3) for b in range(3)]
+    model = kft.rl.RLCausalLM(
+        lm, [lambda p, c, **k: [1.0 / (1 + len(x)) for x in c]],
+        rollout=kft.rl.RolloutConfig(num_generations=4, max_new_tokens=4,
+                                     max_prompt_length=8),
+        beta=0.04, num_iterations=2)  # reference and old log-probs: score()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    before = {w.path: np.array(w) for w in lm.weights}
+    history = model.fit(kft.rl.PromptDataset(records, batch_size=2), epochs=1,
+                        steps_per_epoch=2, verbose=0)
+    assert {"loss", "reward", "kl", "clip_fraction"} <= set(history.history)
+    changed = {w.path for w in lm.weights
+               if not np.array_equal(before[w.path], np.asarray(w))}
+    assert changed and all("lora" in path for path in changed)

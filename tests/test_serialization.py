@@ -243,7 +243,7 @@ def case_rl_causal_lm(tmp_path):
     ids = np.array([[1, 5, 7, 9, 3], [1, 6, 8, 0, 0]], "int32")
     x = {"token_ids": ids[:, :-1], "padding_mask": ids[:, :-1] > 0,
          "targets": ids[:, 1:]}
-    expected = model.predict_on_batch(x)["old_logps"]  # at temperature 0.7
+    expected = model.score(x)["old_logps"]  # at temperature 0.7
     path = tmp_path / "rl.keras"
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
@@ -251,7 +251,7 @@ def case_rl_causal_lm(tmp_path):
     assert (loaded.loss_type, loaded.advantage, loaded.epsilon_high,
             loaded.num_iterations, loaded.rollout) == ("dapo", "rloo", 0.28, 2,
                                                        rollout)
-    _close(loaded.predict_on_batch(x)["old_logps"], expected)
+    _close(loaded.score(x)["old_logps"], expected)
 
 
 def _vision_case(build, tmp_path):

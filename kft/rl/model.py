@@ -24,6 +24,7 @@ the training loop is `kft.rl.trainer`.
 import keras
 from keras import ops
 
+from kft.backbones.anatomy import Anatomy
 from kft.lora import disable_adapters
 from kft.lora import enable_adapters
 from kft.lora import lora_layers
@@ -62,6 +63,42 @@ def _check(loss_type, advantage, beta, num_iterations, lm):
             "beta > 0 penalises the KL to the reference, the model with its "
             "LoRA adapters switched off, and this model has none: apply LoRA "
             "first (kft.lora.apply_lora) or set beta=0.")
+
+
+class _Untracked:
+    """Holds the scorer out of Keras' tracking: it shares `lm`, whose
+    weights are the model's own (saved once, under `lm`)."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+class _Scorer(keras.Model):
+    """The log-probabilities a batch of rollouts needs before its updates,
+    as a model of its own: Keras' `predict_on_batch` compiles its `call`
+    on every backend (a `predict_step` override would be backend-specific)."""
+
+    def __init__(self, lm, needs, temperature):
+        super().__init__(name=f"{lm.name}_scorer")
+        self.lm, self.needs, self.temperature = lm, needs, temperature
+
+    def _logps(self, x):
+        logits = self.lm({"token_ids": x["token_ids"],
+                          "padding_mask": x["padding_mask"]}, training=False)
+        return ops.stop_gradient(token_logps(logits, x["targets"],
+                                             self.temperature))
+
+    def call(self, x):
+        out = {}
+        if self.needs["old_logps"]:
+            out["old_logps"] = self._logps(x)
+        if self.needs["ref_logps"]:
+            # The same weights with every adapter's flag at 0: assigned
+            # inside the traced step, in order, so nothing retraces.
+            disable_adapters(self.lm)
+            out["ref_logps"] = self._logps(x)
+            enable_adapters(self.lm)
+        return out
 
 
 @keras.saving.register_keras_serializable(package="kft")
@@ -123,7 +160,9 @@ class RLCausalLM(keras.Model):
         self.epsilon_high = None if epsilon_high is None else float(epsilon_high)
         self.num_iterations, self.seed = num_iterations, int(seed)
         self.samples_path = None  # a JSON-lines file the trainer appends to
-        self._generators = {}
+        self._generators, self._scorer = {}, None
+        self.anatomy = Anatomy(task="causal_lm", backbone=lm.backbone.name,
+                               family=type(lm.backbone).__name__, logits=True)
         self.kl_tracker = keras.metrics.Mean(name="kl")
         self.clip_tracker = keras.metrics.Mean(name="clip_fraction")
 
@@ -157,20 +196,16 @@ class RLCausalLM(keras.Model):
         """Which log-probabilities a batch needs before its updates."""
         return {"old_logps": self.num_iterations > 1, "ref_logps": self.beta > 0}
 
-    def predict_step(self, data):
+    def score(self, x):
         """`{"old_logps", "ref_logps"}` (as `needs_logps` says) of a batch of
-        rollouts: the policy's, and the reference's (adapters off)."""
-        x = keras.utils.unpack_x_y_sample_weight(data)[0]
-        needs, out = self.needs_logps(), {}
-        if needs["old_logps"]:
-            out["old_logps"] = self._logps(x)
-        if needs["ref_logps"]:
-            # The same weights with every adapter's flag at 0: assigned
-            # inside the traced step, in order, so nothing retraces.
-            disable_adapters(self.lm)
-            out["ref_logps"] = self._logps(x)
-            enable_adapters(self.lm)
-        return out
+        rollouts (`token_ids`, `padding_mask`, `targets`): the sampling
+        policy's per-token log-probabilities and the reference's (the
+        adapters off), in one compiled pass without gradients."""
+        if self._scorer is None:
+            self._scorer = _Untracked(_Scorer(self.lm, self.needs_logps(),
+                                              self.rollout.temperature))
+        inputs = {k: x[k] for k in ("token_ids", "padding_mask", "targets")}
+        return self._scorer.model.predict_on_batch(inputs)
 
     # === Loss ===
 
@@ -178,7 +213,7 @@ class RLCausalLM(keras.Model):
                      training=True):
         """The policy loss of a batch of rollouts (`x`: tokens, `targets`,
         `completion_mask`, `advantages`, and the log-probabilities
-        `predict_step` gave); updates `kl` and `clip_fraction`."""
+        `score` gave); updates `kl` and `clip_fraction`."""
         logps = token_logps(y_pred, x["targets"], self.rollout.temperature)
         old = x["old_logps"] if "old_logps" in x else ops.stop_gradient(logps)
         loss, stats = policy_loss(

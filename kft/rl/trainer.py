@@ -75,7 +75,7 @@ def rl_step(model, records, step):
     x = rollouts.training_inputs(advantages)
     scored = time.perf_counter()
     if any(model.needs_logps().values()):
-        x.update(model.predict_on_batch(x))
+        x.update(model.score(x))
     logged = time.perf_counter()
     for _ in range(model.num_iterations):
         logs = model.train_on_batch(x, return_dict=True)

@@ -62,7 +62,7 @@ def test_one_rewarded_completion_rises_and_the_others_fall():
     rewards[rewarded] = 1.0
     x = _fixed_rollouts().training_inputs(group_advantages(rewards, 4))
     before = _sequence_logps(model, x)
-    x.update(model.predict_on_batch(x))
+    x.update(model.score(x))
     assert set(x) >= {"old_logps", "ref_logps"}
     # Adapters start at zero: policy = reference = sampling policy.
     np.testing.assert_allclose(x["ref_logps"], x["old_logps"], atol=1e-5)
@@ -77,7 +77,7 @@ def test_one_rewarded_completion_rises_and_the_others_fall():
     # Only the adapters moved; the reference (adapters off) did not.
     for old, variable in zip(base, [v for v in lm.weights if "lora" not in v.path]):
         np.testing.assert_array_equal(old, variable.numpy())
-    np.testing.assert_allclose(model.predict_on_batch(x)["ref_logps"],
+    np.testing.assert_allclose(model.score(x)["ref_logps"],
                                x["ref_logps"], atol=1e-5)
 
 
