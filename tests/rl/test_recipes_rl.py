@@ -119,7 +119,7 @@ def test_a_reward_that_raises_is_named_and_the_last_checkpoint_stays(
 
 
 # Runs `kft run` in a fresh process, SIGKILLed after global training step
-# KILL_AT if given (as tests/test_resume.py does).
+# KILL_AT if given (as tests/recipes/test_resume.py does).
 RUNNER = """
 import os, signal, sys
 from kft.recipes import checkpoint
