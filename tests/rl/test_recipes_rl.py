@@ -87,6 +87,31 @@ def test_grpo_recipe_reports_held_out_reward_before_and_after(tmp_path,
     model = task.load_run(run_dir, config)
     assert task.evaluate_run(run_dir, config, model)["reward"] == pytest.approx(
         after["reward"])
+    # kft eval --data: other prompts, scored by the recipe's rewards.
+    (tmp_path / "other.jsonl").write_text(
+        json.dumps({"prompt": "9+9=", "answer": "18"}) + "\n")
+    other = task.evaluate_run(run_dir, config, model, str(tmp_path / "other.jsonl"))
+    assert set(other) >= {"reward", "reward_length", "reward_exact_answer"}
+
+
+def test_arithmetic_prompts_are_rendered_with_the_chat_template(tmp_path,
+                                                                checkpoint):
+    from llm_fixtures import CHAT_TEMPLATE
+
+    from kft.recipes.tasks.rl import rl_prompts
+
+    path = _recipe(tmp_path, checkpoint, rl={"chat": True}, data={
+        "source": "arithmetic", "max_examples": 20, "validation_split": 0.25})
+    config = load_recipe(path)
+    lm = tiny_causal_lm(sequence_length=32, chat_template=CHAT_TEMPLATE)
+    train, held_out = rl_prompts(config, lm)
+    assert (len(train), len(held_out)) == (15, 5)
+    assert not {r["question"] for r in train} & {r["question"] for r in held_out}
+    record = train[0]
+    assert record["prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert record["question"] in record["prompt"]
+    a, b = map(int, record["question"][len("What is "):].split("?")[0].split(" + "))
+    assert record["answer"] == str(a + b)
 
 
 def test_a_reward_that_raises_is_named_and_the_last_checkpoint_stays(
