@@ -95,9 +95,13 @@ def toy_plugin(tmp_path, monkeypatch):
 
 
 def test_the_built_in_tasks_claim_recipes_by_their_model_section():
-    assert registered_tasks()[:4] == ["causal_lm_sft", "audio_classification",
-                                      "text_classification",
-                                      "image_classification"]
+    assert registered_tasks()[:7] == [
+        "causal_lm_rl", "causal_lm_sft", "audio_classification",
+        "text_classification", "object_detection", "semantic_segmentation",
+        "image_classification"]
+    assert task_for(load_recipe("detect_fashion_lite0")).name == "object_detection"
+    assert task_for(load_recipe("segment_fashion_lite0")).name == \
+        "semantic_segmentation"
     assert task_for(load_recipe("quickstart")).name == "image_classification"
     assert task_for(load_recipe("fortunes_minilm_lora")).name == \
         "text_classification"
