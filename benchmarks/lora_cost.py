@@ -67,14 +67,25 @@ variant here trains with:
     state arrays         822        1,748        1,538     2.127            1.137
     matmuls              813        1,856        1,439     2.283            1.290
 
+Then adapters that read one input computed together (`kft.lora.shared`:
+q / k / v and gate / up, `x @ concat(A)` as one matmul, the `B` side of
+members of one shape as one batched matmul, the member axis leading):
+
+                        full     kft_lora  enable_lora  kft/full  kft/enable_lora
+    flops (T)         3.7791       2.7342       3.5409     0.724            0.772
+    bytes accessed (GB) 124.71     125.79       115.02     1.009            1.094
+    temporary (GB)   15.9335      14.9925      14.5783     0.941            1.028
+    state arrays         822        1,748        1,538     2.127            1.137
+    matmuls              813        1,408        1,439     1.732            0.978
+
 Issue 24's six ratios (goal; before -> now):
 
-    flops, kft / full                  (keep)     0.724 -> 0.723
-    bytes accessed, kft / full         <= 0.80    1.060 -> 1.008
-    bytes accessed, kft / enable_lora  <= 0.85    1.158 -> 1.093
+    flops, kft / full                  (keep)     0.724 -> 0.724
+    bytes accessed, kft / full         <= 0.80    1.060 -> 1.009
+    bytes accessed, kft / enable_lora  <= 0.85    1.158 -> 1.094
     temporary memory, kft / full       <= 0.95    1.015 -> 0.941
     state arrays, kft / enable_lora    <= 1.0     1.273 -> 1.137
-    matmuls, kft / enable_lora         <= 1.0     1.290 -> 1.290
+    matmuls, kft / enable_lora         <= 1.0     1.290 -> 0.978
 
 Rematerialisation (`--seq 4096 --batch 1 --remat --variants full,kft_lora`,
 30 layers; about 4 minutes): each transformer block keeps only its input
@@ -96,9 +107,7 @@ the recomputation back into the forward pass: 1.27x the flops and the
 same 63.5 GB; XLA:GPU removes the barriers after scheduling.)
 
 The state arrays left over are the 210 `lora_active` flags (a variable,
-so that a function traced before `merge()` sees it); the matmuls and most
-of the bytes need adapters that share an input fused into one matmul
-(issue 24 item 2).
+so that a function traced before `merge()` sees it).
 """
 
 import argparse

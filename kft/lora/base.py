@@ -253,9 +253,14 @@ class _LoRAMixin:
 
     def _update(self, x, dtype):
         """`scale * x @ A @ B` in `dtype` (the base output's), in the
-        output's layout; zero while inactive."""
+        output's layout; zero while inactive. `x @ A` comes from the
+        layer's `kft.lora.shared.SharedInput` group when it has one."""
         dtype = keras.backend.standardize_dtype(dtype)
-        return self._adapter_output(x, *self._factors(dtype))
+        group = getattr(self, "_kft_shared_input", None)
+        if group is None:
+            return self._adapter_output(x, *self._factors(dtype))
+        update = group.update(self, x, dtype)
+        return ops.reshape(update, (*ops.shape(x)[:-1], *self._output_dims))
 
     def _adapted(self, inputs, training):
         """The base output plus the (DoRA-scaled) update, before the bias

@@ -21,6 +21,7 @@ from kft.lora.initializers import KERNEL_INITS
 from kft.lora.initializers import plain_lora_weights
 from kft.lora.model import convert_layer
 from kft.lora.model import mark_containers
+from kft.lora.shared import share_inputs
 from kft.utils.safe_npz import read_npz_with_meta
 
 __all__ = ["load_adapter", "save_adapter"]
@@ -168,6 +169,7 @@ def _create_layers(model, meta):
                  config.get("use_dora", False))
     train_only(model, [by_path[p] for p in meta["layers"]])
     mark_containers(model)
+    share_inputs(model)
     retrace(model)
 
 

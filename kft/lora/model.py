@@ -30,6 +30,7 @@ from kft.lora.embedding import LoRAEmbedding
 from kft.lora.embedding import LoRAReversibleEmbedding
 from kft.lora.initializers import KERNEL_INITS
 from kft.lora.initializers import check_init
+from kft.lora.shared import share_inputs
 
 __all__ = ["LORA_TARGET_PRESETS", "apply_lora", "merge_lora"]
 
@@ -233,6 +234,7 @@ class LoRAContainer:
         for layer, flag in zip(layers, config["trainable"]):
             layer.trainable = flag
         mark_containers(model)
+        share_inputs(model)
         return model
 
 
@@ -387,6 +389,7 @@ def apply_lora(model, targets=("query", "value"), rank=8, alpha=16,
             if trainable and (_matches(layer.name, trainable))]
     train_only(model, chosen + keep)
     mark_containers(model)
+    share_inputs(model)
     retrace(model)
     return len(chosen)
 

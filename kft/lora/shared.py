@@ -1,0 +1,120 @@
+"""Adapters that read one input, computed as one matmul.
+
+Query, key and value of a self-attention layer read the same hidden
+states; so do the gate and up projections of a gated MLP. Their LoRA
+updates `x @ A_i @ B_i` start with the same `x`: `share_inputs(model)`
+groups such layers, and the first one called computes all their updates:
+`x @ concat(A_q, A_k, A_v)` as one matmul (reading `x` once instead of
+three times; in the backward pass likewise one matmul for the three `A`
+gradients and one for `x`'s), then each `B`, those of one shape as one
+batched matmul. Each layer then takes its part. The parameters, the
+adapter files and the numbers are those of separate adapters: only the
+grouping of the work changes.
+
+A layer called with another input than the group's last one (the key and
+value of a cross-attention layer read the encoder's states, the query
+the decoder's) computes the group's projection of that input instead, so
+every result stays exact. Groups are not saved: `apply_lora`,
+`load_adapter` and loading a LoRA-adapted keras-hub backbone form them,
+and a model without them computes each adapter on its own.
+"""
+
+from keras import ops
+
+from kft._keras_internals import all_layers
+from kft._keras_internals import child_layers
+from kft.lora.base import _LoRAMixin
+
+__all__ = ["SHARED_INPUTS", "SharedInput", "share_inputs"]
+
+# Sibling layer names that read one input, in keras-hub's models.
+SHARED_INPUTS = (
+    ("query", "key", "value"),  # self-attention (BERT, Llama, Gemma ...)
+    ("feedforward_gate_dense", "feedforward_intermediate_dense"),  # gated MLP
+    ("ffw_gating", "ffw_gating_2"),  # Gemma's gated MLP
+)
+
+
+class SharedInput:
+    """LoRA layers whose updates start from one input.
+
+    Their updates are computed together: `x @ concat(A_i)`, one matmul
+    reading `x` once; then the `B` side, members of equal rank and width
+    stacked into one batched matmul (`(..., g, r) x (g, r, out)`: gate and
+    up; key and value under grouped-query attention; query, key and value
+    in BERT), the others on their own.
+
+    Args:
+        layers: the LoRA layers, with one fan-in, their input's last axis
+            contracted, and no dropout.
+    """
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        self._input = self._parts = self._dtype = None
+
+    def _runs(self):
+        """Consecutive members of one `B` shape, as lists of indexes."""
+        runs = []
+        for index, layer in enumerate(self.layers):
+            if runs and tuple(self.layers[runs[-1][0]].lora_b.shape) == tuple(
+                    layer.lora_b.shape):
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        return runs
+
+    def _compute(self, x, dtype):
+        batch_shape = ops.shape(x)[:-1]
+        a = ops.concatenate(
+            [ops.cast(member.lora_a, dtype) for member in self.layers], axis=-1)
+        projected = ops.matmul(ops.reshape(ops.cast(x, dtype), (-1, a.shape[0])), a)
+        ranks = [member.adapter_rank for member in self.layers]
+        parts, start = [None] * len(self.layers), 0
+        for run in self._runs():
+            rank = ranks[run[0]]
+            bs = [self.layers[i]._factors(dtype)[1] for i in run]
+            # (g, tokens, r) x (g, r, out): the group axis leads, so each
+            # member's result is a contiguous slab (no transposes).
+            xa = ops.stack([projected[:, start + k * rank:start + (k + 1) * rank]
+                            for k in range(len(run))])
+            start += rank * len(run)
+            out = ops.matmul(xa, ops.stack(bs))
+            for offset, i in enumerate(run):
+                parts[i] = ops.reshape(out[offset], (*batch_shape, -1))
+        return parts
+
+    def update(self, layer, x, dtype):
+        """`layer`'s flat update `scale * x @ A @ B` in `dtype`, computed for
+        the whole group when `x` is not the input the group saw last."""
+        if x is not self._input or dtype != self._dtype:
+            self._parts = self._compute(x, dtype)
+            self._input, self._dtype = x, dtype
+        return self._parts[self.layers.index(layer)]
+
+
+def _groupable(layer):
+    return (isinstance(layer, _LoRAMixin) and layer.built and not layer.dropout
+            and getattr(layer, "_contracted", None) == 1)
+
+
+def share_inputs(model):
+    """Groups the LoRA layers of `model` that read one input (`SHARED_INPUTS`
+    among each layer's direct children). Returns the number of groups."""
+    for layer in all_layers(model):
+        if isinstance(layer, _LoRAMixin):
+            layer._kft_shared_input = None
+    count = 0
+    for parent in all_layers(model, include_self=True):
+        children = {child.name: child for child in child_layers(parent)}
+        for names in SHARED_INPUTS:
+            members = [children[name] for name in names
+                       if name in children and _groupable(children[name])]
+            fan_ins = {member.lora_a.shape[0] for member in members}
+            if len(members) < 2 or len(fan_ins) != 1:
+                continue
+            group = SharedInput(members)
+            for member in members:
+                member._kft_shared_input = group
+            count += 1
+    return count
