@@ -32,8 +32,9 @@ stays float when the model is quantized later.
 
 The package, by role: `config` (`LoRAConfig`), `base` (the layer mixin:
 adapters, DoRA, merge), `dense`, `conv`, `embedding` (the layers),
-`initializers`, `model` (targets, `apply_lora`, `merge_lora`),
-`adapters` (named adapters), `io` (adapter files) and `peft_families` /
+`initializers`, `model` (targets, `apply_lora`, `merge_lora`), `shared`
+(adapters that read one input computed together), `adapters` (named
+adapters), `io` (adapter files) and `peft_families` /
 `peft_save` / `peft_load` (Hugging Face PEFT's format). Add a LoRA
 variant in `base` / `initializers`, a layer type beside `dense`.
 Imports: `kft.backbones`, `kft.utils`.
