@@ -137,14 +137,17 @@ SMOKE_RECIPES = {
     "text": "fortunes_minilm_lora",
     "audio": "speech_commands_whisper_tiny",
     "causal_lm": "sft_smollm2_lora",
+    "vision": "detect_fashion_lite0",
 }
 
 
 def _recipe_kind(name):
     from kft.recipes import load_recipe
 
-    model = load_recipe(name).model
-    return ("causal_lm" if model.causal_lm is not None
+    config = load_recipe(name)
+    model = config.model
+    return ("vision" if config.vision is not None
+            else "causal_lm" if model.causal_lm is not None
             else "audio" if model.audio is not None
             else "text" if model.text is not None
             else "image_preset" if model.preset is not None else "image")

