@@ -19,9 +19,9 @@ import sys
 
 import keras
 
-import kft.families as families
 from kft._keras_internals import all_layers
 from kft._keras_internals import child_layers
+from kft.backbones import families
 
 __all__ = [
     "Anatomy",

@@ -2,7 +2,7 @@
 
 import keras
 
-import kft.backbones as backbones
+from kft.backbones import blocks as backbones
 from kft.backbones.anatomy import Anatomy
 from kft.backbones.freezing import freeze
 from kft.backbones.image_presets import IMAGE_PRESETS

@@ -11,8 +11,8 @@ import os
 import numpy as np
 
 import kft.data as kft_data
-import kft.families as families
 from kft.augment import ImageAugmentation
+from kft.backbones import families
 from kft.backbones.image_presets import PresetUnavailableError
 from kft.data.sft import read_records
 from kft.lora.model import apply_lora
@@ -140,7 +140,7 @@ def augment_training_data(train, augmentation, seed):
     import tensorflow as tf
 
     from kft.augment import AudioAugmentation
-    from kft.recipes.schema import AudioAugmentationConfig
+    from kft.recipes.data_config import AudioAugmentationConfig
 
     if isinstance(augmentation, AudioAugmentationConfig):
         return AudioAugmentation(**augmentation.model_dump(), seed=seed).map(train)

@@ -5,7 +5,7 @@ import math
 
 import keras
 
-import kft.optimizers as optimizers
+from kft.training import optimizers
 
 __all__ = ["make_optimizer", "rate_schedule", "steps_per_epoch"]
 
