@@ -36,6 +36,8 @@ STUDY_DB = "study.db"
 # HEARTBEAT_SECONDS); its running trial counts as cut after GRACE_BEATS
 # beats missed.
 HEARTBEAT_SECONDS, GRACE_BEATS = 60, 3
+# How often a worker waiting for other workers' trials looks again.
+POLL_SECONDS = 2
 
 
 def worker_name():
@@ -219,8 +221,8 @@ def finished(study):
 
 def should_stop(study, n_trials, heartbeat=None):
     """Whether a worker stops: `n_trials` finished. While the trials that
-    run elsewhere would make up the count, waits for them (every
-    `heartbeat` seconds; a stale one is failed and queued again, and this
+    run elsewhere would make up the count, waits for them (looking every
+    `POLL_SECONDS`; a stale one is failed and queued again, and this
     worker runs it)."""
     from optuna.trial import TrialState
 
@@ -230,5 +232,5 @@ def should_stop(study, n_trials, heartbeat=None):
             return True
         if heartbeat is None or done + _count(study, TrialState.RUNNING) < n_trials:
             return False
-        time.sleep(heartbeat)
+        time.sleep(min(heartbeat, POLL_SECONDS))
         _fail_stale(study)
