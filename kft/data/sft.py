@@ -37,6 +37,7 @@ from kft.backbones.packing import packing_spec
 from kft.data.chat import ChatRenderer
 from kft.data.chat import check_messages
 from kft.data.chat import require_template
+from kft.utils.validation import check_one_of
 
 __all__ = ["FORMATS", "TRUNCATIONS", "SFTStats", "read_records",
            "sft_dataset", "sft_examples"]
@@ -350,12 +351,8 @@ def _settings(lm, format, sequence_length, chat_template_string):
 def _check_options(format, truncation, batch_size, formats=FORMATS):
     """Refuses a `format`, `truncation` or `batch_size` that is not allowed
     (`formats`: the record formats of the caller's data)."""
-    if format not in formats:
-        raise ValueError(f"format must be one of {formats}. Received: "
-                         f"format={format!r}")
-    if truncation not in TRUNCATIONS:
-        raise ValueError(f"truncation must be one of {TRUNCATIONS}. Received: "
-                         f"truncation={truncation!r}")
+    check_one_of("format", format, formats)
+    check_one_of("truncation", truncation, TRUNCATIONS)
     if batch_size is not None and (not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ValueError("batch_size must be a positive integer. Received: "

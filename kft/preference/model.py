@@ -42,6 +42,7 @@ from kft.lora.adapters import enable_adapters
 from kft.lora.base import lora_layers
 from kft.losses.causal_lm import answer_logps
 from kft.losses.preference import LOSSES
+from kft.sft.model import lm_wrapper_from_config
 
 __all__ = ["REFERENCES", "PreferenceCausalLM", "copy_causal_lm"]
 
@@ -328,11 +329,7 @@ class PreferenceCausalLM(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        for key in ("trainable", "dtype"):
-            config.pop(key, None)
-        lm = keras.saving.deserialize_keras_object(config.pop("lm"))
-        return cls(lm, **config)
+        return lm_wrapper_from_config(cls, config)
 
 
 def _check_batch(loss, spec, x):

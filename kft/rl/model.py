@@ -34,6 +34,8 @@ from kft.rl.objective import LOSS_TYPES
 from kft.rl.objective import policy_loss
 from kft.rl.rollout import RolloutConfig
 from kft.rl.rollout import RolloutGenerator
+from kft.sft.model import lm_wrapper_from_config
+from kft.utils.validation import check_one_of
 
 __all__ = ["RLCausalLM", "token_logps"]
 
@@ -47,12 +49,8 @@ def token_logps(logits, targets, temperature=1.0):
 
 
 def _check(loss_type, advantage, beta, num_iterations, lm):
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}. Received: "
-                         f"loss_type={loss_type!r}")
-    if advantage not in ADVANTAGES:
-        raise ValueError(f"advantage must be one of {ADVANTAGES}. Received: "
-                         f"advantage={advantage!r}")
+    check_one_of("loss_type", loss_type, LOSS_TYPES)
+    check_one_of("advantage", advantage, ADVANTAGES)
     if not isinstance(num_iterations, int) or num_iterations < 1:
         raise ValueError("num_iterations must be a positive integer. "
                          f"Received: num_iterations={num_iterations!r}")
@@ -274,8 +272,4 @@ class RLCausalLM(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        for key in ("trainable", "dtype"):
-            config.pop(key, None)
-        lm = keras.saving.deserialize_keras_object(config.pop("lm"))
-        return cls(lm, **config)
+        return lm_wrapper_from_config(cls, config)

@@ -13,7 +13,8 @@ from kft.backbones.remat import remat_enabled
 from kft.backbones.remat import set_remat
 from kft.losses.causal_lm import causal_lm_loss_and_metrics
 
-__all__ = ["SFTCausalLM", "block_causal_mask", "packed_logits"]
+__all__ = ["SFTCausalLM", "block_causal_mask", "lm_wrapper_from_config",
+           "packed_logits"]
 
 
 def block_causal_mask(segment_ids):
@@ -171,3 +172,13 @@ class SFTCausalLM(keras.Model):
         config = dict(config)
         lm = keras.saving.deserialize_keras_object(config.pop("lm"))
         return cls(lm, **config)
+
+
+def lm_wrapper_from_config(cls, config):
+    """`cls(lm, **config)` for a Keras model that wraps a causal LM and saves
+    it under `"lm"` (`PreferenceCausalLM`, `RLCausalLM`); `Model`'s own
+    `trainable` / `dtype` keys are dropped."""
+    config = dict(config)
+    for key in ("trainable", "dtype"):
+        config.pop(key, None)
+    return cls(keras.saving.deserialize_keras_object(config.pop("lm")), **config)

@@ -11,7 +11,7 @@ import typing
 
 import pydantic
 
-__all__ = ["Strict", "format_validation_error"]
+__all__ = ["Strict", "check_one_of", "format_validation_error"]
 
 
 class Strict(pydantic.BaseModel):
@@ -100,3 +100,11 @@ def format_validation_error(error, prefix="", model=None, title="Invalid recipe"
     if len(lines) > 6:
         lines = lines[:6] + [f"... and {len(lines) - 6} more"]
     return f"{title}:\n  " + "\n  ".join(lines)
+
+
+def check_one_of(name, value, allowed):
+    """Raises `ValueError("<name> must be one of <allowed>. Received:
+    <name>=<value>")` unless `value` is in `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}. Received: "
+                         f"{name}={value!r}")
