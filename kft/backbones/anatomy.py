@@ -25,6 +25,7 @@ from kft.backbones import families
 
 __all__ = [
     "Anatomy",
+    "RecordsAnatomy",
     "backbone_blocks_of",
     "count_params",
     "describe",
@@ -302,3 +303,22 @@ def head_layers(model, name=None):
     return [layer for layer in all_layers(model)
             if id(layer) not in inside and layer.weights
             and not child_layers(layer)]
+
+
+class RecordsAnatomy:
+    """Mixin for a Keras model that records its `Anatomy`: `anatomy=` (an
+    `Anatomy` or its config) is kept in `get_config`, so it survives
+    `model.save` / `keras.saving.load_model(..., safe_mode=True)`
+    (`kft.models.Classifier`, `kft.vision.Detector`, `kft.vision.Segmenter`)."""
+
+    def __init__(self, *args, anatomy=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(anatomy, dict):
+            anatomy = Anatomy.from_config(anatomy)
+        self.anatomy = anatomy
+
+    def get_config(self):
+        config = super().get_config()
+        if self.anatomy is not None:
+            config["anatomy"] = self.anatomy.get_config()
+        return config

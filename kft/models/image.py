@@ -4,6 +4,7 @@ import keras
 
 from kft.backbones import blocks as backbones
 from kft.backbones.anatomy import Anatomy
+from kft.backbones.anatomy import RecordsAnatomy
 from kft.backbones.freezing import freeze
 from kft.backbones.image_presets import IMAGE_PRESETS
 from kft.backbones.image_presets import is_keras_hub_image_source
@@ -29,25 +30,13 @@ PRESET_WEIGHTS = _PresetWeights()
 
 
 @keras.saving.register_keras_serializable(package="kft")
-class Classifier(keras.Model):
+class Classifier(RecordsAnatomy, keras.Model):
     """A functional model that records its `kft.anatomy.Anatomy`.
 
     Built like any functional model (`Classifier(inputs, outputs,
     anatomy=...)`); the record is part of its config, so it survives
     `model.save` and `keras.saving.load_model(..., safe_mode=True)`.
     """
-
-    def __init__(self, *args, anatomy=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if isinstance(anatomy, dict):
-            anatomy = Anatomy.from_config(anatomy)
-        self.anatomy = anatomy
-
-    def get_config(self):
-        config = super().get_config()
-        if self.anatomy is not None:
-            config["anatomy"] = self.anatomy.get_config()
-        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

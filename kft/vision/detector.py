@@ -19,6 +19,7 @@ import keras
 import keras_hub
 
 from kft.backbones.anatomy import Anatomy
+from kft.backbones.anatomy import RecordsAnatomy
 from kft.backbones.freezing import freeze
 from kft.vision.encoder import ENCODER_NAME
 from kft.vision.encoder import load_encoder
@@ -29,7 +30,7 @@ BN_MODES = ("frozen", "train")
 
 
 @keras.saving.register_keras_serializable(package="kft")
-class Detector(keras_hub.models.RetinaNetObjectDetector):
+class Detector(RecordsAnatomy, keras_hub.models.RetinaNetObjectDetector):
     """A keras-hub RetinaNet that records its `kft.anatomy.Anatomy`.
 
     Args:
@@ -38,14 +39,8 @@ class Detector(keras_hub.models.RetinaNetObjectDetector):
         **kwargs: `keras_hub.models.RetinaNetObjectDetector` arguments.
     """
 
-    # kft.fine_tune compiles with loss="auto": the detector's own losses.
+    # kft.fine_tune compiles it with loss="auto": the task's own losses.
     computes_own_loss = True
-
-    def __init__(self, *args, anatomy=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if isinstance(anatomy, dict):
-            anatomy = Anatomy.from_config(anatomy)
-        self.anatomy = anatomy
 
     def compile(self, optimizer="auto", loss="auto", metrics=None, **kwargs):
         """`RetinaNetObjectDetector.compile`, also taking `loss=`.
@@ -68,11 +63,6 @@ class Detector(keras_hub.models.RetinaNetObjectDetector):
                 f"'bbox_regression' and 'cls_logits'. Received: loss={loss!r}")
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
-    def get_config(self):
-        config = super().get_config()
-        if self.anatomy is not None:
-            config["anatomy"] = self.anatomy.get_config()
-        return config
 
 
 def _check(num_classes, bn, levels):

@@ -16,6 +16,7 @@ import keras
 import keras_hub
 
 from kft.backbones.anatomy import Anatomy
+from kft.backbones.anatomy import RecordsAnatomy
 from kft.backbones.freezing import freeze
 from kft.vision.detector import BN_MODES
 from kft.vision.encoder import ENCODER_NAME
@@ -25,7 +26,7 @@ __all__ = ["Segmenter", "build_segmenter"]
 
 
 @keras.saving.register_keras_serializable(package="kft")
-class Segmenter(keras_hub.models.DeepLabV3ImageSegmenter):
+class Segmenter(RecordsAnatomy, keras_hub.models.DeepLabV3ImageSegmenter):
     """A keras-hub DeepLabV3 segmenter that records its `Anatomy` and
     reports mean IoU.
 
@@ -34,13 +35,8 @@ class Segmenter(keras_hub.models.DeepLabV3ImageSegmenter):
         **kwargs: `keras_hub.models.DeepLabV3ImageSegmenter` arguments.
     """
 
+    # kft.fine_tune compiles it with loss="auto": the task's own losses.
     computes_own_loss = True
-
-    def __init__(self, *args, anatomy=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if isinstance(anatomy, dict):
-            anatomy = Anatomy.from_config(anatomy)
-        self.anatomy = anatomy
 
     def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
         """`DeepLabV3ImageSegmenter.compile`; `metrics="auto"` (or None):
@@ -69,11 +65,6 @@ class Segmenter(keras_hub.models.DeepLabV3ImageSegmenter):
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics,
                         **kwargs)
 
-    def get_config(self):
-        config = super().get_config()
-        if self.anatomy is not None:
-            config["anatomy"] = self.anatomy.get_config()
-        return config
 
 
 def _pooling_levels(available, pooling_level):
