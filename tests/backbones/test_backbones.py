@@ -187,3 +187,17 @@ def test_packaged_weights_load_and_check_their_family():
         kft.build_classifier("vgg16", 4, weights="fashion_mnist")
     with pytest.raises(ValueError, match="alpha=0.35"):
         kft.build_classifier("mobilenet_v2", 4, weights="fashion_mnist", alpha=1.0)
+
+
+def test_every_packaged_file_is_where_kft_looks_for_it():
+    """Files that ship inside kft are found from their new packages (the
+    weights moved with kft.backbones, the hold-out set with kft.data)."""
+    import os
+
+    from kft.backbones.families import get_packaged_weights
+    from kft.backbones.families import list_packaged_weights
+    from kft.data.builtin import BUILTIN_DATASETS
+
+    paths = [get_packaged_weights(n).path for n in list_packaged_weights()]
+    paths += list(BUILTIN_DATASETS.values())
+    assert paths and all(os.path.isfile(p) for p in paths), paths
