@@ -5,14 +5,13 @@ checkpoint, exact resume after SIGKILL, and validation errors."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import yaml
 from llm_fixtures import tiny_causal_lm
 from llm_fixtures import write_hf_checkpoint
+from test_resume import _kft_run  # `kft run` killed at a global step
 
 from kft.recipes import RecipeError
 from kft.recipes import load_recipe
@@ -141,34 +140,6 @@ def test_a_reward_that_raises_is_named_and_the_last_checkpoint_stays(
     assert state["epochs_done"] == 1
     assert os.path.isdir(state["path"])
     assert len(read_history(str(tmp_path / "run" / "history.csv"))) == 1
-
-
-# Runs `kft run` in a fresh process, SIGKILLed after global training step
-# KILL_AT if given (as tests/recipes/test_resume.py does).
-RUNNER = """
-import os, signal, sys
-from kft.recipes import checkpoint
-kill_at = int(os.environ.get("KILL_AT", "0"))
-original = checkpoint.RunCheckpoint.on_train_batch_end
-steps = [0]
-def on_train_batch_end(self, batch, logs=None):
-    original(self, batch, logs)
-    steps[0] += 1
-    if steps[0] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.RunCheckpoint.on_train_batch_end = on_train_batch_end
-from kft.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def _kft_run(recipe, out, *extra, kill_at=None):
-    env = {**os.environ, "KILL_AT": str(kill_at or 0), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run(
-        [sys.executable, "-c", RUNNER, "run", recipe, "--quiet",
-         "--output-dir", str(out), *extra],
-        cwd=os.path.dirname(recipe), env=env, capture_output=True, text=True,
-        timeout=600)
 
 
 @pytest.mark.slow
