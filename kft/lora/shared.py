@@ -52,6 +52,7 @@ class SharedInput:
     def __init__(self, layers):
         self.layers = list(layers)
         self._input = self._parts = self._dtype = None
+        self._waiting = set()
 
     def _runs(self):
         """Consecutive members of one `B` shape, as lists of indexes."""
@@ -89,8 +90,12 @@ class SharedInput:
         the whole group when `x` is not the input the group saw last."""
         if x is not self._input or dtype != self._dtype:
             self._parts = self._compute(x, dtype)
-            self._input, self._dtype = x, dtype
-        return self._parts[self.layers.index(layer)]
+            self._input, self._dtype, self._waiting = x, dtype, set(self.layers)
+        part = self._parts[self.layers.index(layer)]
+        self._waiting.discard(layer)
+        if not self._waiting:  # every member has its part: hold no tensor
+            self._input = self._parts = None
+        return part
 
 
 def _groupable(layer):

@@ -78,6 +78,10 @@ def test_each_group_computes_once_per_input(monkeypatch):
     monkeypatch.setattr(SharedInput, "update", counting)
     lm(BATCH)
     assert sorted(computed) == _groups(lm)
+    groups = {id(layer._kft_shared_input): layer._kft_shared_input
+              for layer in lora_layers(lm)}
+    # once every member has its part, a group holds no activation
+    assert all(g._input is None and g._parts is None for g in groups.values())
 
 
 class _CrossAttention(keras.layers.Layer):
