@@ -46,6 +46,7 @@ _EXPORTS = {
     "active_adapter": "kft.lora.adapters",
     "apply_lora": "kft.lora.model",
     "combine_adapters": "kft.lora.adapters",
+    "adapters_disabled": "kft.lora.adapters",
     "disable_adapters": "kft.lora.adapters",
     "enable_adapters": "kft.lora.adapters",
     "INITS": "kft.lora.initializers",

@@ -18,29 +18,30 @@ adapter, which is exact); that one change retraces the model, and a
 compiled model must be compiled again before it trains.
 """
 
+import contextlib
 import math
 
 import numpy as np
 
 from kft._keras_internals import trainable_variable_lists
 from kft._keras_internals import unlocked_tracker
+from kft.lora.base import adapter_array
 from kft.lora.base import drop_variable
 from kft.lora.base import lora_layers
 from kft.lora.base import retrace
 from kft.lora.initializers import KERNEL_INITS
 
 __all__ = ["COMBINATIONS", "active_adapter", "combine_adapters",
-           "disable_adapters", "enable_adapters", "set_adapter"]
+           "adapters_disabled", "disable_adapters", "enable_adapters",
+           "set_adapter"]
 
 COMBINATIONS = ("cat", "linear")
 
 
 def adapter_values(layer):
     """One layer's adapter as `{variable name: array}` (host copies)."""
-    values = {"lora_a": np.array(layer.lora_a), "lora_b": np.array(layer.lora_b)}
-    if layer.use_dora:
-        values["lora_magnitude"] = np.array(layer.lora_magnitude)
-    return values
+    names = ("lora_a", "lora_b") + (("lora_magnitude",) if layer.use_dora else ())
+    return {name: np.array(adapter_array(layer, name)) for name in names}
 
 
 def assign_adapter(layer, values):
@@ -56,9 +57,15 @@ def assign_adapter(layer, values):
         a = np.pad(a, ((0, 0), (0, missing)))
         b = np.pad(b, ((0, missing), (0, 0)))
     layer.lora_a.assign(a)
-    layer.lora_b.assign(b)
+    parked = layer._kft_parked or {}  # switched off: the values wait there
+    news = {"lora_b": b}
     if layer.use_dora:
-        layer.lora_magnitude.assign(values["lora_magnitude"])
+        news["lora_magnitude"] = np.asarray(values["lora_magnitude"])
+    for name, value in news.items():
+        if name in parked:
+            parked[name] = value
+        else:
+            getattr(layer, name).assign(value)
 
 
 def _adapter_store(model):
@@ -109,19 +116,56 @@ def set_adapter(model, name):
 
 
 def disable_adapters(model):
-    """Runs the base model alone (adapters kept, not merged)."""
+    """Runs the base model alone (adapters kept, not merged).
+
+    Each adapter is parked (`kft.lora.base`): its `B` kept on the host and
+    the variable zeroed, so the model's traced functions run the base
+    without a retrace (and `save_adapter` still writes the adapters as
+    trained). Not for training: use `adapters_disabled` for a reference
+    pass inside a step.
+    """
     for layer in lora_layers(model):
         if layer.merged:
             raise ValueError(
                 f"Layer {layer.path!r} is merged: unmerge it before disabling.")
-        layer.lora_active.assign(0.0)
+    for layer in lora_layers(model):
+        layer._park()
+        layer._kft_disabled = True
 
 
 def enable_adapters(model):
-    """Undoes `disable_adapters`."""
+    """Undoes `disable_adapters` (no retrace either)."""
     for layer in lora_layers(model):
-        if not layer.merged:
-            layer.lora_active.assign(1.0)
+        if layer._kft_disabled:
+            layer._unpark()
+            layer._kft_disabled = False
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Within the block, calls of `model` run its base alone.
+
+    For use inside a traced step (the reference pass of DPO or GRPO): the
+    calls made in the block are traced without any adapter work, the
+    calls after it with the adapters, and nothing retraces. Outside a
+    traced step, eager calls in the block run the base; a function traced
+    earlier does not see the block: `disable_adapters` switches those.
+
+    Example:
+
+    ```python
+    with kft.lora.adapters_disabled(lm):
+        reference_logits = lm(x, training=False)
+    ```
+    """
+    before = {layer: layer._kft_adapter_off for layer in lora_layers(model)}
+    for layer in before:
+        layer._kft_adapter_off = True
+    try:
+        yield model
+    finally:
+        for layer, off in before.items():
+            layer._kft_adapter_off = off
 
 
 def _check_combinable(model, weights, name, combination):

@@ -12,10 +12,20 @@ weight saving and the config.
 
 The adapters run in the compute dtype. `A` and `B` are float32 masters
 (so are their gradients and optimizer state), cast for the step to the
-dtype of the base's output, with the scale and the on / off flag
-(`lora_active`) folded into the cast of `B`, an `(r, fan_out)` multiply:
-no activation is upcast to float32, kept for the backward pass in
-float32, or multiplied by a flag. Under a float32 policy nothing is cast
+dtype of the base's output, with the scale folded into the cast of `B`,
+an `(r, fan_out)` multiply: no activation is upcast to float32 or kept
+for the backward pass in float32.
+
+No flag is part of a step's state. `merge()` and
+`kft.lora.disable_adapters` *park* the adapter: its `B` (and DoRA's
+magnitude) move to the host and the variables hold what makes the update
+vanish (`B = 0`; a magnitude equal to the kernel's column norms), so
+functions traced before keep running, exactly, without a retrace; the
+parked values come back on `unmerge()` / `enable_adapters`, and are what
+saving writes and adapter files hold (`adapter_array`). Steps traced
+while merged leave the update out. Inside a traced step (a DPO or GRPO
+reference pass) `kft.lora.adapters.adapters_disabled` leaves it out of
+the calls in its block, a Python flag read when the step is traced. Under a float32 policy nothing is cast
 and the update is `x @ A @ (scale * B)`, the same numbers as `scale * (x
 @ A @ B)` to float32 rounding.
 
@@ -49,11 +59,14 @@ from kft.lora.initializers import check_init
 from kft.lora.initializers import olora_factors
 from kft.lora.initializers import pissa_factors
 
-__all__ = ["ADAPTER_VARIABLES", "QUANTIZED_MODES", "lora_layers"]
+__all__ = ["ADAPTER_VARIABLES", "QUANTIZED_MODES", "adapter_array",
+           "lora_layers"]
 
 # Every variable a LoRA layer adds to its base (none of them is the base).
-ADAPTER_VARIABLES = ("lora_a", "lora_b", "lora_active", "lora_magnitude",
-                     "lora_a_init", "lora_b_init")
+ADAPTER_VARIABLES = ("lora_a", "lora_b", "lora_magnitude", "lora_a_init",
+                     "lora_b_init")
+# What files written before the flag became a Python one hold per layer.
+_LEGACY_FLAG = "lora_active"
 # The Keras quantization modes a LoRA base may have (besides float).
 QUANTIZED_MODES = ("int8", "int4")
 # The pretrained weights, created non-trainable in a LoRA layer.
@@ -87,6 +100,32 @@ class _LoRAMixin:
         self.merged = bool(merged)
         self.use_dora = bool(use_dora)
         self.init = check_init(init)
+        self._kft_adapter_off = False  # in an `adapters_disabled` block
+        self._kft_disabled = False  # by `disable_adapters`: parked
+        self._kft_parked = None
+
+    @property
+    def adapter_enabled(self):
+        """Whether calls traced now add the update (not merged, not in an
+        `adapters_disabled` block)."""
+        return not self.merged and not self._kft_adapter_off
+
+    def _park(self):
+        """Moves `B` (and DoRA's magnitude) to the host and makes the
+        variables' update vanish: `B = 0`, magnitude = the column norms of
+        the kernel as it is now (a DoRA factor of 1)."""
+        if self._kft_parked is not None:
+            return
+        self._kft_parked = {"lora_b": np.array(self.lora_b)}
+        self.lora_b.assign(np.zeros(self.lora_b.shape, "float32"))
+        if self.use_dora:
+            self._kft_parked["lora_magnitude"] = np.array(self.lora_magnitude)
+            self.lora_magnitude.assign(self._column_norms())
+
+    def _unpark(self):
+        for name, value in (self._kft_parked or {}).items():
+            getattr(self, name).assign(value)
+        self._kft_parked = None
 
     @property
     def scale(self):
@@ -139,13 +178,6 @@ class _LoRAMixin:
         self.lora_b = self.add_weight(
             name="lora_b", shape=(self.adapter_rank, fan_out), initializer=b_init,
             dtype="float32", autocast=False)
-        # A variable, not a Python flag: a train or predict function traced
-        # before merge() must see the change. It scales `B` (`_factors`),
-        # never an activation.
-        self.lora_active = self.add_weight(
-            name="lora_active", shape=(), trainable=False, dtype="float32",
-            autocast=False,
-            initializer=keras.initializers.Constant(0.0 if self.merged else 1.0))
         if self.init in KERNEL_INITS:
             self._initialize_from_kernel()
         if self.use_dora:
@@ -225,10 +257,10 @@ class _LoRAMixin:
         return ops.sqrt(ops.maximum(total, 0.0))
 
     def _dora_factor_minus_one(self):
-        """`m / ||W + s A B|| - 1` (0 while inactive), no gradient through
-        the norm (PEFT's `weight_norm.detach()`)."""
+        """`m / ||W + s A B|| - 1`, no gradient through the norm (PEFT's
+        `weight_norm.detach()`)."""
         norm = ops.stop_gradient(ops.maximum(self._column_norms(), _NORM_FLOOR))
-        factor = (self.lora_magnitude / norm - 1.0) * self.lora_active
+        factor = self.lora_magnitude / norm - 1.0
         return ops.reshape(factor, self._channel_shape())
 
     def _dropped(self, inputs, training):
@@ -237,9 +269,9 @@ class _LoRAMixin:
         return inputs
 
     def _factors(self, dtype):
-        """`A` and `scale * lora_active * B`, cast to `dtype` for the step
-        (their gradients flow back to the float32 masters)."""
-        b = self.lora_b * (self.scale * self.lora_active)
+        """`A` and `scale * B`, cast to `dtype` for the step (their
+        gradients flow back to the float32 masters)."""
+        b = self.lora_b * self.scale
         return ops.cast(self.lora_a, dtype), ops.cast(b, dtype)
 
     def _adapter_output(self, x, a, b):
@@ -253,7 +285,7 @@ class _LoRAMixin:
 
     def _update(self, x, dtype):
         """`scale * x @ A @ B` in `dtype` (the base output's), in the
-        output's layout; zero while inactive. `x @ A` comes from the
+        output's layout. `x @ A` comes from the
         layer's `kft.lora.shared.SharedInput` group when it has one."""
         dtype = keras.backend.standardize_dtype(dtype)
         group = getattr(self, "_kft_shared_input", None)
@@ -265,8 +297,10 @@ class _LoRAMixin:
     def _adapted(self, inputs, training):
         """The base output plus the (DoRA-scaled) update, before the bias
         and the activation."""
-        x = self._dropped(inputs, training)
         base = self._base_output(inputs)
+        if not self.adapter_enabled:
+            return base
+        x = self._dropped(inputs, training)
         update = self._update(x, base.dtype)
         if not self.use_dora:
             return base + update
@@ -296,8 +330,9 @@ class _LoRAMixin:
             outputs = super().quantized_call(inputs, training=training)
         finally:
             self.activation = activation
-        update = self._update(self._dropped(inputs, training), outputs.dtype)
-        outputs = outputs + update
+        if self.adapter_enabled:
+            update = self._update(self._dropped(inputs, training), outputs.dtype)
+            outputs = outputs + update
         return activation(outputs) if nonlinear else outputs
 
     def merge(self):
@@ -308,6 +343,8 @@ class _LoRAMixin:
         documents."""
         if self.merged:
             return
+        self._unpark()  # a switched-off adapter merges as it was trained
+        self._kft_disabled = False
         if self.quantization_mode:
             # Kept on the host so that unmerge() can restore them exactly.
             self._kft_unmerged = [np.array(v) for v in self._quantized_state()]
@@ -319,7 +356,7 @@ class _LoRAMixin:
         else:
             kernel = self._base_kernel()
             kernel.assign(kernel + ops.cast(self._delta_kernel(), kernel.dtype))
-        self.lora_active.assign(0.0)
+        self._park()
         self.merged = True
 
     def _merge_dora(self):
@@ -337,12 +374,12 @@ class _LoRAMixin:
         its values from before `merge()` back, exactly)."""
         if not self.merged:
             return
+        self._unpark()
         if self.quantization_mode or self.use_dora:
             self._restore_unmerged()
         else:
             kernel = self._base_kernel()
             kernel.assign(kernel - ops.cast(self._delta_kernel(), kernel.dtype))
-        self.lora_active.assign(1.0)
         self.merged = False
 
     def _restore_unmerged(self):
@@ -384,20 +421,39 @@ class _LoRAMixin:
 
     # Keras' layers customise weight saving for their own LoRA and
     # quantization; store every variable by name instead.
+    # A parked adapter is saved with its own values, and switched-off
+    # layers with `lora_active = 0` (the flag files had before parking).
     def save_own_variables(self, store):
         for variable in self.variables:
-            store[variable.name] = variable
+            store[variable.name] = adapter_array(self, variable.name, variable)
+        if self._kft_disabled:
+            store[_LEGACY_FLAG] = np.zeros((), "float32")
 
     def load_own_variables(self, store):
+        self._kft_parked = None
         for variable in self.variables:
             if variable.name in store:
                 variable.assign(store[variable.name])
+        off = (_LEGACY_FLAG in store
+               and float(np.asarray(store[_LEGACY_FLAG])) == 0.0)
+        self._kft_disabled = off and not self.merged
+        if self.merged or off:
+            self._park()
 
     def _lora_config(self):
         return {"rank": self.adapter_rank, "alpha": self.alpha,
                 "dropout": self.dropout, "use_rslora": self.use_rslora,
                 "merged": self.merged, "use_dora": self.use_dora,
                 "init": self.init}
+
+
+def adapter_array(layer, name, variable=None):
+    """A LoRA layer's adapter variable `name` as trained: its parked value
+    while merged or switched off, else the variable itself."""
+    parked = getattr(layer, "_kft_parked", None)
+    if parked and name in parked:
+        return parked[name]
+    return getattr(layer, name) if variable is None else variable
 
 
 def drop_variable(variables, variable):
@@ -410,14 +466,17 @@ def drop_variable(variables, variable):
 
 
 def retrace(model):
-    """Drops the train / test / predict functions Keras traced before the
-    layers changed (class or variables), as `Model.quantize` does: a
-    cached function would keep running the layers as they were."""
+    """Drops the train / test / predict (and keras-hub generate) functions
+    traced before the layers changed (class, variables or flags), as
+    `Model.quantize` does: a cached function would keep running the
+    layers as they were."""
     for layer in all_layers(model, include_self=True):
         if isinstance(layer, keras.Model):
             layer.train_function = None
             layer.test_function = None
             layer.predict_function = None
+            if hasattr(layer, "generate_function"):
+                layer.generate_function = None
 
 
 def lora_layers(model):

@@ -230,7 +230,6 @@ class LoRAContainer:
                      lora.get("init", "default"))
             if lora["merged"]:
                 layer.merged = True
-                layer.lora_active.assign(0.0)
         for layer, flag in zip(layers, config["trainable"]):
             layer.trainable = flag
         mark_containers(model)

@@ -15,6 +15,7 @@ from kft._keras_internals import all_layers
 from kft._keras_internals import kernel_variable
 from kft.backbones.anatomy import describe
 from kft.backbones.anatomy import is_keras_hub_backbone
+from kft.lora.base import adapter_array
 from kft.lora.base import lora_layers
 from kft.lora.peft_families import CONFIG_FILE
 from kft.lora.peft_families import MAGNITUDE_SUFFIX
@@ -87,7 +88,8 @@ def _magnitude(members, plain):
     parts = []
     for layer, base in zip(members, plain):
         if layer is not None:
-            parts.append(np.asarray(layer.lora_magnitude, "float32"))
+            parts.append(np.asarray(adapter_array(layer, "lora_magnitude"),
+                                    "float32"))
         else:
             kernel = np.asarray(kernel_variable(base), "float32")
             parts.append(np.linalg.norm(kernel.reshape(layer_fans(base)), axis=0))
@@ -114,7 +116,8 @@ def _export_group(members, plain):
         and np.array_equal(np.asarray(layer.lora_a), np.asarray(first.lora_a))
         for layer in present)
     if shared:
-        b = np.concatenate([np.asarray(layer.lora_b).T for layer in members])
+        b = np.concatenate([np.asarray(adapter_array(layer, "lora_b")).T
+                            for layer in members])
         return np.asarray(first.lora_a).T, b, first.rank, first.alpha, magnitude
     rank = sum(layer.rank for layer in present)
     alpha = first.scale * (math.sqrt(rank) if first.use_rslora else rank)
@@ -124,7 +127,8 @@ def _export_group(members, plain):
         block = np.zeros((layer_fans(base)[1], rank), "float32")
         if layer is not None:
             block[:, column:column + layer.rank] = (
-                np.asarray(layer.lora_b).T * (layer.scale / first.scale))
+                np.asarray(adapter_array(layer, "lora_b")).T
+                * (layer.scale / first.scale))
             column += layer.rank
         blocks.append(block)
     return a, np.concatenate(blocks), rank, alpha, magnitude

@@ -51,14 +51,15 @@ class SharedInput:
 
     def __init__(self, layers):
         self.layers = list(layers)
-        self._input = self._parts = self._dtype = None
-        self._waiting = set()
+        self._input = self._dtype = None
+        self._parts, self._waiting = {}, set()
 
-    def _runs(self):
+    @staticmethod
+    def _runs(members):
         """Consecutive members of one `B` shape, as lists of indexes."""
         runs = []
-        for index, layer in enumerate(self.layers):
-            if runs and tuple(self.layers[runs[-1][0]].lora_b.shape) == tuple(
+        for index, layer in enumerate(members):
+            if runs and tuple(members[runs[-1][0]].lora_b.shape) == tuple(
                     layer.lora_b.shape):
                 runs[-1].append(index)
             else:
@@ -66,15 +67,18 @@ class SharedInput:
         return runs
 
     def _compute(self, x, dtype):
+        """The parts of the members whose adapters run (not merged or
+        switched off), by layer."""
+        members = [layer for layer in self.layers if layer.adapter_enabled]
         batch_shape = ops.shape(x)[:-1]
         a = ops.concatenate(
-            [ops.cast(member.lora_a, dtype) for member in self.layers], axis=-1)
+            [ops.cast(member.lora_a, dtype) for member in members], axis=-1)
         projected = ops.matmul(ops.reshape(ops.cast(x, dtype), (-1, a.shape[0])), a)
-        ranks = [member.adapter_rank for member in self.layers]
-        parts, start = [None] * len(self.layers), 0
-        for run in self._runs():
+        ranks = [member.adapter_rank for member in members]
+        parts, start = {}, 0
+        for run in self._runs(members):
             rank = ranks[run[0]]
-            bs = [self.layers[i]._factors(dtype)[1] for i in run]
+            bs = [members[i]._factors(dtype)[1] for i in run]
             # (g, tokens, r) x (g, r, out): the group axis leads, so each
             # member's result is a contiguous slab (no transposes).
             xa = ops.stack([projected[:, start + k * rank:start + (k + 1) * rank]
@@ -82,19 +86,20 @@ class SharedInput:
             start += rank * len(run)
             out = ops.matmul(xa, ops.stack(bs))
             for offset, i in enumerate(run):
-                parts[i] = ops.reshape(out[offset], (*batch_shape, -1))
+                parts[members[i]] = ops.reshape(out[offset], (*batch_shape, -1))
         return parts
 
     def update(self, layer, x, dtype):
         """`layer`'s flat update `scale * x @ A @ B` in `dtype`, computed for
         the whole group when `x` is not the input the group saw last."""
-        if x is not self._input or dtype != self._dtype:
+        if (x is not self._input or dtype != self._dtype
+                or layer not in self._parts):
             self._parts = self._compute(x, dtype)
-            self._input, self._dtype, self._waiting = x, dtype, set(self.layers)
-        part = self._parts[self.layers.index(layer)]
+            self._input, self._dtype, self._waiting = x, dtype, set(self._parts)
+        part = self._parts[layer]
         self._waiting.discard(layer)
         if not self._waiting:  # every member has its part: hold no tensor
-            self._input = self._parts = None
+            self._input, self._parts = None, {}
         return part
 
 

@@ -7,9 +7,10 @@ one forward pass (`(2 * batch, length)` tokens), and compares them with a
 reference model in one of three ways:
 
 - `"adapters_off"` (with LoRA / QLoRA): the same model with its adapters
-  switched off (`kft.lora.disable_adapters`, a flag in each LoRA layer, so
-  the traced step is not traced again). One set of weights in memory; a
-  second forward pass, without gradients, each step.
+  switched off for the reference pass (`kft.lora.adapters_disabled`, read
+  when the step is traced: that pass has no adapter work, and nothing
+  retraces). One set of weights in memory; a second forward pass, without
+  gradients, each step.
 - `"precomputed"`: the reference log-probabilities computed once over the
   data (`preference_dataset(..., reference=lm)`, optionally cached on
   disk), read from each batch: no reference pass during training at all
@@ -37,8 +38,7 @@ import numpy as np
 from keras import ops
 
 from kft.backbones.anatomy import Anatomy
-from kft.lora.adapters import disable_adapters
-from kft.lora.adapters import enable_adapters
+from kft.lora.adapters import adapters_disabled
 from kft.lora.base import lora_layers
 from kft.losses.causal_lm import answer_logps
 from kft.losses.preference import LOSSES
@@ -224,11 +224,10 @@ class PreferenceCausalLM(keras.Model):
         if self.reference == "copy":
             logits = self._logits(self._copy.model, x, False)
         else:
-            # The same weights with every adapter's flag at 0: assigned
-            # inside the traced step, in order, so nothing retraces.
-            disable_adapters(self.lm)
-            logits = self._logits(self.lm, x, False)
-            enable_adapters(self.lm)
+            # The same weights, traced without the adapters' work: nothing
+            # retraces, and the pass costs the base alone.
+            with adapters_disabled(self.lm):
+                logits = self._logits(self.lm, x, False)
         return ops.stop_gradient(answer_logps(logits, y, sample_weight)[0])
 
     # === Loss and metrics ===

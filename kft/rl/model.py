@@ -11,7 +11,7 @@ of tensors and, for each batch of prompts:
 3. computes, in one compiled pass without gradients, the log-probabilities
    of the completion tokens under the sampling policy (when
    `num_iterations > 1`) and under the reference: the same model with its
-   LoRA adapters switched off (`kft.lora.disable_adapters`), no second
+   LoRA adapters switched off (`kft.lora.adapters_disabled`), no second
    copy of the weights;
 4. takes `num_iterations` optimizer steps on the batch
    (`train_on_batch`: Keras' compiled train step), each with the clipped
@@ -25,8 +25,7 @@ import keras
 from keras import ops
 
 from kft.backbones.anatomy import Anatomy
-from kft.lora import disable_adapters
-from kft.lora import enable_adapters
+from kft.lora import adapters_disabled
 from kft.lora import lora_layers
 from kft.losses.causal_lm import chunked_sparse_cross_entropy
 from kft.rl.objective import ADVANTAGES
@@ -91,11 +90,10 @@ class _Scorer(keras.Model):
         if self.needs["old_logps"]:
             out["old_logps"] = self._logps(x)
         if self.needs["ref_logps"]:
-            # The same weights with every adapter's flag at 0: assigned
-            # inside the traced step, in order, so nothing retraces.
-            disable_adapters(self.lm)
-            out["ref_logps"] = self._logps(x)
-            enable_adapters(self.lm)
+            # The same weights, traced without the adapters' work: nothing
+            # retraces, and the pass costs the base alone.
+            with adapters_disabled(self.lm):
+                out["ref_logps"] = self._logps(x)
         return out
 
 

@@ -81,7 +81,7 @@ def test_each_group_computes_once_per_input(monkeypatch):
     groups = {id(layer._kft_shared_input): layer._kft_shared_input
               for layer in lora_layers(lm) if layer._kft_shared_input}
     # once every member has its part, a group holds no activation
-    assert all(g._input is None and g._parts is None for g in groups.values())
+    assert all(g._input is None and not g._parts for g in groups.values())
 
 
 class _CrossAttention(keras.layers.Layer):

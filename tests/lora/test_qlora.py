@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 
+from kft.lora.adapters import adapters_disabled
 from kft.lora.base import lora_layers
 from kft.lora.dense import LoRADense
 from kft.lora.dense import LoRAEinsumDense
@@ -156,11 +157,10 @@ def _with_update(model, x, layer_name):
     layer = model.get_layer(layer_name)
     probe = keras.Model(model.input, layer.output)
     got = np.asarray(probe(x))
-    layer.lora_active.assign(0.0)
     layer.activation = keras.activations.linear
-    base = np.asarray(probe(x))
+    with adapters_disabled(model):
+        base = np.asarray(probe(x))
     layer.activation = keras.activations.gelu
-    layer.lora_active.assign(1.0)
     update = layer.scale * x @ np.asarray(layer.lora_a) @ np.asarray(layer.lora_b)
     return got, np.asarray(keras.activations.gelu(base + update))
 

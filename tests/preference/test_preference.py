@@ -58,8 +58,7 @@ def test_dpo_with_lora_learns_the_preference_and_moves_only_adapters():
     assert changed and all("lora_" in path for path in changed)
     assert any(path.endswith("lora_b") for path in changed)
     # The adapters are switched back on after every step.
-    assert all(float(layer.lora_active) == 1.0
-               for layer in kft.lora.lora_layers(lm))
+    assert all(layer.adapter_enabled for layer in kft.lora.lora_layers(lm))
 
 
 def test_reference_is_the_base_with_adapters_off():
