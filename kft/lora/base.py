@@ -25,9 +25,10 @@ parked values come back on `unmerge()` / `enable_adapters`, and are what
 saving writes and adapter files hold (`adapter_array`). Steps traced
 while merged leave the update out. Inside a traced step (a DPO or GRPO
 reference pass) `kft.lora.adapters.adapters_disabled` leaves it out of
-the calls in its block, a Python flag read when the step is traced. Under a float32 policy nothing is cast
-and the update is `x @ A @ (scale * B)`, the same numbers as `scale * (x
-@ A @ B)` to float32 rounding.
+the calls in its block, a Python flag read when the step is traced.
+
+Under a float32 policy nothing is cast and the update is `x @ A @ (scale
+* B)`, the same numbers as `scale * (x @ A @ B)` to float32 rounding.
 
 DoRA (Liu et al. 2024, `use_dora=True`) gives each output unit a
 trainable float32 magnitude `m`, initialised to the column norms of `W +
