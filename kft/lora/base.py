@@ -55,6 +55,7 @@ from keras import ops
 from kft._keras_internals import all_layers
 from kft._keras_internals import kernel_variable
 from kft._keras_internals import requantized_kernel
+from kft.lora.fused import fused_lora_matmul
 from kft.lora.initializers import KERNEL_INITS
 from kft.lora.initializers import check_init
 from kft.lora.initializers import olora_factors
@@ -298,6 +299,11 @@ class _LoRAMixin:
     def _adapted(self, inputs, training):
         """The base output plus the (DoRA-scaled) update, before the bias
         and the activation."""
+        if training and self._fuses():
+            group = getattr(self, "_kft_shared_input", None)
+            if group is not None:
+                return group.fused(self, inputs)
+            return self._fused_output(inputs)
         base = self._base_output(inputs)
         if not self.adapter_enabled:
             return base
@@ -313,6 +319,27 @@ class _LoRAMixin:
         # sees the dropped input too (`base_result = None`).
         dropped = base if x is inputs else self._base_output(x)
         return base + excess * dropped + (excess + 1.0) * update
+
+    # Dense and EinsumDense set it: their kernel is `(fan_in, fan_out)`
+    # once flattened (`_flat_kernel`), and the input's last axes contract.
+    _fusable = False
+
+    def _fuses(self):
+        """Whether a training call runs `kft.lora.fused`: a plain float
+        adapter that runs (DoRA, dropout, a quantized base: no)."""
+        return (self._fusable and self.adapter_enabled and not self.use_dora
+                and not self.dropout and not self.quantization_mode)
+
+    def _fused_output(self, inputs):
+        """`x @ (W + scale A B)` in one matmul with `kft.lora.fused`'s
+        gradient, before the bias and the activation."""
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        a, b = self._factors(dtype)
+        kernel = ops.cast(self._flat_kernel(), dtype)
+        batch_shape = ops.shape(inputs)[:len(inputs.shape) - self._contracted]
+        flat = ops.reshape(inputs, (-1, self._fans[0]))
+        outputs = fused_lora_matmul(flat, kernel, a, b)
+        return ops.reshape(outputs, (*batch_shape, *self._output_dims))
 
     def quantized_call(self, inputs, training=None):
         """The int8 / int4 base through Keras' own quantized path, plus the

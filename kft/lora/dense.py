@@ -30,8 +30,11 @@ def check_quantize_mode(layer, mode, config):
 
 
 class _QuantizableLoRA(_LoRAMixin):
-    """Dense and EinsumDense LoRA: adapters built with the layer, and a base
-    that Keras' int8 / int4 modes can quantize."""
+    """Dense and EinsumDense LoRA: adapters built with the layer, a base
+    that Keras' int8 / int4 modes can quantize, and training calls through
+    `kft.lora.fused` (one matmul, no weight gradient)."""
+
+    _fusable = True
 
     def build(self, input_shape):
         super().build(input_shape)

@@ -19,11 +19,13 @@ every result stays exact. Groups are not saved: `apply_lora`,
 and a model without them computes each adapter on its own.
 """
 
+import keras
 from keras import ops
 
 from kft._keras_internals import all_layers
 from kft._keras_internals import child_layers
 from kft.lora.base import _LoRAMixin
+from kft.lora.fused import fused_lora_group
 
 __all__ = ["SHARED_INPUTS", "SharedInput", "share_inputs"]
 
@@ -51,7 +53,7 @@ class SharedInput:
 
     def __init__(self, layers):
         self.layers = list(layers)
-        self._input = self._dtype = None
+        self._input = self._kind = None
         self._parts, self._waiting = {}, set()
 
     @staticmethod
@@ -89,18 +91,40 @@ class SharedInput:
                 parts[members[i]] = ops.reshape(out[offset], (*batch_shape, -1))
         return parts
 
-    def update(self, layer, x, dtype):
-        """`layer`'s flat update `scale * x @ A @ B` in `dtype`, computed for
-        the whole group when `x` is not the input the group saw last."""
-        if (x is not self._input or dtype != self._dtype
-                or layer not in self._parts):
-            self._parts = self._compute(x, dtype)
-            self._input, self._dtype, self._waiting = x, dtype, set(self._parts)
+    def _compute_fused(self, x):
+        """Training calls: the members' whole outputs (before bias and
+        activation) by `kft.lora.fused.fused_lora_group`, by layer."""
+        members = [layer for layer in self.layers if layer._fuses()]
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        batch_shape = ops.shape(x)[:-1]
+        factors = [member._factors(dtype) for member in members]
+        outputs = fused_lora_group(
+            ops.reshape(x, (-1, members[0]._fans[0])),
+            [ops.cast(member._flat_kernel(), dtype) for member in members],
+            [a for a, _ in factors], [b for _, b in factors])
+        return {member: ops.reshape(out, (*batch_shape, *member._output_dims))
+                for member, out in zip(members, outputs)}
+
+    def _take(self, layer, x, kind, compute):
+        """`layer`'s part of what `compute(x)` gives the group, computed
+        when `x` (or `kind`) is not what the group saw last."""
+        if x is not self._input or kind != self._kind or layer not in self._parts:
+            self._parts = compute(x)
+            self._input, self._kind, self._waiting = x, kind, set(self._parts)
         part = self._parts[layer]
         self._waiting.discard(layer)
         if not self._waiting:  # every member has its part: hold no tensor
             self._input, self._parts = None, {}
         return part
+
+    def update(self, layer, x, dtype):
+        """`layer`'s flat update `scale * x @ A @ B` in `dtype`."""
+        return self._take(layer, x, dtype, lambda x: self._compute(x, dtype))
+
+    def fused(self, layer, x):
+        """`layer`'s output before bias and activation in a training call
+        (`kft.lora.fused`), computed with its siblings'."""
+        return self._take(layer, x, "fused", self._compute_fused)
 
 
 def _groupable(layer):

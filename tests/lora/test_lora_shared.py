@@ -71,7 +71,7 @@ def test_each_group_computes_once_per_input(monkeypatch):
     update = SharedInput.update
 
     def counting(self, layer, x, dtype):
-        if x is not self._input or dtype != self._dtype:
+        if x is not self._input or dtype != self._kind:
             computed.append(tuple(m.name for m in self.layers))
         return update(self, layer, x, dtype)
 
