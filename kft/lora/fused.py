@@ -5,14 +5,18 @@ Separately, a training step of `y = x @ W + x @ A @ B` reads `x` for the
 base and again for the adapter, writes the base output, reads it back to
 add the update, and in the backward pass likewise reads `dy` twice and
 adds two input gradients. Here, with `W' = W + A @ B` formed per step
-(weight-sized, `fan_in * r * fan_out` flops: small next to the
-`tokens * fan_in * fan_out` of the projection once a step has more
-tokens than about `r` times the layer's fan-out over its fan-in):
+(weight-sized, `fan_in * r * fan_out` flops: `r / tokens` of the
+projection's `tokens * fan_in * fan_out`, small in any training step):
 
-- forward: `[y | x @ A] = x @ [W' | A]`, one matmul reading `x` once;
+- forward: `y = x @ W'`, one projection instead of two and an add;
   `x @ A` (`tokens * r`) is kept for the backward pass;
-- backward: `[dx | dy @ B^T] = dy @ [W' | B]^T`, one matmul reading `dy`
-  once; then `dA = x^T (dy @ B^T)` and `dB = (x @ A)^T dy`.
+- backward: `dx = dy @ W'^T`, one matmul instead of two and an add; then
+  `dA = x^T (dy @ B^T)` and `dB = (x @ A)^T dy`.
+
+Concatenating `[W' | A]` into one forward matmul (and `[W' ; B]` in the
+backward) was measured too: fewer matmuls, but slicing the joint output
+copies an activation each time: 10% more bytes in all (XLA's count
+at the SmolLM2 shape, `benchmarks/lora_cost.py`).
 
 The frozen `W` gets no gradient (its cotangent is zeros, which XLA and
 TensorFlow drop unused), so the step never forms the `(fan_in, fan_out)`
@@ -40,8 +44,6 @@ def fused_lora_matmul(x, kernel, a, b):
     Returns:
         `(tokens, fan_out)`.
     """
-    fan_out = kernel.shape[-1]
-
     @ops.custom_gradient
     def forward(x, kernel, a, b):
         merged = kernel + ops.matmul(a, b)
