@@ -28,8 +28,13 @@ RANK, ALPHA = 8, 16
 # - "keras_hub_lora": keras-hub's `backbone.enable_lora(RANK,
 #   target_layer_names=...)` on the same layers (alpha = rank);
 # - "frozen": no adapter, only the final norm trains (no gradient enters
-#   the transformer layers: about the forward pass and the loss).
-ADAPTERS = ("full", "kft_lora", "keras_lora", "keras_hub_lora", "frozen")
+#   the transformer layers: about the forward pass and the loss);
+# - "backward_floor": no adapter, only the first block's input norm trains:
+#   the gradient goes back through every layer (as any adapter in the
+#   first layer makes it) but no weight gets a gradient of its size. What
+#   a step with adapters in every layer moves at the very least.
+ADAPTERS = ("full", "kft_lora", "keras_lora", "keras_hub_lora", "frozen",
+            "backward_floor")
 
 
 def import_kft_first():
@@ -88,6 +93,9 @@ def build_lm(config, adapter="full", quantize=None, remat=False):
         backbone.enable_lora(RANK, target_layer_names=sorted(names))
     elif adapter == "frozen":
         train_only(lm, [backbone.get_layer("sequence_output_layernorm")])
+    elif adapter == "backward_floor":
+        first = backbone.get_layer("transformer_layer_0")
+        train_only(lm, [first._self_attention_layernorm])
     if remat:
         set_remat(lm)
     return lm

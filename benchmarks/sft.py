@@ -17,7 +17,10 @@ Methods (each in its own process, so peak RSS is its own):
 - `prompt`: kft prompt tuning, 20 virtual tokens (unpacked rows: prompt
   tuning refuses packing);
 - `lora_unpacked`: `lora` on unpacked rows (real tokens/s vs packed);
-- `lora_bf16`: `lora` on a bfloat16 base (step time vs float32).
+- `lora_bf16`: `lora` on a bfloat16 base (step time vs float32);
+- `peft_lora`: PyTorch + Hugging Face PEFT LoRA on the same checkpoint,
+  the same token batches, layers, rank, rate and loss (`_peft_sft.py`,
+  run with `--peft-python`: a separate venv; never a kft dependency).
 
 Per method: held-out completion NLL (mean over the weighted tokens of the
 64 held-out examples) before and after, median step time (steps after the
@@ -79,7 +82,11 @@ METHODS = {
     "lora_unpacked": {"adapter": "kft_lora", "lr": 2e-4, "packing": False},
     "lora_bf16": {"adapter": "kft_lora", "lr": 2e-4, "packing": True,
                   "dtype": "bfloat16"},
+    # PyTorch + PEFT on the same batches (`_peft_sft.py`, `--peft-python`).
+    "peft_lora": {"adapter": "peft", "lr": 2e-4, "packing": True},
 }
+PEFT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "_peft_sft.py")
 _START = time.perf_counter()
 
 
@@ -190,7 +197,40 @@ def real_tokens_per_step(padding_mask, steps):
     return padding_mask[rows].reshape(steps, -1).sum(axis=1)
 
 
-def run_method(name, steps):
+def run_peft(name, spec, x, y, w, steps, peft_python):
+    """The PEFT twin of `lora` on the same token batches, in `peft_python`
+    (a virtual environment with torch, transformers, peft)."""
+    if not peft_python:
+        raise SystemExit("peft_lora needs --peft-python (or KFT_PEFT_PYTHON): "
+                         "the Python of a venv with torch, transformers, peft")
+    with tempfile.TemporaryDirectory() as directory:
+        batches = os.path.join(directory, "batches.npz")
+        np.savez(batches, token_ids=x["token_ids"], padding_mask=x["padding_mask"],
+                 targets=y, weights=w)
+        out = os.path.join(directory, "peft.json")
+        subprocess.run([peft_python, PEFT_SCRIPT, MODEL, batches, out,
+                        str(steps), str(spec["lr"])], check=True)
+        with open(out) as f:
+            peft = json.load(f)
+    times = peft["step_times"]
+    step = statistics.median(times[TRACED:])
+    real_tokens = real_tokens_per_step(x["padding_mask"], steps)[TRACED:].mean()
+    log(f"{name}: steps {[round(t, 2) for t in times]} s, losses "
+        f"{[round(v, 3) for v in peft['losses']]}")
+    nan = float("nan")  # held-out NLL: measured on the kft side only
+    return {
+        "method": name, "nll_before": nan, "nll_after": nan,
+        "train_loss_last": peft["losses"][-1], "step_s": step,
+        "first_step_s": times[0], "min_step_s": min(times[TRACED:]),
+        "step_times": times, "tokens_per_s": float(real_tokens / step),
+        "real_tokens_per_step": float(real_tokens),
+        "peak_rss_mb": peft["peak_rss_mb"], "variable_bytes": 0,
+        "trainable_params": peft["trainable_params"], "steps": steps,
+        "lr": spec["lr"], "packing": spec["packing"],
+    }
+
+
+def run_method(name, steps, peft_python=None):
     spec = METHODS[name]
     keras.utils.set_random_seed(0)
     log(f"{name}: loading {os.path.basename(MODEL)} "
@@ -200,6 +240,8 @@ def run_method(name, steps):
     heldout, _ = arrays(records[TRAIN:], lm, packing=False)
     (x, y, w), stats = arrays(records[:TRAIN], lm, packing=spec["packing"])
     log(f"{name}: train {stats.summary()}")
+    if spec["adapter"] == "peft":
+        return run_peft(name, spec, x, y, w, steps, peft_python)
     model = adapt(lm, spec["adapter"])
     trainable = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     log(f"{name}: {trainable:,} trainable parameters; held-out NLL ...")
@@ -270,6 +312,10 @@ def ratios(results):
          _ratio(results, "lora", "lora_unpacked", "tokens_per_s"), ">= 1.5"),
         ("bf16 step / float32 step", _step_ratio(results, "lora_bf16", "lora"),
          "(report)"),
+        ("kft LoRA step / PEFT LoRA step",
+         _step_ratio(results, "lora", "peft_lora"), "<= 0.9"),
+        ("kft LoRA peak RSS / PEFT peak RSS",
+         _ratio(results, "lora", "peft_lora", "peak_rss_mb"), "<= 1.0"),
     ]
 
 
@@ -305,13 +351,15 @@ def table(results):
 # === Main ===
 
 
-def run_in_subprocess(name, steps):
+def run_in_subprocess(name, steps, peft_python=None):
     """One method in a fresh Python: its own peak RSS, no leftovers."""
     with tempfile.TemporaryDirectory() as directory:
         out = os.path.join(directory, "result.json")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        extra = ["--peft-python", peft_python] if peft_python else []
         code = subprocess.call([sys.executable, __file__, "--worker", name,
-                                "--steps", str(steps), "--out", out], env=env)
+                                "--steps", str(steps), "--out", out, *extra],
+                               env=env)
         if code != 0:
             log(f"{name}: FAILED (exit {code})")
             return None
@@ -325,12 +373,15 @@ def main():
                         help=f"comma-separated, from {list(METHODS)}")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--results", help="JSON file that accumulates results")
+    parser.add_argument("--peft-python", default=os.environ.get("KFT_PEFT_PYTHON"),
+                        help="for peft_lora: the Python of a venv with torch, "
+                        "transformers and peft")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         with open(args.out, "w") as f:
-            json.dump(run_method(args.worker, args.steps), f)
+            json.dump(run_method(args.worker, args.steps, args.peft_python), f)
         return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -344,7 +395,7 @@ def main():
         with open(args.results) as f:
             results = json.load(f)
     for name in methods:
-        result = run_in_subprocess(name, args.steps)
+        result = run_in_subprocess(name, args.steps, args.peft_python)
         if result is None:
             continue
         results[name] = result

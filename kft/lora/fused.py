@@ -52,6 +52,10 @@ def fused_lora_matmul(x, kernel, a, b):
 
         def backward(*upstream, **unused):
             dy = upstream[0]
+            # Formed again rather than kept from the forward pass: a copy of
+            # every adapted kernel alive until the backward pass would cost
+            # more memory than the small matmul costs time.
+            merged = kernel + ops.matmul(a, b)
             dx = ops.matmul(dy, ops.transpose(merged))
             da = ops.matmul(ops.transpose(x), ops.matmul(dy, ops.transpose(b)))
             db = ops.matmul(ops.transpose(xa), dy)
@@ -91,6 +95,8 @@ def fused_lora_group(x, kernels, a_parts, b_parts):
         def backward(*upstream, **unused):
             # TensorFlow passes one cotangent per output, JAX their tuple.
             dys = upstream[0] if len(upstream) == 1 else upstream
+            merged = [w + delta for w, delta in
+                      zip(kernels, _products(a_parts, b_parts))]
             dx = ops.matmul(dys[0], ops.transpose(merged[0]))
             for dy, m in zip(dys[1:], merged[1:]):
                 dx = dx + ops.matmul(dy, ops.transpose(m))
