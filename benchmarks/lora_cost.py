@@ -151,22 +151,32 @@ from _llm import import_kft_first  # noqa: E402
 # Variant name -> `_llm.build_lm` adapter.
 VARIANTS = {"full": "full", "kft_lora": "kft_lora",
             "enable_lora": "keras_hub_lora", "floor": "backward_floor"}
+# Not run by default: kft LoRA with its training calls in the separate
+# form (`x @ W + x @ A @ B` by autodiff), to show what `kft.lora.fused` does.
+EXTRA_VARIANTS = {"kft_lora_unfused": "kft_lora"}
+KNOWN = {**VARIANTS, **EXTRA_VARIANTS}
 METRICS = ("flops", "bytes_accessed", "temp_bytes", "state_arrays", "matmuls")
 # A matmul in optimised HLO: a `dot`, or (XLA:CPU with oneDNN) a custom
 # call to a oneDNN matmul.
 _MATMUL = re.compile(r"\sdot\(|custom_call_target=\"[^\"]*matmul[^\"]*\"")
 
 
-def compiled_step(adapter, config, sequence_length, batch_size, remat=False):
+def compiled_step(adapter, config, sequence_length, batch_size, remat=False,
+                  fused=True, quantize=None):
     """The compiled JAX train step of one variant, and its state."""
     import jax
     import keras
 
+    from kft.lora.dense import LoRADense
+    from kft.lora.dense import LoRAEinsumDense
     from kft.sft.model import SFTCausalLM
+
+    for cls in (LoRADense, LoRAEinsumDense):
+        cls._fusable = fused
 
     keras.config.set_dtype_policy("bfloat16")
     keras.utils.set_random_seed(0)
-    model = SFTCausalLM(build_lm(config, adapter, remat=remat))
+    model = SFTCausalLM(build_lm(config, adapter, quantize=quantize, remat=remat))
     model.compile(optimizer=keras.optimizers.AdamW(2e-4))
     data = tuple(batches(1, batch_size, sequence_length,
                          config["vocabulary_size"], seed=0))
@@ -208,6 +218,7 @@ def _ratios(results):
     """`(numerator, denominator)` pairs of the table: kft/full,
     kft/enable_lora, and each variant with remat / without."""
     pairs = [("kft_lora", "full"), ("kft_lora", "enable_lora"),
+             ("kft_lora", "kft_lora_unfused"),
              ("floor", "full"), ("floor", "enable_lora")]
     pairs += [(f"{name}+remat", name) for name in VARIANTS]
     return [(a, b) for a, b in pairs if a in results and b in results]
@@ -241,15 +252,18 @@ def main():
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, from {list(VARIANTS)}")
+                        help=f"comma-separated, from {list(KNOWN)}")
+    parser.add_argument("--quantize", choices=("int8", "int4"),
+                        help="the base quantized first (QLoRA; for kft_lora "
+                        "and kft_lora_unfused)")
     parser.add_argument("--remat", action="store_true",
                         help="also each variant with its transformer blocks "
                         "rematerialised (kft.remat.set_remat)")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted(set(variants) - set(KNOWN))
     if unknown:
-        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        parser.error(f"unknown variants {unknown}; known: {list(KNOWN)}")
     import_kft_first()
     import keras
 
@@ -262,8 +276,9 @@ def main():
     for name, remat in runs:
         label = f"{name}+remat" if remat else name
         start = time.perf_counter()
-        compiled, state = compiled_step(VARIANTS[name], config, args.seq,
-                                        args.batch, remat=remat)
+        compiled, state = compiled_step(
+            KNOWN[name], config, args.seq, args.batch, remat=remat,
+            fused=not name.endswith("_unfused"), quantize=args.quantize)
         results[label] = measure(compiled, state)
         print(f"{label}: compiled in {time.perf_counter() - start:.0f} s: "
               f"{results[label]}", flush=True)

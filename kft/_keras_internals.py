@@ -16,6 +16,7 @@ __all__ = [
     "child_layers",
     "distribute_strategy",
     "freeze_variable",
+    "grouped_int4_kernel",
     "kernel_variable",
     "mark_trainable_state_compiled",
     "one_gc_collect",
@@ -90,6 +91,38 @@ def kernel_variable(layer):
     """The kernel variable of a Dense / EinsumDense (`layer.kernel` is a
     property that merges Keras' own LoRA; kft needs the variable)."""
     return layer._kernel
+
+
+def grouped_int4_kernel(layer):
+    """The float kernel of a sub-channel (grouped) int4 Dense / EinsumDense,
+    or None for any other layer.
+
+    In the compute dtype and the layer's unpacked kernel shape, computed as
+    Keras' own `_int4_call` dequantizes it for its float matmul (unpack the
+    packed `_kernel` along its last axis; `(q - zero[g]) * scale[g]` with
+    the group `g = g_idx` of each input row; EinsumDense: then reshaped to
+    `original_kernel_shape`), so that kft's fused QLoRA step
+    (`kft.lora.fused`) can dequantize once and use the result in both the
+    forward and the backward pass (Keras dequantizes in each). A test
+    compares it with Keras' own quantized output.
+    """
+    zero, groups = (getattr(layer, "kernel_zero", None),
+                    getattr(layer, "g_idx", None))
+    if layer.quantization_mode != "int4" or zero is None or groups is None:
+        return None
+    einsum = isinstance(layer, keras.layers.EinsumDense)
+    columns = (layer._int4_unpacked_column_size if einsum
+               else layer._orig_output_dim)
+    ops = keras.ops
+    unpacked = keras.quantizers.unpack_int4(
+        ops.convert_to_tensor(layer._kernel), columns, axis=-1, dtype="int8")
+    groups = ops.cast(ops.convert_to_tensor(groups), "int32")
+    scale = ops.take(ops.convert_to_tensor(layer.kernel_scale), groups, axis=0)
+    zero = ops.cast(ops.take(ops.convert_to_tensor(zero), groups, axis=0),
+                    scale.dtype)
+    kernel = ops.cast(ops.multiply(ops.subtract(unpacked, zero), scale),
+                      layer.compute_dtype)
+    return ops.reshape(kernel, layer.original_kernel_shape) if einsum else kernel
 
 
 def mark_trainable_state_compiled(model):

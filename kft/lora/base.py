@@ -53,6 +53,7 @@ import numpy as np
 from keras import ops
 
 from kft._keras_internals import all_layers
+from kft._keras_internals import grouped_int4_kernel
 from kft._keras_internals import kernel_variable
 from kft._keras_internals import requantized_kernel
 from kft.lora.fused import fused_lora_matmul
@@ -218,9 +219,10 @@ class _LoRAMixin:
         residual = flat - self.scale * (a @ b)
         kernel.assign(ops.cast(self._to_kernel(residual), kernel.dtype))
 
-    def _flat_kernel(self):
-        """The kernel as `(fan_in, fan_out)` (the adapters' layout)."""
-        kernel = self._base_kernel()
+    def _flat_kernel(self, kernel=None):
+        """The kernel (or `kernel`, in its layout) as `(fan_in, fan_out)`
+        (the adapters' layout)."""
+        kernel = self._base_kernel() if kernel is None else kernel
         if self._delta_axes is not None:
             inverse = tuple(int(i) for i in np.argsort(self._delta_axes))
             kernel = ops.transpose(kernel, inverse)
@@ -325,17 +327,28 @@ class _LoRAMixin:
     _fusable = False
 
     def _fuses(self):
-        """Whether a training call runs `kft.lora.fused`: a plain float
-        adapter that runs (DoRA, dropout, a quantized base: no)."""
+        """Whether a training call runs `kft.lora.fused`: an adapter that
+        runs, without DoRA or dropout, on a float or grouped-int4 base
+        (Keras' int8 base keeps its own int8 matmul, which dequantizes the
+        kernel once, in the backward pass)."""
         return (self._fusable and self.adapter_enabled and not self.use_dora
-                and not self.dropout and not self.quantization_mode)
+                and not self.dropout and (not self.quantization_mode or (
+                    self.quantization_mode == "int4"
+                    and getattr(self, "g_idx", None) is not None)))
+
+    def _fused_kernel(self, dtype):
+        """The `(fan_in, fan_out)` base kernel in `dtype` for the fused
+        step: a grouped int4 kernel dequantized (once a step: the fused
+        gradient reuses it)."""
+        kernel = grouped_int4_kernel(self)
+        return ops.cast(self._flat_kernel(kernel), dtype)
 
     def _fused_output(self, inputs):
         """`x @ (W + scale A B)` in one matmul with `kft.lora.fused`'s
         gradient, before the bias and the activation."""
         dtype = keras.backend.standardize_dtype(inputs.dtype)
         a, b = self._factors(dtype)
-        kernel = ops.cast(self._flat_kernel(), dtype)
+        kernel = self._fused_kernel(dtype)
         batch_shape = ops.shape(inputs)[:len(inputs.shape) - self._contracted]
         flat = ops.reshape(inputs, (-1, self._fans[0]))
         outputs = fused_lora_matmul(flat, kernel, a, b)
@@ -348,6 +361,8 @@ class _LoRAMixin:
             raise NotImplementedError(
                 f"LoRA layer {self.name!r} supports float, 'int8' and 'int4' "
                 f"bases. Received: quantization_mode={self.quantization_mode!r}")
+        if training and self._fuses():  # grouped int4: one dequantization
+            return self._finish(self._adapted(inputs, training))
         activation = self.activation
         nonlinear = activation not in (None, keras.activations.linear)
         if nonlinear:

@@ -100,7 +100,7 @@ class SharedInput:
         factors = [member._factors(dtype) for member in members]
         outputs = fused_lora_group(
             ops.reshape(x, (-1, members[0]._fans[0])),
-            [ops.cast(member._flat_kernel(), dtype) for member in members],
+            [member._fused_kernel(dtype) for member in members],
             [a for a, _ in factors], [b for _, b in factors])
         return {member: ops.reshape(out, (*batch_shape, *member._output_dims))
                 for member, out in zip(members, outputs)}

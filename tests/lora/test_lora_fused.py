@@ -135,3 +135,62 @@ def test_dropout_dora_and_quantized_layers_keep_the_separate_form():
     layers = {layer.name: layer for layer in lora_layers(model)}
     assert not layers["query"]._fuses() and not layers["key"]._fuses()
     assert layers["value"]._fuses()
+
+
+def _int4_block():
+    inputs = keras.Input((5, 16))
+    q = keras.layers.EinsumDense("btd,ndh->btnh", (5, 2, 4), name="query")(inputs)
+    k = keras.layers.EinsumDense("abc,cde->abde", (5, 2, 4), name="key")(inputs)
+    mixed = keras.layers.Concatenate()([keras.layers.Reshape((5, 8))(q),
+                                        keras.layers.Reshape((5, 8))(k)])
+    outputs = keras.layers.Dense(3, name="down", activation="gelu")(mixed)
+    model = keras.Model(inputs, outputs)
+    model.quantize("int4")  # Keras' default: groups of 128 input rows
+    return model
+
+
+def test_grouped_int4_kernel_is_what_keras_computes_with():
+    from kft._keras_internals import grouped_int4_kernel
+
+    model = _int4_block()
+    x = RNG.normal(size=(2, 5, 16)).astype("float32")
+    for name in ("query", "key"):
+        layer = model.get_layer(name)
+        kernel = grouped_int4_kernel(layer)
+        expected = np.asarray(layer(x))  # no bias
+        np.testing.assert_array_equal(
+            np.asarray(ops.einsum(layer.equation, x, kernel)), expected)
+    assert grouped_int4_kernel(keras.layers.Dense(2)) is None
+
+
+def test_qlora_int4_training_calls_dequantize_once_with_the_same_gradients(
+        monkeypatch):
+    import kft.lora.base as base
+
+    model = _int4_block()
+    apply_lora(model, targets=("query", "key", "down"), rank=2)
+    assert share_inputs(model) == 1  # query and key
+    for layer in lora_layers(model):
+        layer.lora_b.assign(RNG.normal(size=layer.lora_b.shape).astype("float32"))
+        assert layer._fuses()
+    x = RNG.normal(size=(3, 5, 16)).astype("float32")
+    dequantized = []
+    original = base.grouped_int4_kernel
+    monkeypatch.setattr(base, "grouped_int4_kernel", lambda layer: (
+        dequantized.append(layer.name) or original(layer)))
+    results = {}
+    for training in (True, False):
+        dequantized.clear()
+        with tf.GradientTape() as tape:
+            y = model(x, training=training)
+            loss = tf.reduce_sum(y * y)
+        results[training] = (np.asarray(y), tape.gradient(
+            loss, model.trainable_variables), sorted(dequantized))
+    (y1, g1, once), (y0, g0, _) = results[True], results[False]
+    assert once == ["down", "key", "query"]  # forward and backward share it
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+    for variable, got, want in zip(model.trainable_variables, g1, g0):
+        scale = np.abs(np.asarray(want)).max()
+        np.testing.assert_allclose(np.asarray(got) / scale,
+                                   np.asarray(want) / scale, atol=1e-5,
+                                   err_msg=variable.path)
