@@ -5,7 +5,9 @@ A LoRA layer computes `x @ W + b + (alpha / rank) * dropout(x) @ A @ B`
 with `W` (and `b`) frozen, so the full weight gradient is never formed
 (Keras' `Dense.enable_lora` rebuilds the merged kernel every step). It
 has dropout, `merge()` / `unmerge()`, and saves its adapters as weights
-of their own. `apply_lora` adapts the matching layers of a built model in
+of their own. In training, a Dense / EinsumDense LoRA layer runs as one
+matmul `x @ (W + scale A B)` with a gradient that forms no weight
+gradient either (`kft.lora.fused`). `apply_lora` adapts the matching layers of a built model in
 place (keras-hub backbones included); `save_adapter` / `load_adapter`
 write and read the adapters alone.
 
@@ -22,7 +24,9 @@ name=)`, `set_adapter`, `combine_adapters`: `kft.lora.adapters`), and
 QLoRA: the base may be quantized by Keras (`model.quantize("int8")` or
 `"int4"`), before `apply_lora` (the usual order) or after it. The frozen
 base then runs through Keras' own int8 / int4 path and the float32
-adapters are added to its output; `merge` requantizes (see `merge_lora`
+adapters are added to its output (training calls on Keras' grouped int4
+base dequantize it once a step for `kft.lora.fused` instead); `merge`
+requantizes (see `merge_lora`
 for the error this adds). `.keras` files keep such a model as it is (int8
 or packed int4 kernel, scales, adapters); adapter files load onto a base
 quantized the same way. DoRA and PiSSA / OLoRA need a float kernel when
@@ -33,7 +37,8 @@ stays float when the model is quantized later.
 The package, by role: `config` (`LoRAConfig`), `base` (the layer mixin:
 adapters, DoRA, merge), `dense`, `conv`, `embedding` (the layers),
 `initializers`, `model` (targets, `apply_lora`, `merge_lora`), `shared`
-(adapters that read one input computed together), `adapters` (named
+(adapters that read one input computed together), `fused` (the training
+call's matmul and gradient), `adapters` (named
 adapters), `io` (adapter files) and `peft_families` /
 `peft_save` / `peft_load` (Hugging Face PEFT's format). Add a LoRA
 variant in `base` / `initializers`, a layer type beside `dense`.
