@@ -287,16 +287,19 @@ class _LoRAMixin:
         update = ops.matmul(ops.matmul(flat, a), b)
         return ops.reshape(update, (*batch_shape, *self._output_dims))
 
-    def _update(self, x, dtype):
-        """`scale * x @ A @ B` in `dtype` (the base output's), in the
-        output's layout. `x @ A` comes from the
-        layer's `kft.lora.shared.SharedInput` group when it has one."""
+    def _update(self, inputs, dtype, training):
+        """`(dropped inputs, scale * dropout(x) @ A @ B)`, the update in
+        `dtype` (the base output's) and the output's layout. With a
+        `kft.lora.shared.SharedInput` group, `x @ A` (and the dropout mask,
+        one for the group) come from the group."""
         dtype = keras.backend.standardize_dtype(dtype)
         group = getattr(self, "_kft_shared_input", None)
         if group is None:
-            return self._adapter_output(x, *self._factors(dtype))
-        update = group.update(self, x, dtype)
-        return ops.reshape(update, (*ops.shape(x)[:-1], *self._output_dims))
+            x = self._dropped(inputs, training)
+            return x, self._adapter_output(x, *self._factors(dtype))
+        update = group.update(self, inputs, dtype, training)
+        shape = (*ops.shape(inputs)[:-1], *self._output_dims)
+        return inputs, ops.reshape(update, shape)
 
     def _adapted(self, inputs, training):
         """The base output plus the (DoRA-scaled) update, before the bias
@@ -309,8 +312,9 @@ class _LoRAMixin:
         base = self._base_output(inputs)
         if not self.adapter_enabled:
             return base
-        x = self._dropped(inputs, training)
-        update = self._update(x, base.dtype)
+        # (A group holds no DoRA layer with dropout: `x` is the dropped
+        # input for DoRA's base term below.)
+        x, update = self._update(inputs, base.dtype, training)
         if not self.use_dora:
             return base + update
         excess = self._dora_factor_minus_one()
@@ -374,8 +378,7 @@ class _LoRAMixin:
         finally:
             self.activation = activation
         if self.adapter_enabled:
-            update = self._update(self._dropped(inputs, training), outputs.dtype)
-            outputs = outputs + update
+            outputs = outputs + self._update(inputs, outputs.dtype, training)[1]
         return activation(outputs) if nonlinear else outputs
 
     def merge(self):

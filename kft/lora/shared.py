@@ -14,7 +14,9 @@ grouping of the work changes.
 A layer called with another input than the group's last one (the key and
 value of a cross-attention layer read the encoder's states, the query
 the decoder's) computes the group's projection of that input instead, so
-every result stays exact. Groups are not saved: `apply_lora`,
+every result stays exact. With dropout, the group draws one mask for
+all its members (one dropout over `x` instead of one per adapter; PEFT
+draws one per module). Groups are not saved: `apply_lora`,
 `load_adapter` and loading a LoRA-adapted keras-hub backbone form them,
 and a model without them computes each adapter on its own.
 """
@@ -48,7 +50,9 @@ class SharedInput:
 
     Args:
         layers: the LoRA layers, with one fan-in, their input's last axis
-            contracted, and no dropout.
+            contracted, and one dropout rate (in training the group drops
+            `x` once: one mask for all of them; DoRA layers with dropout
+            are not grouped, their base term needs their own mask).
     """
 
     def __init__(self, layers):
@@ -68,10 +72,14 @@ class SharedInput:
                 runs.append([index])
         return runs
 
-    def _compute(self, x, dtype):
+    def _compute(self, x, dtype, training):
         """The parts of the members whose adapters run (not merged or
-        switched off), by layer."""
+        switched off), by layer; in training, `x` dropped once for all of
+        them (the members share one dropout rate)."""
         members = [layer for layer in self.layers if layer.adapter_enabled]
+        first = self.layers[0]
+        if training and first.dropout:
+            x = keras.random.dropout(x, first.dropout, seed=first._dropout_seed)
         batch_shape = ops.shape(x)[:-1]
         a = ops.concatenate(
             [ops.cast(member.lora_a, dtype) for member in members], axis=-1)
@@ -117,9 +125,11 @@ class SharedInput:
             self._input, self._parts = None, {}
         return part
 
-    def update(self, layer, x, dtype):
-        """`layer`'s flat update `scale * x @ A @ B` in `dtype`."""
-        return self._take(layer, x, dtype, lambda x: self._compute(x, dtype))
+    def update(self, layer, x, dtype, training=False):
+        """`layer`'s flat update `scale * dropout(x) @ A @ B` in `dtype`."""
+        training = bool(training and layer.dropout)
+        return self._take(layer, x, (dtype, training),
+                          lambda x: self._compute(x, dtype, training))
 
     def fused(self, layer, x):
         """`layer`'s output before bias and activation in a training call
@@ -128,7 +138,9 @@ class SharedInput:
 
 
 def _groupable(layer):
-    return (isinstance(layer, _LoRAMixin) and layer.built and not layer.dropout
+    # DoRA's base term needs each layer's own dropped input.
+    return (isinstance(layer, _LoRAMixin) and layer.built
+            and not (layer.dropout and layer.use_dora)
             and getattr(layer, "_contracted", None) == 1)
 
 
@@ -145,7 +157,8 @@ def share_inputs(model):
             members = [children[name] for name in names
                        if name in children and _groupable(children[name])]
             fan_ins = {member.lora_a.shape[0] for member in members}
-            if len(members) < 2 or len(fan_ins) != 1:
+            dropouts = {member.dropout for member in members}
+            if len(members) < 2 or len(fan_ins) != 1 or len(dropouts) != 1:
                 continue
             group = SharedInput(members)
             for member in members:

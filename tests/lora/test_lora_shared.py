@@ -70,10 +70,10 @@ def test_each_group_computes_once_per_input(monkeypatch):
     computed = []
     update = SharedInput.update
 
-    def counting(self, layer, x, dtype):
-        if x is not self._input or dtype != self._kind:
+    def counting(self, layer, x, dtype, training=False):
+        if x is not self._input or (dtype, False) != self._kind:
             computed.append(tuple(m.name for m in self.layers))
-        return update(self, layer, x, dtype)
+        return update(self, layer, x, dtype, training)
 
     monkeypatch.setattr(SharedInput, "update", counting)
     lm(BATCH)
@@ -111,10 +111,31 @@ def test_siblings_reading_different_inputs_stay_exact():
     np.testing.assert_allclose(grouped, np.asarray(model(x)), rtol=1e-6, atol=1e-6)
 
 
-def test_no_group_with_dropout_and_groups_after_loading(tmp_path):
+def test_a_group_draws_one_dropout_mask(monkeypatch):
     lm = tiny_causal_lm()
-    apply_lora(lm, targets="all-linear", rank=4, dropout=0.1)
-    assert _groups(lm) == []  # each layer draws its own dropout mask
+    apply_lora(lm, targets="all-linear", rank=4, dropout=0.5)
+    groups = _groups(lm)
+    assert groups == _groups_without_dropout()
+    _random_b(lm)
+    expected = np.asarray(lm(BATCH))  # inference: no dropout
+    calls = []
+    dropout = keras.random.dropout
+    monkeypatch.setattr(keras.random, "dropout", lambda x, *a, **k: (
+        calls.append(tuple(x.shape)) or dropout(x, *a, **k)))
+    trained = np.asarray(lm(BATCH, training=True))
+    grouped = sum(len(group) for group in groups)
+    assert len(calls) == len(groups) + len(lora_layers(lm)) - grouped
+    assert np.abs(trained - expected).max() > 1e-4  # the masks did apply
+    np.testing.assert_allclose(np.asarray(lm(BATCH)), expected, atol=1e-6)
+
+
+def _groups_without_dropout():
+    lm = tiny_causal_lm()
+    apply_lora(lm, targets="all-linear", rank=4)
+    return _groups(lm)
+
+
+def test_groups_after_loading(tmp_path):
     import keras_hub
 
     bert = keras_hub.models.BertBackbone(
