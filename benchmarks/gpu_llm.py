@@ -14,6 +14,8 @@ sequence 512, batch 8, every token real and weighted. Methods:
 - `qlora_int8`, `qlora_int4`: `lora` on a base quantized as
   `build_causal_lm(quantize=...)` does (`kft.causal_lm._quantize`:
   weight-only int8; int4 in 128-wide groups with an int8 embedding);
+- `enable_lora`: keras-hub's `backbone.enable_lora(8,
+  target_layer_names=[the same seven projections])`;
 - diagnostics (`--methods` names them; not run by default): `keras_lora`,
   Keras' own `layer.enable_lora(8, lora_alpha=16)` on the same layers
   (its EinsumDense factors differ: 3.9M trainable, not 2.4M), and
@@ -38,7 +40,8 @@ that fails reports its error; the others go on. kft's modules are
 imported before Keras, so that they load without TensorFlow.
 
     KERAS_BACKEND=jax python benchmarks/gpu_llm.py [--out gpu_llm.json]
-        [--methods full,lora,qlora_int8,qlora_int4] [--dtypes bfloat16,float32]
+        [--methods full,lora,qlora_int8,qlora_int4,enable_lora]
+        [--dtypes bfloat16,float32]
         [--steps 10] [--budget 330] [--parallel 4] [--tiny]
 
 `--tiny` (2 layers, hidden 64, sequence 32, batch 2) checks the script on
@@ -72,12 +75,15 @@ METHODS = {
     "lora": {"adapter": "kft_lora", "quantize": None, "lr": 2e-4},
     "qlora_int8": {"adapter": "kft_lora", "quantize": "int8", "lr": 2e-4},
     "qlora_int4": {"adapter": "kft_lora", "quantize": "int4", "lr": 2e-4},
+    # keras-hub's `backbone.enable_lora(8, target_layer_names=...)` on the
+    # same seven projections: issue 24's "LoRA <= 0.9x enable_lora".
+    "enable_lora": {"adapter": "keras_hub_lora", "quantize": None, "lr": 2e-4},
     # Diagnostics, not run by default: where LoRA's time goes ("frozen":
     # the forward pass and loss, about; see the module docstring).
     "keras_lora": {"adapter": "keras_lora", "quantize": None, "lr": 2e-4},
     "frozen": {"adapter": "frozen", "quantize": None, "lr": 2e-4},
 }
-DEFAULT_METHODS = ("full", "lora", "qlora_int8", "qlora_int4")
+DEFAULT_METHODS = ("full", "lora", "qlora_int8", "qlora_int4", "enable_lora")
 DTYPES = ("bfloat16", "float32")
 DISCARDED = 2  # first steps of the timed fit, left out of the median
 _START = time.perf_counter()
