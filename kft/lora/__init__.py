@@ -7,9 +7,9 @@ with `W` (and `b`) frozen, so the full weight gradient is never formed
 has dropout, `merge()` / `unmerge()`, and saves its adapters as weights
 of their own. In training, a Dense / EinsumDense LoRA layer runs as one
 matmul `x @ (W + scale A B)` with a gradient that forms no weight
-gradient either (`kft.lora.fused`). `apply_lora` adapts the matching layers of a built model in
-place (keras-hub backbones included); `save_adapter` / `load_adapter`
-write and read the adapters alone.
+gradient either (`kft.lora.fused`). `apply_lora` adapts the matching
+layers of a built model in place (keras-hub backbones included);
+`save_adapter` / `load_adapter` write and read the adapters alone.
 
 Variants, as PEFT names them: DoRA (`use_dora=True`, see
 `kft.lora.base`), the initialisations `init="default" | "gaussian" |

@@ -89,12 +89,12 @@ def fused_lora_group(x, kernels, a_parts, b_parts):
         merged = [w + delta for w, delta in
                   zip(kernels, _products(a_parts, b_parts))]
         ys = tuple(ops.matmul(x, m) for m in merged)
-        xa = ops.split(ops.matmul(x, ops.concatenate(a_parts, axis=-1)),
-                       _offsets(ranks), axis=-1)
+        xa = _split(ops.matmul(x, ops.concatenate(a_parts, axis=-1)), ranks)
 
         def backward(*upstream, **unused):
             # TensorFlow passes one cotangent per output, JAX their tuple.
-            dys = upstream[0] if len(upstream) == 1 else upstream
+            dys = (upstream[0] if len(upstream) == 1
+                   and isinstance(upstream[0], (tuple, list)) else upstream)
             merged = [w + delta for w, delta in
                       zip(kernels, _products(a_parts, b_parts))]
             dx = ops.matmul(dys[0], ops.transpose(merged[0]))
@@ -102,9 +102,8 @@ def fused_lora_group(x, kernels, a_parts, b_parts):
                 dx = dx + ops.matmul(dy, ops.transpose(m))
             dybs = [ops.matmul(dy, ops.transpose(b))
                     for dy, b in zip(dys, b_parts)]
-            da = ops.split(ops.matmul(ops.transpose(x),
-                                      ops.concatenate(dybs, axis=-1)),
-                           _offsets(ranks), axis=-1)
+            da = _split(ops.matmul(ops.transpose(x),
+                                   ops.concatenate(dybs, axis=-1)), ranks)
             db = [ops.matmul(ops.transpose(p), dy) for p, dy in zip(xa, dys)]
             return (dx, *[ops.zeros_like(w) for w in kernels], *da, *db)
 
@@ -133,10 +132,12 @@ def _products(a_parts, b_parts):
     return products
 
 
-def _offsets(sizes):
-    """Where `ops.split` cuts parts of `sizes`."""
+def _split(joint, sizes):
+    """`joint`'s last axis cut into parts of `sizes`."""
+    if len(sizes) == 1:
+        return [joint]
     offsets, total = [], 0
     for size in sizes[:-1]:
         total += size
         offsets.append(total)
-    return offsets
+    return ops.split(joint, offsets, axis=-1)

@@ -127,6 +127,33 @@ def test_training_calls_match_inference_calls_with_gradients(grouped, monkeypatc
         "lora_a", "lora_b"}
 
 
+def test_a_group_with_one_adapter_left_running_still_fuses():
+    model = _attention_block()
+    apply_lora(model, targets=("feedforward_gate_dense",
+                               "feedforward_intermediate_dense"), rank=2)
+    assert share_inputs(model) == 1
+    for layer in lora_layers(model):
+        layer.lora_b.assign(RNG.normal(size=layer.lora_b.shape).astype("float32"))
+    model.get_layer("feedforward_gate_dense").merge()  # up alone runs its adapter
+    x = RNG.normal(size=(3, 5, 8)).astype("float32")
+    results = {}
+    for training in (True, False):
+        with tf.GradientTape() as tape:
+            y = model(x, training=training)
+            loss = tf.reduce_sum(y * y)
+        results[training] = np.asarray(y), tape.gradient(
+            loss, model.trainable_variables)
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5,
+                               atol=1e-4)
+    for got, want in zip(results[True][1], results[False][1]):
+        if want is None:  # the merged layer's adapter: out of both steps
+            assert got is None
+            continue
+        scale = np.abs(np.asarray(want)).max() or 1.0
+        np.testing.assert_allclose(np.asarray(got) / scale,
+                                   np.asarray(want) / scale, atol=1e-5)
+
+
 def test_dropout_dora_and_quantized_layers_keep_the_separate_form():
     model = _attention_block()
     apply_lora(model, targets=("query",), rank=2, dropout=0.1)
