@@ -13,7 +13,8 @@ float32) on the same token batches `sft.py` made for kft (an `.npz` of
 `token_ids`, `padding_mask`, targets and weights), with PEFT LoRA on the
 same seven projections (rank 8, alpha 16, no dropout), Adam at the same
 rate and the same loss (token cross-entropy averaged over the weighted
-tokens), and writes the step times and its peak RSS as JSON.
+tokens), and writes the step times, its peak RSS and the bytes of its
+parameters as JSON.
 
     python _peft_sft.py MODEL_DIR BATCHES.npz OUT.json STEPS LR
 """
@@ -66,6 +67,8 @@ def main(model_dir, batches, out, steps, lr, batch_size=8):
                    "threads": torch.get_num_threads(),
                    "peak_rss_mb": resource.getrusage(
                        resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "variable_bytes": sum(p.numel() * p.element_size()
+                                         for p in model.parameters()),
                    "trainable_params": sum(p.numel() for p in model.parameters()
                                            if p.requires_grad)}, f)
 

@@ -224,7 +224,7 @@ def run_peft(name, spec, x, y, w, steps, peft_python):
         "first_step_s": times[0], "min_step_s": min(times[TRACED:]),
         "step_times": times, "tokens_per_s": float(real_tokens / step),
         "real_tokens_per_step": float(real_tokens),
-        "peak_rss_mb": peft["peak_rss_mb"], "variable_bytes": 0,
+        "peak_rss_mb": peft["peak_rss_mb"], "variable_bytes": peft["variable_bytes"],
         "trainable_params": peft["trainable_params"], "steps": steps,
         "lr": spec["lr"], "packing": spec["packing"],
     }

@@ -25,7 +25,6 @@ import numpy as np
 
 from kft._keras_internals import trainable_variable_lists
 from kft._keras_internals import unlocked_tracker
-from kft.lora.base import adapter_array
 from kft.lora.base import drop_variable
 from kft.lora.base import lora_layers
 from kft.lora.base import retrace
@@ -41,7 +40,7 @@ COMBINATIONS = ("cat", "linear")
 def adapter_values(layer):
     """One layer's adapter as `{variable name: array}` (host copies)."""
     names = ("lora_a", "lora_b") + (("lora_magnitude",) if layer.use_dora else ())
-    return {name: np.array(adapter_array(layer, name)) for name in names}
+    return {name: np.array(layer.trained_value(name)) for name in names}
 
 
 def assign_adapter(layer, values):
@@ -57,15 +56,9 @@ def assign_adapter(layer, values):
         a = np.pad(a, ((0, 0), (0, missing)))
         b = np.pad(b, ((0, missing), (0, 0)))
     layer.lora_a.assign(a)
-    parked = layer._kft_parked or {}  # switched off: the values wait there
-    news = {"lora_b": b}
+    layer.assign_trained("lora_b", b)  # switched off: into the parked copy
     if layer.use_dora:
-        news["lora_magnitude"] = np.asarray(values["lora_magnitude"])
-    for name, value in news.items():
-        if name in parked:
-            parked[name] = value
-        else:
-            getattr(layer, name).assign(value)
+        layer.assign_trained("lora_magnitude", values["lora_magnitude"])
 
 
 def _adapter_store(model):
@@ -130,15 +123,13 @@ def disable_adapters(model):
                 f"Layer {layer.path!r} is merged: unmerge it before disabling.")
     for layer in lora_layers(model):
         layer._park()
-        layer._kft_disabled = True
 
 
 def enable_adapters(model):
     """Undoes `disable_adapters` (no retrace either)."""
     for layer in lora_layers(model):
-        if layer._kft_disabled:
+        if layer._switched_off:
             layer._unpark()
-            layer._kft_disabled = False
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ magnitude) move to the host and the variables hold what makes the update
 vanish (`B = 0`; a magnitude equal to the kernel's column norms), so
 functions traced before keep running, exactly, without a retrace; the
 parked values come back on `unmerge()` / `enable_adapters`, and are what
-saving writes and adapter files hold (`adapter_array`). Steps traced
+saving writes and adapter files hold (`trained_value`). Steps traced
 while merged leave the update out. Inside a traced step (a DPO or GRPO
 reference pass) `kft.lora.adapters.adapters_disabled` leaves it out of
 the calls in its block, a Python flag read when the step is traced.
@@ -62,8 +62,7 @@ from kft.lora.initializers import check_init
 from kft.lora.initializers import olora_factors
 from kft.lora.initializers import pissa_factors
 
-__all__ = ["ADAPTER_VARIABLES", "QUANTIZED_MODES", "adapter_array",
-           "lora_layers"]
+__all__ = ["ADAPTER_VARIABLES", "QUANTIZED_MODES", "lora_layers"]
 
 # Every variable a LoRA layer adds to its base (none of them is the base).
 ADAPTER_VARIABLES = ("lora_a", "lora_b", "lora_magnitude", "lora_a_init",
@@ -104,8 +103,7 @@ class _LoRAMixin:
         self.use_dora = bool(use_dora)
         self.init = check_init(init)
         self._kft_adapter_off = False  # in an `adapters_disabled` block
-        self._kft_disabled = False  # by `disable_adapters`: parked
-        self._kft_parked = None
+        self._kft_parked = None  # {name: host array} while merged or off
 
     @property
     def adapter_enabled(self):
@@ -129,6 +127,26 @@ class _LoRAMixin:
         for name, value in (self._kft_parked or {}).items():
             getattr(self, name).assign(value)
         self._kft_parked = None
+
+    @property
+    def _switched_off(self):
+        """Parked by `kft.lora.disable_adapters` (parked, not merged)."""
+        return self._kft_parked is not None and not self.merged
+
+    def trained_value(self, name):
+        """The adapter variable `name` (`"lora_a"`, `"lora_b"`,
+        `"lora_magnitude"`) as trained: its parked host copy while the
+        layer is merged or switched off, else the variable."""
+        parked = self._kft_parked or {}
+        return parked[name] if name in parked else getattr(self, name)
+
+    def assign_trained(self, name, value):
+        """Sets the adapter variable `name` as trained (into its parked copy
+        while parked, so it comes back on unpark)."""
+        if self._kft_parked and name in self._kft_parked:
+            self._kft_parked[name] = np.asarray(value)
+        else:
+            getattr(self, name).assign(value)
 
     @property
     def scale(self):
@@ -390,7 +408,6 @@ class _LoRAMixin:
         if self.merged:
             return
         self._unpark()  # a switched-off adapter merges as it was trained
-        self._kft_disabled = False
         if self.quantization_mode:
             # Kept on the host so that unmerge() can restore them exactly.
             self._kft_unmerged = [np.array(v) for v in self._quantized_state()]
@@ -470,9 +487,10 @@ class _LoRAMixin:
     # A parked adapter is saved with its own values, and switched-off
     # layers with `lora_active = 0` (the flag files had before parking).
     def save_own_variables(self, store):
+        parked = self._kft_parked or {}
         for variable in self.variables:
-            store[variable.name] = adapter_array(self, variable.name, variable)
-        if self._kft_disabled:
+            store[variable.name] = parked.get(variable.name, variable)
+        if self._switched_off:
             store[_LEGACY_FLAG] = np.zeros((), "float32")
 
     def load_own_variables(self, store):
@@ -480,10 +498,8 @@ class _LoRAMixin:
         for variable in self.variables:
             if variable.name in store:
                 variable.assign(store[variable.name])
-        off = (_LEGACY_FLAG in store
-               and float(np.asarray(store[_LEGACY_FLAG])) == 0.0)
-        self._kft_disabled = off and not self.merged
-        if self.merged or off:
+        if self.merged or (_LEGACY_FLAG in store
+                           and float(np.asarray(store[_LEGACY_FLAG])) == 0.0):
             self._park()
 
     def _lora_config(self):
@@ -491,15 +507,6 @@ class _LoRAMixin:
                 "dropout": self.dropout, "use_rslora": self.use_rslora,
                 "merged": self.merged, "use_dora": self.use_dora,
                 "init": self.init}
-
-
-def adapter_array(layer, name, variable=None):
-    """A LoRA layer's adapter variable `name` as trained: its parked value
-    while merged or switched off, else the variable itself."""
-    parked = getattr(layer, "_kft_parked", None)
-    if parked and name in parked:
-        return parked[name]
-    return getattr(layer, name) if variable is None else variable
 
 
 def drop_variable(variables, variable):

@@ -92,9 +92,7 @@ def plain_lora_weights(layer):
     (`alpha` rescaled for the new rank), exact to float rounding (PEFT's
     conversion).
     """
-    # A parked adapter (merged, switched off) keeps its `B` on the host.
-    parked = getattr(layer, "_kft_parked", None) or {}
-    a, b = np.asarray(layer.lora_a), np.asarray(parked.get("lora_b", layer.lora_b))
+    a, b = np.asarray(layer.lora_a), np.asarray(layer.trained_value("lora_b"))
     if layer.init not in KERNEL_INITS:
         return a, b, layer.adapter_rank, layer.alpha
     rank = 2 * layer.adapter_rank

@@ -15,7 +15,6 @@ from kft._keras_internals import all_layers
 from kft._keras_internals import kernel_variable
 from kft.backbones.anatomy import describe
 from kft.backbones.anatomy import is_keras_hub_backbone
-from kft.lora.base import adapter_array
 from kft.lora.base import lora_layers
 from kft.lora.peft_families import CONFIG_FILE
 from kft.lora.peft_families import MAGNITUDE_SUFFIX
@@ -88,7 +87,7 @@ def _magnitude(members, plain):
     parts = []
     for layer, base in zip(members, plain):
         if layer is not None:
-            parts.append(np.asarray(adapter_array(layer, "lora_magnitude"),
+            parts.append(np.asarray(layer.trained_value("lora_magnitude"),
                                     "float32"))
         else:
             kernel = np.asarray(kernel_variable(base), "float32")
@@ -116,7 +115,7 @@ def _export_group(members, plain):
         and np.array_equal(np.asarray(layer.lora_a), np.asarray(first.lora_a))
         for layer in present)
     if shared:
-        b = np.concatenate([np.asarray(adapter_array(layer, "lora_b")).T
+        b = np.concatenate([np.asarray(layer.trained_value("lora_b")).T
                             for layer in members])
         return np.asarray(first.lora_a).T, b, first.rank, first.alpha, magnitude
     rank = sum(layer.rank for layer in present)
@@ -127,7 +126,7 @@ def _export_group(members, plain):
         block = np.zeros((layer_fans(base)[1], rank), "float32")
         if layer is not None:
             block[:, column:column + layer.rank] = (
-                np.asarray(adapter_array(layer, "lora_b")).T
+                np.asarray(layer.trained_value("lora_b")).T
                 * (layer.scale / first.scale))
             column += layer.rank
         blocks.append(block)

@@ -84,6 +84,34 @@ def _attention_block():
     return keras.Model(inputs, outputs)
 
 
+def _random_b(model):
+    for layer in lora_layers(model):
+        layer.lora_b.assign(RNG.normal(size=layer.lora_b.shape).astype("float32"))
+
+
+def _step(model, x, training):
+    """`(outputs, gradients of the trainable variables)` of one call."""
+    with tf.GradientTape() as tape:
+        y = model(x, training=training)
+        loss = tf.reduce_sum(y * y)
+    return np.asarray(y), tape.gradient(loss, model.trainable_variables)
+
+
+def _assert_same_step(model, trained, inferred):
+    """A training call's outputs and gradients equal an inference call's
+    (the separate form), gradients relative to their largest entry."""
+    np.testing.assert_allclose(trained[0], inferred[0], rtol=1e-5, atol=1e-4)
+    for variable, got, want in zip(model.trainable_variables, trained[1],
+                                   inferred[1]):
+        if want is None:  # a merged layer's adapter: out of both calls
+            assert got is None, variable.path
+            continue
+        scale = np.abs(np.asarray(want)).max() or 1.0
+        np.testing.assert_allclose(np.asarray(got) / scale,
+                                   np.asarray(want) / scale, atol=1e-5,
+                                   err_msg=variable.path)
+
+
 @pytest.mark.parametrize("grouped", [True, False])
 def test_training_calls_match_inference_calls_with_gradients(grouped, monkeypatch):
     from kft.lora.base import _LoRAMixin
@@ -97,32 +125,19 @@ def test_training_calls_match_inference_calls_with_gradients(grouped, monkeypatc
             layer._kft_shared_input = None
     else:
         assert share_inputs(model) == 2
-    for layer in lora_layers(model):
-        layer.lora_b.assign(RNG.normal(size=layer.lora_b.shape).astype("float32"))
+    _random_b(model)
     x = RNG.normal(size=(3, 5, 8)).astype("float32")
     calls = []
     for owner, name in ((_LoRAMixin, "_fused_output"), (SharedInput, "fused")):
         original = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda self, *a, _f=original, _n=name: (
             calls.append(_n) or _f(self, *a)))
-
-    results = {}
-    for training in (True, False):
-        with tf.GradientTape() as tape:
-            y = model(x, training=training)
-            loss = tf.reduce_sum(y * y)
-        results[training] = (np.asarray(y), tape.gradient(
-            loss, model.trainable_variables))
-    (y1, g1), (y0, g0) = results[True], results[False]
+    trained, inferred = _step(model, x, True), _step(model, x, False)
     # Training: every adapted layer fused (5 of 6 through their group);
     # inference: none.
     assert sorted(calls) == (["_fused_output"] + ["fused"] * 5 if grouped
                              else ["_fused_output"] * 6)
-    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-4)
-    for variable, got, want in zip(model.trainable_variables, g1, g0):
-        scale = np.abs(np.asarray(want)).max()
-        np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale,
-                                   atol=1e-5, err_msg=variable.path)
+    _assert_same_step(model, trained, inferred)
     assert {v.path.rsplit("/", 1)[-1] for v in model.trainable_variables} == {
         "lora_a", "lora_b"}
 
@@ -132,36 +147,29 @@ def test_a_group_with_one_adapter_left_running_still_fuses():
     apply_lora(model, targets=("feedforward_gate_dense",
                                "feedforward_intermediate_dense"), rank=2)
     assert share_inputs(model) == 1
-    for layer in lora_layers(model):
-        layer.lora_b.assign(RNG.normal(size=layer.lora_b.shape).astype("float32"))
+    _random_b(model)
     model.get_layer("feedforward_gate_dense").merge()  # up alone runs its adapter
     x = RNG.normal(size=(3, 5, 8)).astype("float32")
-    results = {}
-    for training in (True, False):
-        with tf.GradientTape() as tape:
-            y = model(x, training=training)
-            loss = tf.reduce_sum(y * y)
-        results[training] = np.asarray(y), tape.gradient(
-            loss, model.trainable_variables)
-    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5,
-                               atol=1e-4)
-    for got, want in zip(results[True][1], results[False][1]):
-        if want is None:  # the merged layer's adapter: out of both steps
-            assert got is None
-            continue
-        scale = np.abs(np.asarray(want)).max() or 1.0
-        np.testing.assert_allclose(np.asarray(got) / scale,
-                                   np.asarray(want) / scale, atol=1e-5)
+    _assert_same_step(model, _step(model, x, True), _step(model, x, False))
 
 
-def test_dropout_dora_and_quantized_layers_keep_the_separate_form():
+def test_dropout_dora_and_int8_layers_keep_the_separate_form(monkeypatch):
+    from kft.lora.base import _LoRAMixin
+
     model = _attention_block()
     apply_lora(model, targets=("query",), rank=2, dropout=0.1)
     apply_lora(model, targets=("key",), rank=2, use_dora=True)
     apply_lora(model, targets=("value",), rank=2)
-    layers = {layer.name: layer for layer in lora_layers(model)}
-    assert not layers["query"]._fuses() and not layers["key"]._fuses()
-    assert layers["value"]._fuses()
+    fused = []
+    original = _LoRAMixin._fused_output
+    monkeypatch.setattr(_LoRAMixin, "_fused_output", lambda self, x: (
+        fused.append(self.name) or original(self, x)))
+    model(RNG.normal(size=(2, 5, 8)).astype("float32"), training=True)
+    assert fused == ["value"]
+    dense = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="up")])
+    apply_lora(dense, targets=("up",), rank=2)
+    dense.quantize("int8")  # Keras' int8 matmul already dequantizes once
+    assert not lora_layers(dense)[0]._fuses()
 
 
 def _int4_block():
@@ -197,27 +205,15 @@ def test_qlora_int4_training_calls_dequantize_once_with_the_same_gradients(
     model = _int4_block()
     apply_lora(model, targets=("query", "key", "down"), rank=2)
     assert share_inputs(model) == 1  # query and key
-    for layer in lora_layers(model):
-        layer.lora_b.assign(RNG.normal(size=layer.lora_b.shape).astype("float32"))
-        assert layer._fuses()
+    _random_b(model)
+    assert all(layer._fuses() for layer in lora_layers(model))
     x = RNG.normal(size=(3, 5, 16)).astype("float32")
     dequantized = []
     original = base.grouped_int4_kernel
     monkeypatch.setattr(base, "grouped_int4_kernel", lambda layer: (
         dequantized.append(layer.name) or original(layer)))
-    results = {}
-    for training in (True, False):
-        dequantized.clear()
-        with tf.GradientTape() as tape:
-            y = model(x, training=training)
-            loss = tf.reduce_sum(y * y)
-        results[training] = (np.asarray(y), tape.gradient(
-            loss, model.trainable_variables), sorted(dequantized))
-    (y1, g1, once), (y0, g0, _) = results[True], results[False]
-    assert once == ["down", "key", "query"]  # forward and backward share it
-    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
-    for variable, got, want in zip(model.trainable_variables, g1, g0):
-        scale = np.abs(np.asarray(want)).max()
-        np.testing.assert_allclose(np.asarray(got) / scale,
-                                   np.asarray(want) / scale, atol=1e-5,
-                                   err_msg=variable.path)
+    trained = _step(model, x, True)
+    # One dequantization per layer for the whole step: forward and
+    # backward share it.
+    assert sorted(dequantized) == ["down", "key", "query"]
+    _assert_same_step(model, trained, _step(model, x, False))
